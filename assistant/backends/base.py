@@ -1,0 +1,125 @@
+"""The boundary between the engine and the two model backends (`qwen-audio`, `embedded`).
+
+The engine sees token ids, embeddings and a `DecoderLM`; it knows nothing about Whisper, mel spectrograms or
+checkpoint layouts. A backend turns utterances into `PreparedTurn`s (audio work, batched), renders the chat prompt
+for a conversation, and owns the tokenizer. Everything here runs on the engine's worker thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from assistant.models.kv_cache import KVCache
+
+SAMPLE_RATE_HZ = 16000
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One user turn as submitted: audio (16 kHz mono float32, values on the int16 grid / 32768), text, or both."""
+
+    key: str  # unique id of this turn (the protocol's item_id); names its audio span in caches
+    audio: np.ndarray | None = None
+    text: str | None = None
+
+    @property
+    def audio_s(self) -> float:
+        return 0.0 if self.audio is None else len(self.audio) / SAMPLE_RATE_HZ
+
+
+@dataclass
+class AudioSpan:
+    """Embeddings that replace the prompt positions start..start+len(embeds)-1 (`<audio>` .. `</audio>` inclusive)."""
+
+    start: int
+    embeds: torch.Tensor  # [span, hidden]
+    key: str
+
+
+@dataclass
+class PreparedTurn:
+    """A user turn after the backend's audio work: ready to be rendered into any later prompt."""
+
+    key: str
+    user_text: str  # the user message as it enters the chat (qwen-audio: "Audio k: <audio>key</audio>\n..." )
+    transcript: str | None = None  # embedded: what Whisper heard (for the transcription event); qwen-audio: None
+    language: str | None = None
+    audio_s: float = 0.0
+    audio_embeds: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> [span, hidden] (qwen-audio)
+
+
+@dataclass
+class Exchange:
+    """One finished turn of history: the user turn and the assistant's reply text (stripped)."""
+
+    user: PreparedTurn
+    reply: str
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    audio: list[AudioSpan] = field(default_factory=list)
+    history_kept: int = 0  # how many of the newest history exchanges fit in the window
+
+
+class Tokenizer(Protocol):
+    eos_id: int
+    stop_ids: frozenset[int]  # generation ends at the first of these
+    n_valid: int  # ids >= n_valid are padding rows and are never emitted
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """Bytes of `ids` with special tokens written as their text (e.g. `<|2.33|>`)."""
+        ...
+
+
+class DecoderLM(Protocol):
+    """A decoder-only LM with an explicit per-conversation KV cache (see `assistant/models/kv_cache.py`)."""
+
+    vocab_size: int
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def new_cache(self) -> KVCache: ...
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T] int64 -> [T, hidden] in the model dtype."""
+        ...
+
+    def rope_alpha_for(self, total_len: int) -> float:
+        """Dynamic-NTK alpha a prefill of `total_len` tokens would use (1.0 for models without it). The engine
+        rebuilds a cache whose `rope_alpha` differs from this for the new prompt's length."""
+        ...
+
+    def prefill(self, x: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Append x [T, hidden] at positions cache.length.. (an empty cache first takes rope_alpha_for(T)).
+        Returns float32 logits [T, vocab] if all_logits else [1, vocab] for the last position; commits T tokens."""
+        ...
+
+    def decode(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One token per conversation, batched: x [B, hidden] -> float32 logits [B, vocab]; each cache grows by 1."""
+        ...
+
+
+class Backend(Protocol):
+    name: str  # "qwen-audio" | "embedded"
+    lm: DecoderLM
+    tokenizer: Tokenizer
+    default_system_prompt: str
+    max_window_tokens: int  # history budget (qwen-audio: generation_config max_window_size)
+
+    def prepare(self, utterances: list[Utterance], audio_numbers: list[int]) -> list[PreparedTurn]:
+        """Batched audio work for several utterances (qwen-audio: encoder; embedded: Whisper). `audio_numbers[i]`
+        is k in "Audio k:" (audios counted across the conversation)."""
+        ...
+
+    def build_prompt(self, system: str, history: list[Exchange], turn: PreparedTurn, max_window_tokens: int) -> Prompt:
+        """Chat prompt for `turn` after `history`, newest history first while it fits `max_window_tokens`."""
+        ...

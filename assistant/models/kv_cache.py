@@ -1,0 +1,88 @@
+"""KV cache of one conversation, shared by every decoder LM in `assistant/models/`.
+
+The engine owns one `KVCache` per session and keeps it between turns, so a new turn prefills only its new tokens.
+Storage per layer is `[n_kv_heads, capacity, head_dim]` (keys post-rotary); capacity grows by doubling so appends
+are amortised O(1). `token_ids` mirrors what is stored (audio placeholders included) and `segment_keys` names the
+audio whose embeddings fill placeholder runs, so the engine can find the longest reusable prefix of a new prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        capacity: int = 256,
+    ):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.capacity = max(1, capacity)
+        self.k = [self._empty(self.capacity) for _ in range(n_layers)]
+        self.v = [self._empty(self.capacity) for _ in range(n_layers)]
+        self.length = 0  # tokens whose K/V are stored and committed
+        self.token_ids: list[int] = []  # the ids at positions 0..length-1 (engine bookkeeping)
+        self.segment_keys: list[tuple[int, int, str]] = []  # (start, end, key) of spliced audio spans
+        self.rope_alpha: float = 1.0  # dynamic-NTK alpha fixed at the first prefill (QWen); 1.0 otherwise
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        return torch.zeros(self.n_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+
+    def reserve(self, n_new: int) -> None:
+        """Make room for `n_new` more positions (call once before a forward pass)."""
+        need = self.length + n_new
+        if need <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < need:
+            cap *= 2
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                new = self._empty(cap)
+                new[:, : self.length] = old[:, : self.length]
+                store[i] = new
+        self.capacity = cap
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` [n_kv_heads, T, head_dim] at positions length..length+T-1 of `layer` (not yet committed)
+        and return views of all keys/values [n_kv_heads, length+T, head_dim]."""
+        t = k.shape[1]
+        end = self.length + t
+        if end > self.capacity:
+            raise RuntimeError(f"KVCache.write past capacity ({end} > {self.capacity}); call reserve({t}) first")
+        self.k[layer][:, self.length : end] = k
+        self.v[layer][:, self.length : end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    def commit(self, n_new: int) -> None:
+        """Advance the length after all layers have written `n_new` positions."""
+        self.length += n_new
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first `n` positions (stale data beyond stays allocated and is overwritten later)."""
+        n = max(0, min(n, self.length))
+        self.length = n
+        del self.token_ids[n:]
+        self.segment_keys = [s for s in self.segment_keys if s[1] <= n]
+
+    def reset(self) -> None:
+        self.truncate(0)
+        self.rope_alpha = 1.0
+
+    def release(self) -> None:
+        """Drop the storage (LRU eviction); the cache stays usable and regrows on the next prefill."""
+        self.capacity = 1
+        self.k = [self._empty(1) for _ in range(self.n_layers)]
+        self.v = [self._empty(1) for _ in range(self.n_layers)]
+        self.reset()
+
+    @property
+    def nbytes(self) -> int:
+        per = self.n_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.n_layers * self.capacity * per

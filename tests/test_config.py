@@ -1,0 +1,59 @@
+"""Configuration loading: defaults match the documented file, overlays apply, bad keys/values fail by name."""
+
+import dataclasses
+import tomllib
+
+import pytest
+
+from assistant.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+
+
+def test_default_toml_documents_every_key_with_the_dataclass_default():
+    data = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        assert section.name in data, f"section [{section.name}] missing from default.toml"
+        for f in dataclasses.fields(sub):
+            assert f.name in data[section.name], f"{section.name}.{f.name} missing from default.toml"
+            value = getattr(sub, f.name)
+            assert data[section.name][f.name] == (list(value) if isinstance(value, tuple) else value), f.name
+    text = DEFAULT_CONFIG_PATH.read_text()
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#") and not line.startswith("system_prompt"):
+            assert "#" in line, f"undocumented key line: {line}"
+
+
+def test_overlay_file_and_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[server]\nport = 9000\n[vad]\naggressiveness = 3\n")
+    cfg = load_config(f, {"server.host": "0.0.0.0", "server.port": None})
+    assert cfg.server.port == 9000 and cfg.vad.aggressiveness == 3 and cfg.server.host == "0.0.0.0"
+    assert cfg.vad.frame_ms == 30
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[server]\nprot = 1\n", "unknown config key 'server.prot'"),
+        ("[nosuch]\nx = 1\n", "unknown config key 'nosuch'"),
+        ("[vad]\naggressiveness = 7\n", "'vad.aggressiveness': expected a value in [0, 3], got 7"),
+        ("[vad]\nframe_ms = 25\n", "'vad.frame_ms': expected one of 10, 20, 30, got 25"),
+        ('[model]\nbackend = "gpt"\n', "'model.backend': expected one of 'embedded', 'qwen-audio'"),
+        ('[server]\nport = "80"\n', "'server.port': expected int, got '80'"),
+        ("[generation]\ngreedy = 1\n", "'generation.greedy': expected bool"),
+        ('[model]\nbackend = "qwen-audio"\n', "needs a checkpoint directory"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, fragment):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert fragment in str(e.value)
+
+
+def test_missing_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
