@@ -1,0 +1,66 @@
+"""Public surface of the inference engine as the asyncio side sees it (server, MQTT bridge, `ask`).
+
+The engine (`assistant/engine/`) owns the device on one worker thread. The event loop calls the methods below and
+never runs model code. This module holds only the typed values that cross that boundary; it imports no torch.
+
+    engine = Engine(backend, cfg.engine, cfg.generation)   # assistant/engine/engine.py
+    await engine.start()
+    engine.open_session("s1", instructions=None)
+    turn = await engine.add_user_turn("s1", Utterance(key="item_1", audio=pcm_16k))   # -> TurnInfo (transcript)
+    stream = engine.respond("s1", ResponseOptions())    # raises ServerBusy at once when over admission limits
+    async for ev in stream:                               # TextDelta ... then exactly one ResponseDone
+        ...
+    engine.cancel(stream.response_id)                     # or stream.cancel(); ends with ResponseDone(cancelled)
+    await engine.stop()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ServerBusy(Exception):
+    """Admission control refused the request (too many queued/active responses). Protocol code `server_busy`."""
+
+    code = "server_busy"
+
+
+class UnknownSession(KeyError):
+    """The session id is not open (closed, or never opened)."""
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    max_new_tokens: int | None = None  # None = generation config
+    greedy: bool | None = None
+    temperature: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TurnInfo:
+    item_id: str
+    transcript: str | None  # embedded backend: what was heard; qwen-audio: None
+    language: str | None
+    audio_s: float
+    timings_ms: dict[str, float] = field(default_factory=dict)  # queue, encode
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str  # never splits a UTF-8 character
+
+
+@dataclass(frozen=True)
+class ResponseDone:
+    response_id: str
+    status: Literal["completed", "cancelled", "failed", "incomplete"]
+    reason: str | None  # cancelled: "client_cancelled" | "turn_detected" | ...; incomplete: "max_output_tokens"
+    text: str  # full answer text (stripped), what enters the history
+    prompt_ids: list[int]
+    output_ids: list[int]  # generated ids before the first stop id
+    input_tokens: int
+    output_tokens: int
+    timings_ms: dict[str, float]  # queue, encode, prefill, first_token, decode, total
+    error: str | None = None  # status "failed": what went wrong
