@@ -1,0 +1,156 @@
+"""Audio sources of the thin clients: WAV files (soxr-resampled to 16 kHz PCM16, paced at real time) and the
+microphone (sounddevice, 16 kHz mono PCM16 in small blocks, into a bounded asyncio queue).
+
+No protocol knowledge here; `clients.common` decides what to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INPUT_RATE_HZ = 16000
+BYTES_PER_SAMPLE = 2  # PCM16 mono
+DEFAULT_BLOCK_MS = 20
+
+
+def silence(duration_ms: int, rate_hz: int = INPUT_RATE_HZ) -> bytes:
+    return bytes(BYTES_PER_SAMPLE * (rate_hz * duration_ms // 1000))
+
+
+def load_wav_pcm16(path: str | Path, rate_hz: int = INPUT_RATE_HZ) -> bytes:
+    """A PCM WAV file (8/16/24/32-bit, any channels, any rate) as mono PCM16 LE at `rate_hz`."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            channels, width, src_rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+    except FileNotFoundError:
+        raise SystemExit(f"error: audio file {path} does not exist; pass an existing WAV file to --wav") from None
+    except (wave.Error, EOFError) as e:
+        raise SystemExit(
+            f"error: {path} is not a PCM WAV file ({e}); convert it first, e.g. `sox in.mp3 -r 16000 -c 1 out.wav`"
+        ) from None
+    if width == 1:  # 8-bit WAV is unsigned
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width in (2, 4):
+        dtype = np.int16 if width == 2 else np.int32
+        samples = np.frombuffer(raw, dtype).astype(np.float32) / float(np.iinfo(dtype).max)
+    elif width == 3:  # 24-bit: place the 3 bytes in the top of an int32
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
+        as32 = (b[:, 0].astype(np.int32) << 8) | (b[:, 1].astype(np.int32) << 16) | (b[:, 2].astype(np.int32) << 24)
+        samples = as32.astype(np.float32) / float(np.iinfo(np.int32).max)
+    else:
+        raise SystemExit(f"error: {path}: unsupported sample width {width} bytes; expected 1-4")
+    mono = samples.reshape(-1, channels).mean(axis=1)  # (frames, channels) -> (frames,)
+    if src_rate != rate_hz:
+        import soxr  # only needed when the file is not already at the target rate
+
+        mono = soxr.resample(mono, src_rate, rate_hz)
+    return (np.clip(mono, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def blocks(pcm: bytes, block_ms: int = DEFAULT_BLOCK_MS, rate_hz: int = INPUT_RATE_HZ) -> list[bytes]:
+    step = BYTES_PER_SAMPLE * rate_hz * block_ms // 1000
+    return [pcm[i : i + step] for i in range(0, len(pcm), step)]
+
+
+async def paced(chunks: list[bytes], rate_hz: int = INPUT_RATE_HZ, speed: float = 1.0) -> AsyncIterator[bytes]:
+    """Yield audio blocks no faster than real time (`speed` 2.0 = twice as fast), like a microphone would.
+
+    Pacing is against a monotonic deadline, not a sleep per block, so scheduling jitter does not accumulate."""
+    start = time.monotonic()
+    sent_s = 0.0
+    for chunk in chunks:
+        delay_s = start + sent_s / speed - time.monotonic()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        yield chunk
+        sent_s += len(chunk) / (BYTES_PER_SAMPLE * rate_hz)
+
+
+# Microphone blocks buffered between the audio thread and the event loop (50 x 20 ms = 1 s). When the connection is
+# down or slow the OLDEST block is dropped: the freshest audio is what the user is saying now.
+MIC_QUEUE_BLOCKS = 50
+
+
+class NoMicrophone(RuntimeError):
+    """No usable audio input device; the message says what to do instead."""
+
+
+class Microphone:
+    """sounddevice capture into a bounded asyncio queue (drop-oldest). Tries 16 kHz, else the device's own rate."""
+
+    def __init__(self, device: str | int | None, block_ms: int) -> None:
+        try:
+            import sounddevice as sd
+        except OSError as e:  # raised at import when libportaudio2 is missing
+            raise NoMicrophone(
+                f"cannot use the microphone: the PortAudio library is missing ({e}). "
+                "Install it (Debian/Ubuntu: `sudo apt install libportaudio2`) or stream a file with --wav FILE."
+            ) from None
+        except ImportError:
+            raise NoMicrophone(
+                "cannot use the microphone: the `sounddevice` package is not installed. "
+                "Install it with `pip install '.[client]'` or stream a file with --wav FILE."
+            ) from None
+        self._sd = sd
+        self.device = device
+        self.block_ms = block_ms
+        self.rate_hz = INPUT_RATE_HZ
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(MIC_QUEUE_BLOCKS)
+        self.dropped_blocks = 0
+        self._stream: Any = None
+
+    def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        sd = self._sd
+        try:
+            info = sd.query_devices(self.device, kind="input")
+        except (sd.PortAudioError, ValueError) as e:
+            raise NoMicrophone(
+                f"no microphone found ({e}). Connect a microphone (or pick one with --device; list them with "
+                "`python -m sounddevice`), or stream a file instead with --wav FILE."
+            ) from None
+
+        def on_audio(data: Any, frames: int, time_info: Any, status: Any) -> None:  # runs on PortAudio's thread
+            loop.call_soon_threadsafe(self._put, bytes(data))
+
+        last_error: Exception | None = None
+        for rate_hz in (INPUT_RATE_HZ, int(info["default_samplerate"])):
+            try:
+                stream = sd.RawInputStream(
+                    samplerate=rate_hz,
+                    blocksize=rate_hz * self.block_ms // 1000,
+                    device=self.device,
+                    channels=1,
+                    dtype="int16",
+                    callback=on_audio,
+                )
+                stream.start()
+            except sd.PortAudioError as e:  # e.g. the hardware cannot do 16 kHz: the server resamples instead
+                last_error = e
+                continue
+            self._stream, self.rate_hz = stream, rate_hz
+            return
+        raise NoMicrophone(f"cannot open the microphone {info['name']!r}: {last_error}. Try --device or --wav FILE.")
+
+    def _put(self, block: bytes) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped_blocks += 1
+        self.queue.put_nowait(block)
+
+    def drain(self) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream.close()
+            self._stream = None

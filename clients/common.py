@@ -1,0 +1,243 @@
+"""Protocol helpers shared by the thin clients (desktop, MQTT device): no torch, no server imports.
+
+Owns: the client events our clients send (`session.update` with the 16 kHz input-rate extension, push-to-talk
+commit), the `TurnView` that turns server events into what a person reads (state, transcript, streamed answer,
+per-turn latency), the two conversation loops (a WAV file streamed like a microphone; the live microphone with
+optional push-to-talk) written against `send_audio`/`send_event` callables so the WebSocket and MQTT clients share
+them, and the reconnect backoff schedule. Audio sources live in `clients.audio_source`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from clients.audio_source import INPUT_RATE_HZ, Microphone, blocks, paced, silence
+
+SendAudio = Callable[[bytes], Awaitable[None]]
+SendEvent = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+# ----------------------------------------------------------------------------------------------- client events
+def session_update(input_rate_hz: int = INPUT_RATE_HZ, push_to_talk: bool = False) -> dict[str, Any]:
+    """The first event our clients send: raw PCM16 at `input_rate_hz` (extension) and the turn-taking mode.
+
+    Push-to-talk switches server VAD off (`turn_detection: null`): the client commits and asks for the answer."""
+    session: dict[str, Any] = {"type": "realtime", "output_modalities": ["text"], "input_sample_rate": input_rate_hz}
+    if push_to_talk:
+        session["audio"] = {"input": {"turn_detection": None}}
+    return {"type": "session.update", "session": session}
+
+
+def push_to_talk_end() -> list[dict[str, Any]]:
+    """Events that end a push-to-talk turn: the buffer becomes the user's turn, then the answer is requested."""
+    return [{"type": "input_audio_buffer.commit"}, {"type": "response.create"}]
+
+
+# ----------------------------------------------------------------------------------------------- reconnects
+@dataclass
+class Backoff:
+    """Exponential reconnect delays: initial_s, 2x, 4x ... capped at max_s; `reset()` after a good connection."""
+
+    initial_s: float = 0.5
+    max_s: float = 10.0
+    attempt: int = 0
+
+    def next_delay_s(self) -> float:
+        delay_s = min(self.max_s, self.initial_s * (2**self.attempt))
+        self.attempt += 1
+        return delay_s
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+@dataclass
+class TurnView:
+    """Sans-I/O view of a conversation: feed server events, it writes lines a person reads and keeps counts.
+
+    Output: `you: <transcript>` when the server has one, `assistant: <answer streamed as it arrives>`, state changes
+    (`[listening]`, `[speech]`, `[thinking]`) and each answer's latency, measured from the end of the user's speech
+    (VAD `speech_stopped`, or the push-to-talk release) to the first text delta."""
+
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    show_state: bool = True
+    clock: Callable[[], float] = time.monotonic
+    state: str = "connecting"
+    responses_done: int = 0
+    answers: list[str] = field(default_factory=list)
+    transcripts: list[str] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    active_responses: int = 0
+    _turn_end_s: float | None = None
+    _first_delta_seen: bool = False
+    _line_open: bool = False
+    _answer: str = ""
+
+    def mark_turn_end(self) -> None:
+        """The user's turn ended on the client side (push-to-talk release); latency counts from here."""
+        self._turn_end_s = self.clock()
+        self._set_state("thinking")
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("type", "")
+        if kind in ("session.created", "session.updated"):
+            self._set_state("listening")
+        elif kind == "input_audio_buffer.speech_started":
+            self._set_state("speech")
+        elif kind == "input_audio_buffer.speech_stopped":
+            self._turn_end_s = self.clock()
+            self._set_state("thinking")
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            transcript = str(event.get("transcript", "")).strip()
+            self.transcripts.append(transcript)
+            self._write_line(f"you: {transcript}")
+        elif kind == "response.created":
+            self.active_responses += 1
+            self._first_delta_seen = False
+            self._answer = ""
+        elif kind in ("response.output_text.delta", "response.text.delta"):
+            self._on_delta(str(event.get("delta", "")))
+        elif kind == "response.done":
+            self._on_done(event.get("response") or {})
+        elif kind == "error":
+            err = event.get("error") or {}
+            self.errors.append(err)
+            self._write_line(f"[error {err.get('code') or err.get('type')}: {err.get('message', '')}]")
+
+    def _on_delta(self, delta: str) -> None:
+        if not self._first_delta_seen:
+            self._first_delta_seen = True
+            self._close_line()
+            self.out.write("assistant: ")
+            self._line_open = True
+            if self._turn_end_s is not None:
+                self.latencies_ms.append((self.clock() - self._turn_end_s) * 1000.0)
+        self._answer += delta
+        self.out.write(delta)
+        self.out.flush()
+
+    def _on_done(self, response: dict[str, Any]) -> None:
+        self.active_responses = max(0, self.active_responses - 1)
+        self.responses_done += 1
+        status = response.get("status", "completed")
+        self.answers.append(self._answer.strip())
+        self._close_line()
+        details = [status] if status != "completed" else []
+        if self._first_delta_seen and self.latencies_ms and self._turn_end_s is not None:
+            details.append(f"first text after {self.latencies_ms[-1]:.0f} ms")
+        timings = response.get("timings_ms") or {}
+        if "total" in timings:
+            details.append(f"server {float(timings['total']):.0f} ms")
+        if self.show_state and details:
+            self._write_line(f"[{', '.join(details)}]")
+        self._turn_end_s = None
+        self._set_state("listening")
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            if self.show_state:
+                self._write_line(f"[{state}]")
+
+    def _write_line(self, text: str) -> None:
+        self._close_line()
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _close_line(self) -> None:
+        if self._line_open:
+            self.out.write("\n")
+            self._line_open = False
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+class NoAnswer(RuntimeError):
+    """The server took the audio but no answer finished in time (e.g. the VAD heard no speech in the file)."""
+
+
+@dataclass(frozen=True)
+class WavOptions:
+    push_to_talk: bool = False
+    block_ms: int = 20
+    speed: float = 1.0  # 1.0 = real time
+    tail_ms: int = 1500  # silence streamed after the file so the server VAD sees the end of the turn
+    wait_s: float = 120.0  # longest wait for the answer after the tail
+
+
+async def wav_conversation(
+    send_audio: SendAudio, send_event: SendEvent, view: TurnView, pcm: bytes, opts: WavOptions
+) -> None:
+    """Stream `pcm` at real time, then (VAD) keep streaming silence like an open mic until every answer is done,
+    or (push-to-talk) commit and ask for the answer. Returns when the last answer is done; raises NoAnswer."""
+    done_before = view.responses_done
+    async for chunk in paced(blocks(pcm, opts.block_ms), speed=opts.speed):
+        await send_audio(chunk)
+    if opts.push_to_talk:
+        for event in push_to_talk_end():
+            await send_event(event)
+        view.mark_turn_end()
+    quiet = silence(opts.block_ms)
+    tail_ms = 0
+    while True:
+        answered = view.responses_done > done_before and view.active_responses == 0
+        if answered and (opts.push_to_talk or (tail_ms >= opts.tail_ms and view.state == "listening")):
+            return
+        if tail_ms >= opts.tail_ms + opts.wait_s * 1000:
+            raise NoAnswer(f"no answer within {opts.wait_s:.0f} s after the end of the audio (state {view.state})")
+        if not opts.push_to_talk:
+            await send_audio(quiet)
+        await asyncio.sleep(opts.block_ms / 1000 / opts.speed)
+        tail_ms += opts.block_ms
+
+
+def stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str]:
+    """Lines typed on stdin (push-to-talk presses), read on a daemon thread so the event loop never blocks."""
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+
+    threading.Thread(target=read, name="stdin-ptt", daemon=True).start()
+    return lines
+
+
+async def mic_conversation(
+    send_audio: SendAudio, send_event: SendEvent, view: TurnView, mic: Microphone, ptt: asyncio.Queue[str] | None
+) -> None:
+    """Forward microphone blocks forever; with push-to-talk (`ptt` = Enter presses) only between two presses."""
+    mic.drain()  # audio captured while disconnected belongs to no turn
+    talking = ptt is None
+    if ptt is not None:
+        print("push-to-talk: press Enter to start talking, Enter again to send", file=sys.stderr)
+    while True:
+        getters = [asyncio.ensure_future(mic.queue.get())]
+        if ptt is not None:
+            getters.append(asyncio.ensure_future(ptt.get()))
+        try:
+            done, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in getters:  # a getter that did not complete took nothing off its queue
+                if not task.done():
+                    task.cancel()
+        for task in done:
+            if task is getters[0]:
+                if talking:
+                    await send_audio(task.result())
+            elif not talking:  # Enter: start a turn on a fresh buffer
+                talking = True
+                await send_event({"type": "input_audio_buffer.clear"})
+                print("[talking... press Enter to send]", file=sys.stderr)
+            else:  # Enter again: the turn is over, ask for the answer
+                talking = False
+                for event in push_to_talk_end():
+                    await send_event(event)
+                view.mark_turn_end()
