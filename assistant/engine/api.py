@@ -26,6 +26,12 @@ class ServerBusy(Exception):
     code = "server_busy"
 
 
+class ConversationBusy(Exception):
+    """The session already has a response queued or running (code `conversation_already_has_active_response`)."""
+
+    code = "conversation_already_has_active_response"
+
+
 class UnknownSession(KeyError):
     """The session id is not open (closed, or never opened)."""
 
@@ -64,3 +70,4 @@ class ResponseDone:
     output_tokens: int
     timings_ms: dict[str, float]  # queue, encode, prefill, first_token, decode, total
     error: str | None = None  # status "failed": what went wrong
+    cached_tokens: int = 0  # leading prompt tokens served from the session's KV cache (not prefilled again)

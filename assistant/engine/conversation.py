@@ -1,0 +1,171 @@
+"""Per-session conversation state and KV-cache bookkeeping (pure and synchronous; no threads, no event loop).
+
+A `Conversation` owns what one session has said and heard: the system text, the finished exchanges (the rolling
+history), the user turns not answered yet, the count of audios so far ("Audio k:" numbering) and the session's
+`KVCache`, which is kept between turns so a new turn prefills only its new tokens.
+
+Decisions written down here because callers rely on them:
+- Several user turns before one response (push-to-talk committed twice) are answered together: `take_pending()`
+  merges them into one user message (texts joined by a newline, audio spans of all of them), in commit order.
+- History is a rolling window: the backend's `build_prompt` keeps the newest exchanges that fit the token budget
+  (the system prompt always stays); exchanges that fell out of the window are dropped here for good, since adding
+  turns only grows the newer part, so they can never fit again.
+- Cache reuse: the longest prefix of the new prompt that equals what the cache holds (token ids, and for audio
+  placeholder runs the same audio key at the same place) is kept, the rest is truncated and prefilled. A cache whose
+  dynamic-NTK alpha differs from the one the new prompt needs is reset, so results equal a fresh prefill.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt
+from assistant.models.kv_cache import KVCache
+
+
+def merge_turns(turns: list[PreparedTurn]) -> PreparedTurn:
+    """One user message answering several pending turns together (see the module docstring)."""
+    if not turns:
+        raise ValueError("merge_turns: expected at least one pending user turn, got none")
+    if len(turns) == 1:
+        return turns[0]
+    embeds: dict = {}
+    for t in turns:
+        embeds.update(t.audio_embeds)
+    transcripts = [t.transcript for t in turns if t.transcript]
+    languages = [t.language for t in turns if t.language]
+    return PreparedTurn(
+        key=turns[-1].key,
+        user_text="\n".join(t.user_text for t in turns),
+        transcript=" ".join(transcripts) if transcripts else None,
+        language=languages[-1] if languages else None,
+        audio_s=sum(t.audio_s for t in turns),
+        audio_embeds=embeds,
+    )
+
+
+def _span_bounds(span: AudioSpan) -> tuple[int, int]:
+    return span.start, span.start + int(span.embeds.shape[0])
+
+
+def reusable_prefix(cache: KVCache, prompt: Prompt) -> int:
+    """How many leading positions of `prompt` the cache already holds with identical content.
+
+    Token ids must match, and every audio run that starts inside the shared prefix must be the same audio (same key,
+    same start and end) on both sides: placeholder ids are identical for every audio, so ids alone cannot tell two
+    clips apart. The result never falls strictly inside an audio span of the prompt (a span is spliced whole).
+    """
+    cached = cache.token_ids[: cache.length]
+    n = 0
+    limit = min(len(cached), len(prompt.ids))
+    while n < limit and cached[n] == prompt.ids[n]:
+        n += 1
+    prompt_spans = {(*_span_bounds(s), s.key) for s in prompt.audio}
+    cache_spans = set(cache.segment_keys)
+    for start, end, key in cache_spans:
+        if start < n and (start, end, key) not in prompt_spans:
+            n = min(n, start)
+    for start, end, key in prompt_spans:
+        if start < n and ((start, end, key) not in cache_spans or end > n):
+            n = min(n, start)
+    return n
+
+
+@dataclass
+class CachePlan:
+    """What a respond must prefill: `reuse` cached positions are kept, `prompt.ids[reuse:]` are new."""
+
+    reuse: int
+    rebuilt: bool  # the cache was reset (NTK alpha change) or nothing was reusable
+    reason: str  # "prefix" | "ntk_alpha" | "empty" | "diverged"
+
+
+def plan_cache(cache: KVCache, prompt: Prompt, rope_alpha: float) -> CachePlan:
+    """Decide how much of `cache` serves `prompt` and truncate the cache to exactly that (mutates `cache`)."""
+    if cache.length and cache.rope_alpha != rope_alpha:
+        cache.reset()
+        return CachePlan(0, True, "ntk_alpha")
+    if cache.length == 0:
+        cache.reset()
+        return CachePlan(0, True, "empty")
+    reuse = reusable_prefix(cache, prompt)
+    if reuse >= len(prompt.ids):
+        # the whole prompt is cached: recompute the last position anyway, its logits choose the first token
+        reuse = len(prompt.ids) - 1
+        while any(s < reuse < e for s, e, _ in cache.segment_keys):
+            reuse -= 1
+    if reuse == 0:
+        cache.reset()
+        return CachePlan(0, True, "diverged")
+    cache.truncate(reuse)
+    return CachePlan(reuse, False, "prefix")
+
+
+@dataclass
+class Conversation:
+    """State of one session (see the module docstring). Used only on the engine's worker thread after opening."""
+
+    session_id: str
+    system: str
+    cache: KVCache
+    history: list[Exchange] = field(default_factory=list)
+    pending: list[PreparedTurn] = field(default_factory=list)
+    pending_encode_ms: float = 0.0  # audio work of the pending turns (goes into the response's timings)
+    audio_count: int = 0  # audios so far, for "Audio k:" numbering (across the whole conversation)
+    last_used_s: float = field(default_factory=time.monotonic)
+    busy: bool = False  # a response is queued or running
+    closed: bool = False
+
+    def next_audio_number(self) -> int:
+        self.audio_count += 1
+        return self.audio_count
+
+    def add_pending(self, turn: PreparedTurn, encode_ms: float) -> None:
+        self.pending.append(turn)
+        self.pending_encode_ms += encode_ms
+
+    def take_pending(self) -> tuple[list[PreparedTurn], float]:
+        turns, encode_ms = self.pending, self.pending_encode_ms
+        self.pending, self.pending_encode_ms = [], 0.0
+        return turns, encode_ms
+
+    def restore_pending(self, turns: list[PreparedTurn], encode_ms: float) -> None:
+        """Put turns back in front (a response ended before saying anything): they are answered next time."""
+        self.pending = turns + self.pending
+        self.pending_encode_ms += encode_ms
+
+    def keep_window(self, history_kept: int) -> None:
+        """Drop exchanges that fell out of the window (`Prompt.history_kept` newest ones stay)."""
+        if history_kept < len(self.history):
+            del self.history[: len(self.history) - history_kept]
+
+    def record(self, turn: PreparedTurn, reply: str) -> None:
+        self.history.append(Exchange(user=turn, reply=reply))
+
+    def reset(self) -> None:
+        """`conversation.reset`: forget history, pending turns, audio numbering and the cache."""
+        self.history.clear()
+        self.pending.clear()
+        self.pending_encode_ms = 0.0
+        self.audio_count = 0
+        self.cache.release()
+
+    def touch(self) -> None:
+        self.last_used_s = time.monotonic()
+
+
+def evict_lru(conversations: list[Conversation], budget_tokens: int) -> list[str]:
+    """Release caches of idle conversations, least recently used first, until all caches hold <= budget tokens.
+
+    Busy conversations are never evicted (their caches are in use). Returns the evicted session ids.
+    """
+    total = sum(c.cache.length for c in conversations)
+    evicted: list[str] = []
+    for conv in sorted((c for c in conversations if not c.busy and c.cache.length), key=lambda c: c.last_used_s):
+        if total <= budget_tokens:
+            break
+        total -= conv.cache.length
+        conv.cache.release()
+        evicted.append(conv.session_id)
+    return evicted
