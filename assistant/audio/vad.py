@@ -1,0 +1,224 @@
+"""Voice activity segmentation: 16 kHz PCM16 in, speech_started / speech_stopped / committed events out.
+
+Owner: engineer D. `VadSegmenter` is a pure, synchronous class (no asyncio, no clocks): feed it int16 samples in any
+chunk size and it returns the events those samples caused, stamped in milliseconds of *stream* time (samples seen
+since the segmenter's `stream_offset_ms`), so results do not depend on how fast audio arrives.
+
+States: idle -> pending -> speech -> idle.
+- idle: the last `prefix_padding_ms` of audio is kept in a ring (the pre-roll, so a turn keeps its first syllable).
+- pending: a voiced frame (webrtcvad, `aggressiveness` 0-3) opened a candidate. It becomes speech once it holds
+  `min_speech_ms` of voiced frames and at least half of its frames are voiced; a gap of `PENDING_GAP_MS` unvoiced
+  audio first drops it (clicks, coughs and sparse noise never become turns).
+- speech: `SpeechStarted(audio_start_ms)` was emitted (the onset, i.e. the first voiced frame). `silence_duration_ms`
+  of unvoiced audio ends the turn: `SpeechStopped(audio_end_ms)` (end of the last voiced frame) and `Committed` with
+  the audio from the pre-roll to `prefix_padding_ms` after the last voiced frame. A turn reaching `max_utterance_ms`
+  (pre-roll included, <= 30 s: one model audio window) is committed by force (`Committed.forced`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import webrtcvad
+
+SAMPLE_RATE_HZ = 16000
+FRAME_MS_CHOICES = (10, 20, 30)
+# Gaps inside words and between syllables are well under 300 ms; a candidate interrupted longer was not speech.
+PENDING_GAP_MS = 300
+MAX_UTTERANCE_LIMIT_MS = 30000
+
+
+@dataclass(frozen=True)
+class VadParams:
+    aggressiveness: int = 2
+    frame_ms: int = 30
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 600
+    min_speech_ms: int = 250
+    max_utterance_ms: int = 30000
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.aggressiveness not in (0, 1, 2, 3):
+            problems.append(f"aggressiveness must be 0, 1, 2 or 3, got {self.aggressiveness!r}")
+        if self.frame_ms not in FRAME_MS_CHOICES:
+            problems.append(f"frame_ms must be 10, 20 or 30, got {self.frame_ms!r}")
+        if not 0 <= self.prefix_padding_ms <= 2000:
+            problems.append(f"prefix_padding_ms must be in [0, 2000], got {self.prefix_padding_ms!r}")
+        if not 100 <= self.silence_duration_ms <= 5000:
+            problems.append(f"silence_duration_ms must be in [100, 5000], got {self.silence_duration_ms!r}")
+        if not 0 <= self.min_speech_ms <= 5000:
+            problems.append(f"min_speech_ms must be in [0, 5000], got {self.min_speech_ms!r}")
+        if not 1000 <= self.max_utterance_ms <= MAX_UTTERANCE_LIMIT_MS:
+            limit = MAX_UTTERANCE_LIMIT_MS
+            problems.append(f"max_utterance_ms must be in [1000, {limit}], got {self.max_utterance_ms!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    audio_start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class Committed:
+    audio: np.ndarray  # int16 at 16 kHz: pre-roll + speech + trailing padding
+    audio_start_ms: int  # stream time of the first sample of `audio`
+    audio_end_ms: int  # stream time just after the last sample of `audio`
+    forced: bool  # True when max_utterance_ms cut the turn
+
+
+VadEvent = SpeechStarted | SpeechStopped | Committed
+
+_IDLE, _PENDING, _SPEECH = "idle", "pending", "speech"
+
+
+class VadSegmenter:
+    """Turns a 16 kHz int16 stream into speech turns. See the module docstring for the state machine."""
+
+    def __init__(self, params: VadParams | None = None, stream_offset_ms: int = 0) -> None:
+        self.params = params or VadParams()
+        self._vad = webrtcvad.Vad(self.params.aggressiveness)
+        self._frame_len = SAMPLE_RATE_HZ * self.params.frame_ms // 1000
+        self._offset_samples = stream_offset_ms * SAMPLE_RATE_HZ // 1000
+        self._pos = 0  # samples consumed as whole frames
+        self._rest = np.zeros(0, dtype=np.int16)  # samples not yet forming a whole frame
+        self._ring: deque[np.ndarray] = deque(maxlen=max(1, self.params.prefix_padding_ms // self.params.frame_ms))
+        self._state = _IDLE
+        self._reset_segment()
+
+    # ---- public -------------------------------------------------------------------------------------------
+    @property
+    def in_speech(self) -> bool:
+        """True between SpeechStarted and the turn's Committed."""
+        return self._state == _SPEECH
+
+    @property
+    def position_ms(self) -> int:
+        """Stream time of the end of all audio fed so far (whole frames and the partial one)."""
+        return self._ms(self._pos + len(self._rest))
+
+    def feed(self, pcm: np.ndarray) -> list[VadEvent]:
+        if pcm.dtype != np.int16 or pcm.ndim != 1:
+            raise ValueError(f"expected a 1-D int16 array at 16 kHz, got dtype {pcm.dtype} with shape {pcm.shape}")
+        data = np.concatenate([self._rest, pcm]) if len(self._rest) else pcm
+        n_frames = len(data) // self._frame_len
+        events: list[VadEvent] = []
+        for i in range(n_frames):
+            frame = data[i * self._frame_len : (i + 1) * self._frame_len]
+            voiced = self._vad.is_speech(frame.tobytes(), SAMPLE_RATE_HZ)
+            events.extend(self._step(frame, voiced))
+        self._rest = data[n_frames * self._frame_len :].copy()
+        return events
+
+    def commit_now(self) -> list[VadEvent]:
+        """Manual commit (client `input_audio_buffer.commit` under server VAD): ends a pending or spoken turn now.
+        Returns [] when no turn is open; otherwise [SpeechStopped, Committed] (the partial frame is included)."""
+        if self._state == _IDLE:
+            return []
+        if len(self._rest):
+            self._frames.append(self._rest)
+            self._pos += len(self._rest)
+            self._rest = np.zeros(0, dtype=np.int16)
+        end = self._pos
+        return [SpeechStopped(self._ms(end)), self._commit(end, forced=False)]
+
+    def reset(self) -> None:
+        """Drop buffered audio and any open turn (`input_audio_buffer.clear`); stream time keeps running."""
+        self._pos += len(self._rest)
+        self._rest = np.zeros(0, dtype=np.int16)
+        self._ring.clear()
+        self._state = _IDLE
+        self._reset_segment()
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _ms(self, samples: int) -> int:
+        return (self._offset_samples + samples) * 1000 // SAMPLE_RATE_HZ
+
+    def _reset_segment(self) -> None:
+        self._frames: list[np.ndarray] = []
+        self._seg_start = self._pos  # first sample of self._frames (pre-roll included)
+        self._onset = self._pos
+        self._voiced_frames = 0
+        self._unvoiced_run_ms = 0
+        self._last_voiced_end = self._pos
+
+    def _step(self, frame: np.ndarray, voiced: bool) -> list[VadEvent]:
+        p = self.params
+        start = self._pos
+        self._pos += len(frame)
+        if self._state == _IDLE:
+            if not voiced:
+                self._ring.append(frame)
+                return []
+            pre = list(self._ring)
+            self._ring.clear()
+            self._reset_segment()
+            self._frames = [*pre, frame]
+            self._seg_start = start - sum(len(f) for f in pre)
+            self._onset = start
+            self._voiced_frames = 1
+            self._last_voiced_end = self._pos
+            self._state = _PENDING
+            return self._maybe_confirm()
+        self._frames.append(frame)
+        if voiced:
+            self._voiced_frames += 1
+            self._unvoiced_run_ms = 0
+            self._last_voiced_end = self._pos
+        else:
+            self._unvoiced_run_ms += p.frame_ms
+        if self._state == _PENDING:
+            if self._unvoiced_run_ms >= min(PENDING_GAP_MS, p.silence_duration_ms):
+                self._drop_pending()
+                return []
+            return self._maybe_confirm()
+        # speech
+        if self._unvoiced_run_ms >= p.silence_duration_ms:
+            pad = p.prefix_padding_ms * SAMPLE_RATE_HZ // 1000
+            end = min(self._pos, self._last_voiced_end + pad)
+            stopped = SpeechStopped(self._ms(self._last_voiced_end))
+            return [stopped, self._commit(end, forced=False)]
+        if (self._pos - self._seg_start) * 1000 >= p.max_utterance_ms * SAMPLE_RATE_HZ:
+            return [SpeechStopped(self._ms(self._pos)), self._commit(self._pos, forced=True)]
+        return []
+
+    def _maybe_confirm(self) -> list[VadEvent]:
+        p = self.params
+        onset_frames = (self._pos - self._onset) // self._frame_len
+        enough = self._voiced_frames * p.frame_ms >= p.min_speech_ms
+        if enough and 2 * self._voiced_frames >= onset_frames:
+            self._state = _SPEECH
+            return [SpeechStarted(self._ms(self._onset))]
+        return []
+
+    def _drop_pending(self) -> None:
+        """A candidate that never became speech: its tail becomes the new pre-roll."""
+        tail = self._frames[-self._ring.maxlen :] if self._ring.maxlen else []
+        self._state = _IDLE
+        self._reset_segment()
+        self._ring.extend(tail)
+
+    def _commit(self, end: int, forced: bool) -> Committed:
+        audio = np.concatenate(self._frames) if self._frames else np.zeros(0, dtype=np.int16)
+        audio = audio[: end - self._seg_start]
+        committed = Committed(audio, self._ms(self._seg_start), self._ms(end), forced)
+        # Audio after `end` (trailing silence beyond the padding) seeds the next turn's pre-roll.
+        leftover = np.concatenate(self._frames)[end - self._seg_start :] if self._frames else audio[:0]
+        self._state = _IDLE
+        self._reset_segment()
+        self._ring.clear()
+        # Whole frames aligned to the stream position, so the pre-roll stays contiguous with the next frame.
+        n_whole = len(leftover) // self._frame_len
+        for i in range(n_whole, 0, -1):
+            cut = len(leftover) - i * self._frame_len
+            self._ring.append(leftover[cut : cut + self._frame_len])
+        return committed

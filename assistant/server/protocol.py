@@ -1,0 +1,496 @@
+"""The wire protocol (OpenAI Realtime, text output, audio input) in one place: parsing, validation, event building.
+
+Owner: engineer D. Pure code, no I/O. Two dialects, chosen per connection: `"ga"` (default; `response.output_text.*`,
+nested `session.audio.input...`) and `"beta"` (`OpenAI-Beta: realtime=v1`; `response.text.*`, flat session).
+
+- `parse_client_event(raw)` turns a JSON text (or a dict) into one typed client event, or raises `ProtocolError`
+  carrying a stable `code` (table `ERROR_CODES`, documented in PROTOCOL.md) and the offending `event_id`.
+- `SessionSettings` is the effective session; `apply_session_update(settings, session)` validates a GA or beta
+  `session.update` payload (both shapes accepted in both dialects, plus our extensions) and returns the new settings
+  and non-fatal warnings (e.g. audio output requested: we answer in text only).
+- `EventFactory(dialect)` builds every server event as a plain dict with a unique `event_id`; the shapes validate
+  strictly against the `openai` SDK's own pydantic models (tests/test_openai_*.py checks this).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
+from assistant.audio.vad import MAX_UTTERANCE_LIMIT_MS, VadParams
+
+Dialect = Literal["ga", "beta"]
+OPENAI_RATE_HZ = 24000  # the OpenAI formats' PCM16 rate: the default input rate in both dialects
+MIN_COMMIT_MS = 100  # OpenAI refuses commits holding less audio than this (input_audio_buffer_commit_empty)
+
+# code -> (error type, when it is sent). PROTOCOL.md lists the same table; tests check every code is documented.
+ERROR_CODES: dict[str, tuple[str, str]] = {
+    "invalid_json": ("invalid_request_error", "a text frame is not a JSON object"),
+    "invalid_event": ("invalid_request_error", "the event lacks `type` or a field has the wrong type or value"),
+    "unknown_event": ("invalid_request_error", "the event `type` is not an event this server knows"),
+    "unsupported_event": ("invalid_request_error", "a well-formed OpenAI event this server does not implement"),
+    "audio_output_unsupported": ("invalid_request_error", "audio output was requested; answers are text only"),
+    "unsupported_audio_format": ("invalid_request_error", "input audio format other than PCM16 (e.g. G.711)"),
+    "sample_rate_out_of_range": ("invalid_request_error", "input_sample_rate outside 8000..48000 Hz"),
+    "invalid_audio": ("invalid_request_error", "audio bytes are not PCM16 (odd length or bad base64)"),
+    "message_too_large": ("invalid_request_error", "a message exceeds server.max_message_bytes; it was dropped"),
+    "session_not_ready": ("invalid_request_error", "an event arrived before the session was set up"),
+    "input_audio_buffer_commit_empty": ("invalid_request_error", "commit with less than 100 ms of audio buffered"),
+    "response_cancel_not_active": ("invalid_request_error", "response.cancel with no response in progress"),
+    "conversation_already_has_active_response": ("invalid_request_error", "response.create while one is running"),
+    "server_busy": ("server_error", "too many sessions or queued responses; retry later"),
+    "response_failed": ("server_error", "the model failed while answering; the session goes on"),
+    "turn_failed": ("server_error", "the model failed to process the user's audio; the session goes on"),
+}
+
+
+class ProtocolError(Exception):
+    """A client mistake with a stable `code`; becomes one `error` event and the session goes on."""
+
+    def __init__(self, code: str, message: str, param: str | None = None, event_id: str | None = None) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"undocumented error code {code!r}; add it to ERROR_CODES and PROTOCOL.md")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.event_id = event_id
+
+    @property
+    def type(self) -> str:
+        return ERROR_CODES[self.code][0]
+
+
+# ---- client events ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SessionUpdate:
+    event_id: str | None
+    session: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AudioAppend:
+    event_id: str | None
+    pcm: bytes  # PCM16 LE mono at the session's input rate, even length
+
+
+@dataclass(frozen=True)
+class AudioCommit:
+    event_id: str | None
+
+
+@dataclass(frozen=True)
+class AudioClear:
+    event_id: str | None
+
+
+@dataclass(frozen=True)
+class ResponseCreate:
+    event_id: str | None
+    instructions: str | None = None  # replaces the session's for this response only: not supported, see session
+    max_output_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ResponseCancel:
+    event_id: str | None
+    response_id: str | None
+
+
+@dataclass(frozen=True)
+class ConversationReset:
+    event_id: str | None
+
+
+@dataclass(frozen=True)
+class TextMessage:
+    """`conversation.item.create` with a user message of `input_text`: a typed turn."""
+
+    event_id: str | None
+    text: str
+
+
+ClientEvent = (
+    SessionUpdate
+    | AudioAppend
+    | AudioCommit
+    | AudioClear
+    | ResponseCreate
+    | ResponseCancel
+    | ConversationReset
+    | TextMessage
+)
+
+# Well-formed OpenAI client events we do not implement: audio-output ones get the clearer code.
+_AUDIO_OUTPUT_EVENTS = {"output_audio_buffer.clear", "conversation.item.truncate"}
+_UNSUPPORTED_EVENTS = {
+    "conversation.item.delete",
+    "conversation.item.retrieve",
+    "transcription_session.update",
+    "session.close",
+}
+
+
+def _event_id(obj: dict[str, Any]) -> str | None:
+    eid = obj.get("event_id")
+    return eid if isinstance(eid, str) else None
+
+
+def _max_tokens(value: Any, param: str, eid: str | None) -> int | None:
+    if value is None or value == "inf":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32767:
+        raise ProtocolError("invalid_event", f"{param} must be an integer 1..32767 or 'inf', got {value!r}", param, eid)
+    return value
+
+
+def decode_audio_b64(value: Any, eid: str | None) -> bytes:
+    if not isinstance(value, str):
+        raise ProtocolError("invalid_event", f"audio must be a base64 string, got {type(value).__name__}", "audio", eid)
+    try:
+        pcm = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        msg = "audio is not valid base64 (standard alphabet, padded)"
+        raise ProtocolError("invalid_audio", msg, "audio", eid) from None
+    return pcm
+
+
+def parse_client_event(raw: str | bytes | dict[str, Any]) -> ClientEvent:
+    """One client JSON event -> a typed event. Raises ProtocolError (stable code) for anything malformed."""
+    if isinstance(raw, dict):
+        obj = raw
+    else:
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ProtocolError("invalid_json", f"expected a JSON object, could not parse it: {e}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("invalid_json", f"expected a JSON object, got a JSON {type(obj).__name__}")
+    eid = _event_id(obj)
+    etype = obj.get("type")
+    if not isinstance(etype, str):
+        raise ProtocolError("invalid_event", f"expected a string field 'type', got {etype!r}", "type", eid)
+    if etype == "session.update":
+        session = obj.get("session")
+        if not isinstance(session, dict):
+            raise ProtocolError("invalid_event", "session.update needs an object 'session'", "session", eid)
+        return SessionUpdate(eid, session)
+    if etype == "input_audio_buffer.append":
+        pcm = decode_audio_b64(obj.get("audio"), eid)
+        return AudioAppend(eid, pcm)
+    if etype == "input_audio_buffer.commit":
+        return AudioCommit(eid)
+    if etype == "input_audio_buffer.clear":
+        return AudioClear(eid)
+    if etype == "response.create":
+        return _parse_response_create(obj, eid)
+    if etype == "response.cancel":
+        rid = obj.get("response_id")
+        if rid is not None and not isinstance(rid, str):
+            raise ProtocolError("invalid_event", f"response_id must be a string, got {rid!r}", "response_id", eid)
+        return ResponseCancel(eid, rid)
+    if etype == "conversation.reset":
+        return ConversationReset(eid)
+    if etype == "conversation.item.create":
+        return _parse_item_create(obj, eid)
+    if etype in _AUDIO_OUTPUT_EVENTS:
+        raise ProtocolError("audio_output_unsupported", f"{etype}: this server answers in text only", "type", eid)
+    if etype in _UNSUPPORTED_EVENTS:
+        raise ProtocolError("unsupported_event", f"{etype} is not implemented by this server", "type", eid)
+    raise ProtocolError("unknown_event", f"unknown event type {etype!r}; see PROTOCOL.md for the events", "type", eid)
+
+
+def _parse_response_create(obj: dict[str, Any], eid: str | None) -> ResponseCreate:
+    resp = obj.get("response") or {}
+    if not isinstance(resp, dict):
+        raise ProtocolError("invalid_event", "response must be an object", "response", eid)
+    mods = resp.get("output_modalities", resp.get("modalities"))
+    if isinstance(mods, list) and "audio" in mods and "text" not in mods:
+        raise ProtocolError("audio_output_unsupported", "audio output was requested; answers are text only", None, eid)
+    instr = resp.get("instructions")
+    if instr is not None and not isinstance(instr, str):
+        raise ProtocolError("invalid_event", "response.instructions must be a string", "response.instructions", eid)
+    key = "max_output_tokens" if "max_output_tokens" in resp else "max_response_output_tokens"
+    return ResponseCreate(eid, instr, _max_tokens(resp.get(key), f"response.{key}", eid))
+
+
+def _parse_item_create(obj: dict[str, Any], eid: str | None) -> TextMessage:
+    item = obj.get("item")
+    if not isinstance(item, dict):
+        raise ProtocolError("invalid_event", "conversation.item.create needs an object 'item'", "item", eid)
+    if item.get("type") != "message" or item.get("role") != "user":
+        raise ProtocolError("unsupported_event", "only user messages can be created", "item", eid)
+    texts = [c.get("text") for c in item.get("content") or [] if isinstance(c, dict) and c.get("type") == "input_text"]
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ProtocolError("unsupported_event", "only input_text content can be created", "item.content", eid)
+    return TextMessage(eid, "\n".join(texts))
+
+
+# ---- session settings ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TurnDetection:
+    """Server VAD settings (OpenAI keys + our extensions aggressiveness, min_speech_ms, max_utterance_ms, frame_ms)."""
+
+    threshold: float = 0.5  # accepted and echoed; webrtcvad's knob is `aggressiveness`
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 600
+    create_response: bool = True
+    interrupt_response: bool = True
+    aggressiveness: int = 2
+    min_speech_ms: int = 250
+    max_utterance_ms: int = 30000
+    frame_ms: int = 30
+
+    def vad_params(self) -> VadParams:
+        return VadParams(
+            aggressiveness=self.aggressiveness,
+            frame_ms=self.frame_ms,
+            prefix_padding_ms=self.prefix_padding_ms,
+            silence_duration_ms=self.silence_duration_ms,
+            min_speech_ms=self.min_speech_ms,
+            max_utterance_ms=self.max_utterance_ms,
+        )
+
+
+# key -> (python type, low, high); bool keys use (bool, None, None)
+_TD_KEYS: dict[str, tuple[type, float | None, float | None]] = {
+    "threshold": (float, 0.0, 1.0),
+    "prefix_padding_ms": (int, 0, 2000),
+    "silence_duration_ms": (int, 100, 5000),
+    "create_response": (bool, None, None),
+    "interrupt_response": (bool, None, None),
+    "aggressiveness": (int, 0, 3),
+    "min_speech_ms": (int, 0, 5000),
+    "max_utterance_ms": (int, 1000, MAX_UTTERANCE_LIMIT_MS),
+    "frame_ms": (int, 10, 30),
+}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    model: str = "local"
+    instructions: str = ""  # "" = the backend's default system prompt
+    input_rate_hz: int = OPENAI_RATE_HZ
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)  # None = push-to-talk
+    max_output_tokens: int | None = None  # None = "inf" (generation config)
+    temperature: float | None = None
+    transcription: bool = False  # the client asked for input transcription (we send it whenever one exists)
+
+
+def _check_number(value: Any, tp: type, lo: float | None, hi: float | None, param: str, eid: str | None) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError("invalid_event", f"{param} must be true or false, got {value!r}", param, eid)
+        return value
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and tp is int:
+        ok = float(value).is_integer()
+    if not ok:
+        raise ProtocolError("invalid_event", f"{param} must be a {tp.__name__}, got {value!r}", param, eid)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ProtocolError("invalid_event", f"{param} must be in [{lo}, {hi}], got {value!r}", param, eid)
+    return tp(value)
+
+
+def _parse_turn_detection(td: Any, current: TurnDetection | None, param: str, eid: str | None) -> TurnDetection | None:
+    if td is None:
+        return None
+    if not isinstance(td, dict):
+        raise ProtocolError("invalid_event", f"{param} must be an object or null, got {td!r}", param, eid)
+    kind = td.get("type", "server_vad")
+    if kind not in ("server_vad", "semantic_vad"):
+        raise ProtocolError("invalid_event", f"{param}.type must be 'server_vad', got {kind!r}", f"{param}.type", eid)
+    changes = {}
+    for key, (tp, lo, hi) in _TD_KEYS.items():
+        if td.get(key) is not None:
+            changes[key] = _check_number(td[key], tp, lo, hi, f"{param}.{key}", eid)
+    if "frame_ms" in changes and changes["frame_ms"] not in (10, 20, 30):
+        raise ProtocolError("invalid_event", f"{param}.frame_ms must be 10, 20 or 30", f"{param}.frame_ms", eid)
+    return dataclasses.replace(current or TurnDetection(), **changes)
+
+
+def _parse_rate(value: Any, param: str, eid: str | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("invalid_event", f"{param} must be an integer in Hz, got {value!r}", param, eid)
+    if not MIN_RATE_HZ <= value <= MAX_RATE_HZ:
+        msg = f"{param} must be in [{MIN_RATE_HZ}, {MAX_RATE_HZ}] Hz, got {value}"
+        raise ProtocolError("sample_rate_out_of_range", msg, param, eid)
+    return value
+
+
+def apply_session_update(
+    cur: SessionSettings, s: dict[str, Any], eid: str | None = None
+) -> tuple[SessionSettings, list[ProtocolError]]:
+    """Validate a GA (nested) or beta (flat) `session` payload. Fatal problems raise ProtocolError and change
+    nothing; requests we can only partly honour (audio output) come back as warnings and are otherwise applied."""
+    warnings: list[ProtocolError] = []
+    ch: dict[str, Any] = {}
+    if isinstance(s.get("model"), str):
+        ch["model"] = s["model"]
+    if "instructions" in s:
+        if not isinstance(s["instructions"], str):
+            raise ProtocolError("invalid_event", "session.instructions must be a string", "session.instructions", eid)
+        ch["instructions"] = s["instructions"]
+    for key in ("output_modalities", "modalities"):
+        mods = s.get(key)
+        if mods is None:
+            continue
+        if not isinstance(mods, list) or not all(m in ("text", "audio") for m in mods):
+            raise ProtocolError("invalid_event", f"session.{key} must list 'text'/'audio'", f"session.{key}", eid)
+        if "audio" in mods:
+            msg = f"session.{key} asks for audio; this server answers in text only (output is text)"
+            warnings.append(ProtocolError("audio_output_unsupported", msg, f"session.{key}", eid))
+    for key in ("max_output_tokens", "max_response_output_tokens"):
+        if key in s:
+            ch["max_output_tokens"] = _max_tokens(s[key], f"session.{key}", eid)
+    if s.get("temperature") is not None:
+        ch["temperature"] = _check_number(s["temperature"], float, 0.0, 2.0, "session.temperature", eid)
+    if any(s.get(k) is not None for k in ("voice", "output_audio_format", "speed")):
+        msg = "voice/output audio settings are ignored: this server answers in text only"
+        warnings.append(ProtocolError("audio_output_unsupported", msg, "session.voice", eid))
+    # beta (flat)
+    fmt = s.get("input_audio_format")
+    if fmt is not None and fmt != "pcm16":
+        msg = f"session.input_audio_format must be 'pcm16', got {fmt!r}"
+        raise ProtocolError("unsupported_audio_format", msg, "session.input_audio_format", eid)
+    if "turn_detection" in s:
+        ch["turn_detection"] = _parse_turn_detection(
+            s["turn_detection"], cur.turn_detection, "session.turn_detection", eid
+        )
+    if s.get("input_audio_transcription") is not None:
+        ch["transcription"] = True
+    # GA (nested)
+    audio = s.get("audio")
+    if audio is not None:
+        ch.update(_parse_ga_audio(audio, cur, eid, warnings))
+    if "input_sample_rate" in s:  # our extension, wins over the format's rate
+        ch["input_rate_hz"] = _parse_rate(s["input_sample_rate"], "session.input_sample_rate", eid)
+    return dataclasses.replace(cur, **ch), warnings
+
+
+def _parse_ga_audio(audio: Any, cur: SessionSettings, eid: str | None, warnings: list[ProtocolError]) -> dict[str, Any]:
+    if not isinstance(audio, dict):
+        raise ProtocolError("invalid_event", "session.audio must be an object", "session.audio", eid)
+    ch: dict[str, Any] = {}
+    if audio.get("output"):
+        msg = "session.audio.output is ignored: this server answers in text only"
+        warnings.append(ProtocolError("audio_output_unsupported", msg, "session.audio.output", eid))
+    inp = audio.get("input")
+    if inp is None:
+        return ch
+    if not isinstance(inp, dict):
+        raise ProtocolError("invalid_event", "session.audio.input must be an object", "session.audio.input", eid)
+    fmt = inp.get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm":
+            msg = f"session.audio.input.format must be {{'type': 'audio/pcm'}}, got {fmt!r}"
+            raise ProtocolError("unsupported_audio_format", msg, "session.audio.input.format", eid)
+        if fmt.get("rate") is not None:
+            ch["input_rate_hz"] = _parse_rate(fmt["rate"], "session.audio.input.format.rate", eid)
+    if "turn_detection" in inp:
+        param = "session.audio.input.turn_detection"
+        ch["turn_detection"] = _parse_turn_detection(inp["turn_detection"], cur.turn_detection, param, eid)
+    if inp.get("transcription") is not None:
+        ch["transcription"] = True
+    return ch
+
+
+# ---- server events ---------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+class EventFactory:
+    """Builds server events (dicts) for one connection's dialect; every event gets a fresh unique `event_id`."""
+
+    def __init__(self, dialect: Dialect = "ga") -> None:
+        if dialect not in ("ga", "beta"):
+            raise ValueError(f"dialect must be 'ga' or 'beta', got {dialect!r}")
+        self.dialect = dialect
+
+    def event(self, etype: str, **fields: Any) -> dict[str, Any]:
+        return {"type": etype, "event_id": new_id("event"), **fields}
+
+    def session(self, st: SessionSettings, session_id: str) -> dict[str, Any]:
+        """The effective session in this dialect's shape (our extensions ride along as extra keys)."""
+        td = None
+        if st.turn_detection is not None:
+            td = {"type": "server_vad", **dataclasses.asdict(st.turn_detection)}
+        max_tokens: int | str = "inf" if st.max_output_tokens is None else st.max_output_tokens
+        if self.dialect == "beta":
+            out: dict[str, Any] = {
+                "id": session_id,
+                "object": "realtime.session",
+                "modalities": ["text"],
+                "instructions": st.instructions,
+                "input_audio_format": "pcm16",
+                "turn_detection": td,
+                "max_response_output_tokens": max_tokens,
+                "input_sample_rate": st.input_rate_hz,
+            }
+            if st.temperature is not None:
+                out["temperature"] = st.temperature
+            return out
+        # The SDK's GA format only admits rate 24000: other rates are stated by our `input_sample_rate` extension.
+        fmt: dict[str, Any] = {"type": "audio/pcm"}
+        if st.input_rate_hz == OPENAI_RATE_HZ:
+            fmt["rate"] = OPENAI_RATE_HZ
+        return {
+            "type": "realtime",
+            "id": session_id,
+            "object": "realtime.session",
+            "model": st.model,
+            "output_modalities": ["text"],
+            "instructions": st.instructions,
+            "max_output_tokens": max_tokens,
+            "audio": {"input": {"format": fmt, "turn_detection": td}},
+            "input_sample_rate": st.input_rate_hz,
+        }
+
+    def error(self, err: ProtocolError) -> dict[str, Any]:
+        body = {"type": err.type, "code": err.code, "message": err.message, "param": err.param}
+        body["event_id"] = err.event_id
+        return self.event("error", error=body)
+
+    def text_event(self, suffix: str, **fields: Any) -> dict[str, Any]:
+        """`response.output_text.<suffix>` (GA) or `response.text.<suffix>` (beta)."""
+        prefix = "response.output_text." if self.dialect == "ga" else "response.text."
+        return self.event(prefix + suffix, **fields)
+
+    def assistant_item(self, item_id: str, text: str | None, status: str) -> dict[str, Any]:
+        content = [] if text is None else [{"type": "output_text" if self.dialect == "ga" else "text", "text": text}]
+        return {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "assistant",
+            "status": status,
+            "content": content,
+        }
+
+    def response(
+        self,
+        response_id: str,
+        status: str,
+        output: list[dict[str, Any]],
+        status_details: dict[str, Any] | None = None,
+        usage: dict[str, int] | None = None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": response_id, "object": "realtime.response", "status": status, "output": output}
+        body["status_details"] = status_details
+        if self.dialect == "ga":
+            body["output_modalities"] = ["text"]
+        else:
+            body["modalities"] = ["text"]
+        if usage is not None:
+            body["usage"] = usage
+        if timings_ms is not None:
+            body["timings_ms"] = timings_ms
+        return body
