@@ -137,8 +137,9 @@ class QwenTokenizer:
         """NFC-normalised text to ids; special-token text is encoded as ordinary text."""
         return self._enc.encode(unicodedata.normalize("NFC", text), allowed_special=set(), disallowed_special=())
 
-    def encode_with_audio(self, text: str, span_of: Callable[[str], int]) -> tuple[list[int], list[AudioTag]]:
-        """Like `encode`, but each `<audio>URL</audio>` becomes `<audio>` + pads + `</audio>`, `span_of(URL)` ids."""
+    def encode_with_audio(self, text: str, span_of: Callable[[str], int | None]) -> tuple[list[int], list[AudioTag]]:
+        """Like `encode`, but each `<audio>URL</audio>` becomes `<audio>` + pads + `</audio>`, `span_of(URL)` ids.
+        A tag whose `span_of(URL)` is None (no such audio, e.g. typed by the user) stays ordinary text."""
         if self.audio_start_id is None or self.audio_end_id is None or self.audio_pad_id is None:
             raise ValueError(
                 "this tokenizer has no audio tags (<audio>, </audio>, [[[AUDIO:modality]]]) in its specials"
@@ -148,8 +149,10 @@ class QwenTokenizer:
         pos = 0
         text = unicodedata.normalize("NFC", text)
         for m in _AUDIO_TAG.finditer(text):
-            ids += self.encode(text[pos : m.start()])
             span = span_of(m.group(1))
+            if span is None:
+                continue
+            ids += self.encode(text[pos : m.start()])
             if span < 2:
                 raise ValueError(f"audio span of {m.group(1)!r} must be >= 2 (bos and eos), got {span}")
             tags.append(AudioTag(len(ids), len(ids) + span, m.group(1)))
