@@ -8,6 +8,8 @@ Public signatures (the engine imports these; keep them stable):
     Sampler(params, n_valid, prompt_ids=None).pick(logits_row [vocab] float, output_ids) -> int
         repetition penalty over prompt + output ids, temperature, top-k, top-p, then a draw from a torch.Generator
         seeded per response (seed < 0: a fresh random seed); never returns an id >= n_valid.
+    params_for(gen_cfg, checkpoint_default=None) -> SamplingParams
+        the `[generation]` config; a backend's checkpoint defaults win while the sampling keys are untouched.
     StreamDecoder(tokenizer).push(id) -> str ; .finish() -> str
         incremental detokenizer: never splits a UTF-8 character, special tokens written as their text.
     response_text(tokenizer, ids) -> str
@@ -54,6 +56,24 @@ class SamplingParams:
             repetition_penalty=float(g["repetition_penalty"]),
             seed=seed,
         )
+
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def params_for(gen_cfg, checkpoint_default: SamplingParams | None = None) -> SamplingParams:
+    """SamplingParams from the `[generation]` config section. When the backend has its own chat defaults
+    (qwen-audio: generation_config.json) and the user left the sampling keys at their shipped values, the
+    checkpoint's values win (the chat generation config is the default); greedy and seed always come from config."""
+    from assistant.config import GenerationConfig
+
+    shipped = GenerationConfig()
+    untouched = all(getattr(gen_cfg, f) == getattr(shipped, f) for f in _SAMPLING_FIELDS)
+    if checkpoint_default is not None and untouched:
+        base = {f: getattr(checkpoint_default, f) for f in _SAMPLING_FIELDS}
+    else:
+        base = {f: getattr(gen_cfg, f) for f in _SAMPLING_FIELDS}
+    return SamplingParams(greedy=gen_cfg.greedy, seed=gen_cfg.seed, **base)
 
 
 class Sampler:
