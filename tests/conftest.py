@@ -21,3 +21,93 @@ def tiny_ntk_qwen_dir(tmp_path_factory):
 
 
 # ---- end of engineer A block ---------------------------------------------------------------------------------------
+
+
+# ---- engineer E (clients + MQTT bridge): spoken questions, a real Mosquitto broker ---------------------------------
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+CLIENT_TIMEOUT_S = 180.0  # the one bound every client/MQTT/browser test wait derives from (shared, noisy machine)
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def question_wav(tmp_path_factory):
+    """'What is the capital of France?' spoken by espeak-ng (22.05 kHz mono WAV), with silence before it."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: install Debian's espeak-ng (make system-deps)")
+    path = tmp_path_factory.mktemp("speech") / "capital_of_france.wav"
+    text = "[[_:]] What is the capital of France?"  # [[_:]] = a short pause first, so VAD sees the onset
+    subprocess.run(["espeak-ng", "-s", "150", "-w", str(path), text], check=True, timeout=CLIENT_TIMEOUT_S)
+    return path
+
+
+class Mosquitto:
+    """A real broker on a free loopback port; `stop()`/`start()` restart it on the same port."""
+
+    def __init__(self, workdir) -> None:
+        if shutil.which("mosquitto") is None:
+            pytest.fail("mosquitto is missing: install Debian's mosquitto (make system-deps)")
+        self.port = free_loopback_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail(f"mosquitto did not listen on port {self.port} within {CLIENT_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=CLIENT_TIMEOUT_S / 10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+# ---- end of engineer E block ---------------------------------------------------------------------------------------
+
+
+# ---- engineer D (server): the tiny Qwen-Audio backend loaded once for every server test ----------------------------
+@pytest.fixture(scope="session")
+def server_tiny_backend(tiny_qwen_dir):
+    """QwenAudioBackend on the tiny random checkpoint (CPU float32), shared by the server and OpenAI SDK tests."""
+    import torch
+
+    from assistant.backends.qwen_audio import QwenAudioBackend
+
+    torch.set_num_threads(1)  # 2 shared cores: the tiny model gains nothing from more
+    return QwenAudioBackend.from_checkpoint(tiny_qwen_dir, device="cpu", dtype="float32")
+
+
+# ---- end of engineer D block ---------------------------------------------------------------------------------------

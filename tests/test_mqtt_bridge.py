@@ -1,0 +1,239 @@
+"""MQTT bridge against a real Mosquitto broker and a real server core (tiny random Qwen-Audio model).
+
+Covers: a spoken question published by the device client is answered on the events topic, retained status with
+online/offline, a broker restart in the middle of a session (reconnect, same session resumed, the loss logged), two
+devices at once, and the session limit. Pure parts (topics, URL parsing, the outbox) are tested without a broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from assistant.config import load_config
+from assistant.mqtt_bridge import Outbox, Topics, parse_mqtt_url, run_mqtt_bridge
+from assistant.server.app import running_server
+from clients import mqtt as device_client
+from tests.conftest import CLIENT_TIMEOUT_S
+
+PREFIX = "assistant"
+
+
+# ---- pure parts -----------------------------------------------------------------------------------------------------
+def test_topics_route_only_device_audio_and_control() -> None:
+    t = Topics("home/assistant")
+    assert t.parse("home/assistant/kitchen/audio") == ("kitchen", "audio")
+    assert t.parse("home/assistant/kitchen/control") == ("kitchen", "control")
+    assert t.parse("home/assistant/kitchen/events") is None  # our own output
+    assert t.parse("home/assistant/bridge/control") is None  # the status namespace is not a device
+    assert t.parse("other/assistant/kitchen/audio") is None
+    assert t.events("kitchen") == "home/assistant/kitchen/events" and t.status == "home/assistant/bridge/status"
+
+
+def test_parse_mqtt_url_and_tls() -> None:
+    a = parse_mqtt_url("mqtt://u:p@broker:1999")
+    assert (a.host, a.port, a.tls, a.username, a.password) == ("broker", 1999, False, "u", "p")
+    assert parse_mqtt_url("mqtts://broker").port == 8883
+    assert parse_mqtt_url("mqtt://broker", cfg_tls=True).tls
+    with pytest.raises(ValueError, match="mqtt.url"):
+        parse_mqtt_url("tcp://broker")
+
+
+async def test_outbox_drops_oldest_and_counts_per_device() -> None:
+    box = Outbox(capacity=2)
+    box.put("a", b"1")
+    box.put("b", b"2")
+    box.put("b", b"3")  # full: a's oldest event goes
+    assert box.dropped == {"a": 1}
+    first = await box.get()
+    assert first == ("b", b"2")
+    box.requeue_front(first)  # a publish that did not complete is delivered first after reconnecting
+    assert [await box.get(), await box.get()] == [("b", b"2"), ("b", b"3")]
+    assert len(box) == 0
+
+
+# ---- against a real broker -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_qwen_dir):
+    from assistant.backends.qwen_audio import QwenAudioBackend
+
+    return QwenAudioBackend.from_checkpoint(tiny_qwen_dir, device="cpu", dtype="float32")
+
+
+def _cfg(tiny_qwen_dir, broker_url: str, **extra: Any):
+    overrides = {
+        "server.port": 0,
+        "model.backend": "qwen-audio",
+        "model.path": str(tiny_qwen_dir),
+        "generation.greedy": True,
+        "generation.max_new_tokens": 8,
+        "mqtt.url": broker_url,
+        "mqtt.reconnect_max_s": 0.5,
+        **extra,
+    }
+    return load_config(overrides=overrides)
+
+
+@contextlib.asynccontextmanager
+async def bridge(cfg, backend):
+    """The real server core plus the bridge, wired exactly as `serve()` does."""
+    async with running_server(cfg, backend=backend) as server:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_mqtt_bridge(cfg, server.hub, stop))
+        try:
+            yield server
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, CLIENT_TIMEOUT_S)
+
+
+class Watcher:
+    """A separate MQTT client that records every device's server events and the bridge status."""
+
+    def __init__(self, broker_url: str) -> None:
+        b = parse_mqtt_url(broker_url)
+        self.client = aiomqtt.Client(b.host, b.port)
+        self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.status: list[str] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Watcher:
+        await self.client.__aenter__()
+        await self.client.subscribe([(f"{PREFIX}/+/events", 1), (f"{PREFIX}/bridge/status", 1)])
+        self._task = asyncio.create_task(self._collect())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await self._task
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self.client.__aexit__(None, None, None)
+
+    async def _collect(self) -> None:
+        async for message in self.client.messages:
+            topic = message.topic.value
+            if topic.endswith("/bridge/status"):
+                self.status.append(bytes(message.payload).decode())
+            else:
+                self.events[topic.split("/")[1]].append(json.loads(message.payload))
+            self._changed.set()
+
+    async def wait_for(self, predicate, what: str) -> None:
+        async def loop() -> None:
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(loop(), CLIENT_TIMEOUT_S)
+        except TimeoutError:
+            pytest.fail(f"timed out waiting for {what}; status {self.status}, events {dict(self.events)}")
+
+    def types(self, device: str) -> list[str]:
+        return [e["type"] for e in self.events[device]]
+
+
+async def ask_by_device(broker_url: str, device: str, wav) -> int:
+    """The device client, in process: streams the WAV (4x real time) and returns once the answer is done."""
+    args = device_client.build_parser().parse_args(
+        ["--broker", broker_url, "--device", device, "--wav", str(wav), "--speed", "4", "--quiet"]
+        + ["--wait-s", str(CLIENT_TIMEOUT_S), "--max-retries", "20", "--reconnect-max-s", "0.5"]
+    )
+    return await asyncio.wait_for(device_client.run(args), CLIENT_TIMEOUT_S)
+
+
+def _answered(events: list[dict[str, Any]], n: int = 1) -> bool:
+    return sum(e["type"] == "response.done" for e in events) >= n
+
+
+async def test_spoken_question_from_device_client_answered_on_events_topic(
+    mosquitto, tiny_qwen_dir, tiny_backend, question_wav, capsys
+) -> None:
+    cfg = _cfg(tiny_qwen_dir, mosquitto.url)
+    async with Watcher(mosquitto.url) as w:
+        async with bridge(cfg, tiny_backend):
+            await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
+            assert await ask_by_device(mosquitto.url, "kitchen", question_wav) == 0
+            await w.wait_for(lambda: _answered(w.events["kitchen"]), "response.done on kitchen/events")
+        types = w.types("kitchen")
+        assert types[0] == "session.created"
+        for expected in ("session.updated", "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"):
+            assert expected in types
+        assert types.index("input_audio_buffer.committed") < types.index("response.created")
+        done = [e for e in w.events["kitchen"] if e["type"] == "response.done"][0]
+        assert done["response"]["status"] in ("completed", "incomplete")
+        ids = [e["event_id"] for e in w.events["kitchen"]]
+        assert len(ids) == len(set(ids))
+        await w.wait_for(lambda: w.status[-1] == "offline", "'offline' after the bridge stopped")
+    # The device client printed the answer it streamed (the tiny model's text may be empty, the line is not).
+    assert "assistant" in capsys.readouterr().out or done["response"]["output"][0]["content"][0]["text"] == ""
+    # Retained: a late subscriber still learns the bridge is offline.
+    async with Watcher(mosquitto.url) as late:
+        await late.wait_for(lambda: late.status == ["offline"], "the retained status")
+
+
+async def test_broker_restart_mid_session_resumes_the_session(
+    mosquitto, tiny_qwen_dir, tiny_backend, question_wav, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="assistant.mqtt")
+    cfg = _cfg(tiny_qwen_dir, mosquitto.url)
+    async with bridge(cfg, tiny_backend) as server:
+        async with Watcher(mosquitto.url) as w:
+            assert await ask_by_device(mosquitto.url, "hall", question_wav) == 0
+            await w.wait_for(lambda: _answered(w.events["hall"]), "the first answer")
+            session_id = w.events["hall"][0]["session"]["id"]
+            await asyncio.to_thread(mosquitto.stop)
+
+        async def lost() -> None:
+            while "unavailable" not in caplog.text:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(lost(), CLIENT_TIMEOUT_S)
+        await asyncio.to_thread(mosquitto.start)
+        async with Watcher(mosquitto.url) as w2:
+            await w2.wait_for(lambda: "online" in w2.status, "'online' again after the broker restart")
+            assert await ask_by_device(mosquitto.url, "hall", question_wav) == 0
+            await w2.wait_for(lambda: _answered(w2.events["hall"]), "the answer after the restart")
+            types = w2.types("hall")
+            assert "session.created" not in types, "the device's session should be resumed, not recreated"
+            updated = [e for e in w2.events["hall"] if e["type"] == "session.updated"]
+            assert updated[0]["session"]["id"] == session_id
+        assert len(server.hub.sessions) == 1
+    assert "back after" in caplog.text and "resuming 1 device session" in caplog.text
+
+
+async def test_two_devices_at_once_get_their_own_sessions(mosquitto, tiny_qwen_dir, tiny_backend, question_wav) -> None:
+    cfg = _cfg(tiny_qwen_dir, mosquitto.url)
+    async with bridge(cfg, tiny_backend), Watcher(mosquitto.url) as w:
+        rcs = await asyncio.gather(
+            ask_by_device(mosquitto.url, "den", question_wav), ask_by_device(mosquitto.url, "loft", question_wav)
+        )
+        assert rcs == [0, 0]
+        await w.wait_for(lambda: _answered(w.events["den"]) and _answered(w.events["loft"]), "both answers")
+    sessions = {d: w.events[d][0]["session"]["id"] for d in ("den", "loft")}
+    assert sessions["den"] != sessions["loft"]
+    for device in ("den", "loft"):  # no cross-talk: every response on a device's topic belongs to its own turns
+        assert w.types(device).count("session.created") == 1
+        assert w.types(device).count("response.created") == w.types(device).count("response.done")
+
+
+async def test_device_over_the_session_limit_gets_server_busy(mosquitto, tiny_qwen_dir, tiny_backend) -> None:
+    cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"server.max_sessions": 1})
+    hello = json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}})
+    async with bridge(cfg, tiny_backend), Watcher(mosquitto.url) as w:
+        await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
+        await w.client.publish(f"{PREFIX}/first/control", hello, qos=1)
+        await w.wait_for(lambda: "session.updated" in w.types("first"), "the first device's session")
+        await w.client.publish(f"{PREFIX}/second/control", hello, qos=1)
+        await w.wait_for(lambda: "error" in w.types("second"), "server_busy for the second device")
+    assert w.events["second"][0]["error"]["code"] == "server_busy"
