@@ -101,7 +101,7 @@ async def _ask(engine: Engine, session: str, key: str, text=None, audio=None, n:
 
 
 def _reference_ids(backend, prompt: Prompt, n: int) -> list[int]:
-    params = sampling_params(GEN, GREEDY)
+    params = sampling_params(GEN, GREEDY, getattr(backend, "default_sampling", None))
     return [s.token_id for s in generate_stream(backend, prompt, params, n) if s.token_id is not None]
 
 

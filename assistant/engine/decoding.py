@@ -7,36 +7,33 @@ more text follows (the history keeps the stripped reply), and an incomplete UTF-
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from assistant.backends.base import Tokenizer
 from assistant.config import GenerationConfig
 from assistant.engine.api import ResponseOptions
-from assistant.generation import Sampler, SamplingParams, StreamDecoder
+from assistant.generation import Sampler, SamplingParams, StreamDecoder, params_for
 
 
-def sampling_params(gen_cfg: GenerationConfig, options: ResponseOptions) -> SamplingParams:
-    """The generation config with a response's overrides applied."""
-    greedy = gen_cfg.greedy if options.greedy is None else options.greedy
-    temperature = gen_cfg.temperature if options.temperature is None else options.temperature
-    seed = gen_cfg.seed if options.seed is None else options.seed
-    return SamplingParams(
-        greedy=greedy or temperature == 0.0,
-        temperature=temperature,
-        top_p=gen_cfg.top_p,
-        top_k=gen_cfg.top_k,
-        repetition_penalty=gen_cfg.repetition_penalty,
-        seed=seed,
-    )
+def sampling_params(
+    gen_cfg: GenerationConfig, options: ResponseOptions, checkpoint_default: SamplingParams | None = None
+) -> SamplingParams:
+    """The `[generation]` config (or the backend's chat defaults, see `generation.params_for`) with a response's
+    overrides applied."""
+    base = params_for(gen_cfg, checkpoint_default)
+    greedy = base.greedy if options.greedy is None else options.greedy
+    temperature = base.temperature if options.temperature is None else options.temperature
+    seed = base.seed if options.seed is None else options.seed
+    return dataclasses.replace(base, greedy=greedy or temperature == 0.0, temperature=temperature, seed=seed)
 
 
 class TokenStream:
-    def __init__(
-        self, tokenizer: Tokenizer, gen_cfg: GenerationConfig, options: ResponseOptions, prompt_ids: list[int]
-    ):
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, max_new_tokens: int, prompt_ids: list[int]):
         self.tokenizer = tokenizer
-        self.max_new_tokens = options.max_new_tokens or gen_cfg.max_new_tokens
-        self.sampler = Sampler(sampling_params(gen_cfg, options), n_valid=tokenizer.n_valid, prompt_ids=prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.sampler = Sampler(params, n_valid=tokenizer.n_valid, prompt_ids=prompt_ids)
         self.output_ids: list[int] = []
         self._detok = StreamDecoder(tokenizer)
         self._emitted: list[str] = []  # deltas handed out, concatenated = the stripped text so far

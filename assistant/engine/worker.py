@@ -34,7 +34,7 @@ from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine import metrics
 from assistant.engine.api import ResponseDone, ResponseOptions, TextDelta, TurnInfo
 from assistant.engine.conversation import Conversation, evict_lru, merge_turns, plan_cache
-from assistant.engine.decoding import TokenStream
+from assistant.engine.decoding import TokenStream, sampling_params
 from assistant.engine.stream import ResponseStream
 from assistant.models.kv_cache import KVCache
 
@@ -272,7 +272,9 @@ class Worker:
         metrics.TOKENS.labels(kind="prompt").inc(len(prompt.ids))
         metrics.TOKENS.labels(kind="reused").inc(plan.reuse)
         metrics.TOKENS.labels(kind="prefilled").inc(len(prompt.ids) - plan.reuse)
-        job.tokens = TokenStream(self.backend.tokenizer, self.gen_cfg, job.options, prompt.ids)
+        params = sampling_params(self.gen_cfg, job.options, getattr(self.backend, "default_sampling", None))
+        max_new = job.options.max_new_tokens or self.gen_cfg.max_new_tokens
+        job.tokens = TokenStream(self.backend.tokenizer, params, max_new, prompt.ids)
         return self._take_token(job, logits[-1])
 
     def _take_token(self, job: Job, logits_row: torch.Tensor) -> bool:
