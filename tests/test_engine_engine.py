@@ -382,3 +382,73 @@ async def test_many_sessions_at_once(qwen_backend):
         for done in dones:
             assert done.status in ("completed", "incomplete")
             assert done.output_ids == _reference_ids(qwen_backend, Prompt(ids=done.prompt_ids), 6)
+
+
+async def test_bad_utterance_raises_to_its_caller_only(qwen_backend):
+    engine = await _engine(qwen_backend)
+    try:
+        engine.open_session("s")
+        with pytest.raises(Exception, match="at least 480 samples"):
+            await engine.add_user_turn("s", Utterance("tiny", audio=np.zeros(10, dtype=np.float32)))
+        done = await _ask(engine, "s", "u1", text="Still there?")
+    finally:
+        await engine.stop()
+    assert done.status in ("completed", "incomplete")
+
+
+async def test_stop_ends_every_outstanding_response(qwen_backend):
+    gate = Gate(qwen_backend)
+    engine = await _engine(gate)
+    engine.open_session("s")
+    await engine.add_user_turn("s", Utterance("u1", text="Hello?"))
+    held = await gate.hold(engine)
+    stream = engine.respond("s", GREEDY)
+    stop = asyncio.create_task(engine.stop())
+    gate.release()
+    await held
+    await asyncio.wait_for(stop, WAIT_S)
+    done = await asyncio.wait_for(stream.wait_done(), WAIT_S)
+    assert done.status == "cancelled" and done.reason == "shutdown"
+    with pytest.raises(RuntimeError, match="not running"):
+        engine.respond("s", GREEDY)
+
+
+async def test_metrics_count_responses_and_phases(qwen_backend):
+    from prometheus_client import REGISTRY
+
+    def sample(name, labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = sample("assistant_engine_responses_total", {"status": "incomplete"})
+    phases = sample("assistant_engine_phase_seconds_count", {"phase": "first_token"})
+    engine = await _engine(qwen_backend)
+    try:
+        engine.open_session("s")
+        done = await _ask(engine, "s", "u1", text="Count to fifty please.", n=3)
+    finally:
+        await engine.stop()
+    assert sample("assistant_engine_responses_total", {"status": done.status}) >= 1
+    if done.status == "incomplete":
+        assert sample("assistant_engine_responses_total", {"status": "incomplete"}) == before + 1
+    assert sample("assistant_engine_phase_seconds_count", {"phase": "first_token"}) == phases + 1
+
+
+async def test_a_bad_utterance_in_a_batch_does_not_sink_the_others(qwen_backend, clips):
+    gate = Gate(qwen_backend)
+    engine = await _engine(gate)
+    try:
+        engine.open_session("bad")
+        engine.open_session("good")
+        held = await gate.hold(engine)
+        bad = asyncio.create_task(engine.add_user_turn("bad", Utterance("b", audio=np.zeros(10, dtype=np.float32))))
+        good = asyncio.create_task(engine.add_user_turn("good", Utterance("g", audio=clips[1])))
+        await asyncio.sleep(0)
+        gate.release()
+        await held
+        results = await asyncio.wait_for(asyncio.gather(bad, good, return_exceptions=True), WAIT_S)
+        done = await asyncio.wait_for(engine.respond("good", GREEDY).wait_done(), WAIT_S)
+    finally:
+        await engine.stop()
+    assert isinstance(results[0], Exception) and results[1].audio_s > 2.0
+    assert done.status in ("completed", "incomplete")
+    assert "Audio 1:" in qwen_backend.tokenizer.decode_bytes(done.prompt_ids).decode()  # numbering not skewed

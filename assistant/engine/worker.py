@@ -137,14 +137,32 @@ class Worker:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                if not self._drain_commands():
-                    break
-                self._admit()
-                if self.active:
-                    self._decode_step()
-        for job in self.waiting + self.active:
-            self._finish(job, "cancelled", "shutdown")
-        self.waiting, self.active = [], []
+                try:
+                    if not self._drain_commands():
+                        break
+                    self._admit()
+                    if self.active:
+                        self._decode_step()
+                except Exception as e:  # a bug here must not leave every stream waiting forever
+                    log.exception("engine worker step failed; failing the responses in flight")
+                    for job in self.waiting + self.active:
+                        job.conv.cache.reset()
+                        self._finish(job, "failed", None, error=f"engine error: {type(e).__name__}: {e}")
+            for job in self.waiting + self.active:
+                self._finish(job, "cancelled", "shutdown")
+            self._refuse_leftovers()
+
+    def _refuse_leftovers(self) -> None:
+        """After a stop: nothing submitted late may wait forever."""
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, PrepareCmd) and not cmd.reply.done():
+                cmd.reply.set_exception(RuntimeError("engine stopped before this turn was prepared"))
+            elif isinstance(cmd, RespondCmd):
+                self._finish(cmd.job, "cancelled", "shutdown")
 
     def _drain_commands(self) -> bool:
         """Handle every queued command; False once a stop was received."""
@@ -313,13 +331,20 @@ class Worker:
                     job.conv.cache.reset()
                     self._finish(job, "failed", None, error=f"decode failed: {type(e).__name__}: {e}")
                     continue
-                if not self._take_token(job, row):
-                    continue
+                self._take_token_safely(job, row)
             self.steps += 1
             return
         self.steps += 1
         for job, row in zip(jobs, logits, strict=True):
+            self._take_token_safely(job, row)
+
+    def _take_token_safely(self, job: Job, row: torch.Tensor) -> None:
+        try:
             self._take_token(job, row)
+        except Exception as e:
+            log.exception("response %s failed after decode", job.response_id)
+            job.conv.cache.reset()
+            self._finish(job, "failed", None, error=f"sampling failed: {type(e).__name__}: {e}")
 
     def _decode(self, jobs: list[Job]) -> torch.Tensor:
         ids = torch.tensor([j.next_id for j in jobs], dtype=torch.long, device=self.lm.device)
