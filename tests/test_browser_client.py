@@ -1,0 +1,164 @@
+"""Browser client in a real headless Chromium (Debian's `chromium`, driven by Playwright) against a real server.
+
+A fake microphone plays an espeak-ng question; the page must show the VAD state, the user turn and the streamed answer
+(class `assistant`). With the embedded backend the answer must be right ("Paris"); a screenshot is kept under
+`test-output/`. Also: the downsampler's output rate and anti-aliasing, and the plain-words error on an insecure origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from assistant.config import load_config
+from assistant.server.app import running_server
+from tests.conftest import CLIENT_TIMEOUT_S
+
+REPO = Path(__file__).resolve().parent.parent
+OUTPUT_DIR = REPO / "test-output"
+CHROMIUM = "/usr/bin/chromium"
+TIMEOUT_MS = CLIENT_TIMEOUT_S * 1000
+INSECURE_HOST = "insecure.test"  # mapped to 127.0.0.1 by a resolver rule: same server, but not a secure context
+
+
+@pytest.fixture(scope="module")
+def mic_wav(question_wav, tmp_path_factory) -> Path:
+    """The question at 16 kHz with 0.5 s silence before and 3 s after: Chromium loops the file, so the pause after
+    the question ends each turn cleanly."""
+    out = tmp_path_factory.mktemp("mic") / "mic.wav"
+    cmd = ["sox", str(question_wav), "-r", "16000", "-c", "1", "-b", "16", str(out), "pad", "0.5", "3"]
+    subprocess.run(cmd, check=True, timeout=CLIENT_TIMEOUT_S)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def chromium(mic_wav: Path) -> AsyncIterator[object]:
+    from playwright.async_api import async_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (make system-deps)")
+    args = [
+        "--no-sandbox",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={mic_wav}",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def converse_in_browser(browser, http_url: str, screenshot: str) -> dict:
+    """Open the page, press Start, wait for the first finished answer; returns what the page shows."""
+    page = await browser.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    await page.goto(http_url + "/")
+    await page.click("#start")
+    await page.wait_for_selector(".assistant[data-status]", timeout=TIMEOUT_MS)
+    shown = await page.evaluate(
+        """() => ({
+            answer: document.querySelector('.assistant span').textContent,
+            status: document.querySelector('.assistant').dataset.status,
+            latency: document.querySelector('.assistant .latency')?.textContent || '',
+            users: [...document.querySelectorAll('.user')].map(e => e.textContent),
+            vad: document.getElementById('vad').dataset.state,
+            connection: document.getElementById('connection').textContent,
+            error: document.getElementById('error').textContent,
+        })"""
+    )
+    OUTPUT_DIR.mkdir(exist_ok=True)
+    await page.screenshot(path=str(OUTPUT_DIR / screenshot), full_page=True)
+    await page.click("#stop")
+    await page.wait_for_selector("#start:not([disabled])", timeout=TIMEOUT_MS)
+    shown["vad_after_stop"] = await page.eval_on_selector("#vad", "e => e.dataset.state")
+    shown["page_errors"] = page_errors
+    await page.close()
+    return shown
+
+
+def _tiny_cfg(tiny_qwen_dir):
+    overrides = {
+        "server.port": 0,
+        "model.backend": "qwen-audio",
+        "model.path": str(tiny_qwen_dir),
+        "generation.greedy": True,
+        "generation.max_new_tokens": 8,
+    }
+    return load_config(overrides=overrides)
+
+
+async def test_page_streams_turns_downsamples_and_explains_insecure_origins(
+    tiny_qwen_dir, server_tiny_backend, mic_wav
+) -> None:
+    """Protocol level with the tiny random model: capture -> VAD -> user turn -> answer element, stop, errors."""
+    async with running_server(_tiny_cfg(tiny_qwen_dir), backend=server_tiny_backend) as server:
+        async with chromium(mic_wav) as browser:
+            shown = await converse_in_browser(browser, server.http_url, "browser_tiny_model.png")
+            assert shown["page_errors"] == [] and shown["error"] == ""
+            assert shown["status"] in ("completed", "incomplete")
+            assert shown["users"], "the spoken user turn is shown"
+            assert "Hz mic → 16000 Hz" in shown["connection"]
+            assert shown["vad_after_stop"] == "idle"
+
+            # The worklet's downsampler: 48 kHz in -> one third as many samples out; a 1 kHz tone passes, a
+            # 12 kHz tone (above the 8 kHz Nyquist of 16 kHz audio) is removed instead of aliasing to 4 kHz.
+            page = await browser.new_page()
+            await page.goto(server.http_url + "/")
+            measured = await page.evaluate(
+                """async () => {
+                    const { Downsampler } = await import('./downsample.js');
+                    const rms = (a) => Math.sqrt(a.reduce((s, x) => s + x * x, 0) / a.length);
+                    const run = (hz) => {
+                        const d = new Downsampler(48000, 16000), out = [], w = 2 * Math.PI * hz / 48000;
+                        for (let b = 0; b < 100; b++) {  // 100 blocks of 128 samples, like an AudioWorklet
+                            const x = new Float32Array(128);
+                            for (let i = 0; i < 128; i++) x[i] = 0.5 * Math.sin(w * (b * 128 + i));
+                            out.push(...d.process(x));
+                        }
+                        return { n: out.length, rms: rms(out.slice(200)) / 32767 };
+                    };
+                    return { pass: run(1000), stop: run(12000) };
+                }"""
+            )
+            assert abs(measured["pass"]["n"] - 12800 / 3) <= 70  # minus the filter's start-up delay
+            assert measured["pass"]["rms"] == pytest.approx(0.5 / 2**0.5, rel=0.05)
+            assert measured["stop"]["rms"] < 0.01
+
+            # Over plain http on a non-local name the browser hides the microphone: the page says why.
+            await page.goto(f"http://{INSECURE_HOST}:{server.port}/")
+            await page.click("#start")
+            await page.wait_for_selector("#error:not(:empty)", timeout=TIMEOUT_MS)
+            error = await page.text_content("#error")
+            assert "microphone needs https or localhost" in error
+            await page.close()
+
+
+@pytest.mark.slow
+async def test_spoken_question_answered_on_the_page_with_the_embedded_model(embedded_backend, mic_wav) -> None:
+    """The real thing: the embedded model hears 'What is the capital of France?' and the page shows 'Paris'."""
+    cfg = load_config(overrides={"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": 48})
+    async with running_server(cfg, backend=embedded_backend) as server, chromium(mic_wav) as browser:
+        shown = await asyncio.wait_for(
+            converse_in_browser(browser, server.http_url, "browser_embedded_paris.png"), CLIENT_TIMEOUT_S
+        )
+    assert shown["page_errors"] == [] and shown["error"] == ""
+    assert "france" in " ".join(shown["users"]).lower(), shown
+    assert "paris" in shown["answer"].lower(), shown
+    assert "first words after" in shown["latency"]
+    assert shutil.which("chromium") or Path(CHROMIUM).exists()
