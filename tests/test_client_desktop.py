@@ -20,13 +20,6 @@ from tests.conftest import CLIENT_TIMEOUT_S, free_loopback_port
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_backend(tiny_qwen_dir):
-    from assistant.backends.qwen_audio import QwenAudioBackend
-
-    return QwenAudioBackend.from_checkpoint(tiny_qwen_dir, device="cpu", dtype="float32")
-
-
 def _cfg(tiny_qwen_dir, port: int = 0, token: str = ""):
     overrides = {
         "server.port": port,
@@ -60,9 +53,9 @@ async def run_desktop(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_wav_mode_with_server_vad_prints_states_and_the_answer(tiny_qwen_dir, tiny_backend, question_wav):
+async def test_wav_mode_with_server_vad_prints_states_and_the_answer(tiny_qwen_dir, server_tiny_backend, question_wav):
     cfg = _cfg(tiny_qwen_dir, token="s3cret")
-    async with running_server(cfg, backend=tiny_backend) as server:
+    async with running_server(cfg, backend=server_tiny_backend) as server:
         rc, out, err = await run_desktop("--url", server.ws_url, "--token", "s3cret", "--wav", str(question_wav))
     assert rc == 0, err
     lines = out.splitlines()
@@ -72,16 +65,16 @@ async def test_wav_mode_with_server_vad_prints_states_and_the_answer(tiny_qwen_d
     assert any(ln.startswith("[") and ("server" in ln or "incomplete" in ln) for ln in lines), out
 
 
-async def test_wav_mode_push_to_talk_commits_and_asks(tiny_qwen_dir, tiny_backend, question_wav):
-    async with running_server(_cfg(tiny_qwen_dir), backend=tiny_backend) as server:
+async def test_wav_mode_push_to_talk_commits_and_asks(tiny_qwen_dir, server_tiny_backend, question_wav):
+    async with running_server(_cfg(tiny_qwen_dir), backend=server_tiny_backend) as server:
         rc, out, err = await run_desktop("--url", server.ws_url, "--wav", str(question_wav), "--push-to-talk")
     assert rc == 0, err
     assert "[speech]" not in out  # no server VAD in push-to-talk
     assert "[thinking]" in out and out.rstrip().endswith("[listening]")
 
 
-async def test_wrong_token_is_reported_after_the_retries(tiny_qwen_dir, tiny_backend, question_wav):
-    async with running_server(_cfg(tiny_qwen_dir, token="right"), backend=tiny_backend) as server:
+async def test_wrong_token_is_reported_after_the_retries(tiny_qwen_dir, server_tiny_backend, question_wav):
+    async with running_server(_cfg(tiny_qwen_dir, token="right"), backend=server_tiny_backend) as server:
         rc, _, err = await run_desktop(
             "--url", server.ws_url, "--token", "wrong", "--wav", str(question_wav), "--max-retries", "1"
         )
@@ -89,13 +82,13 @@ async def test_wrong_token_is_reported_after_the_retries(tiny_qwen_dir, tiny_bac
     assert "retrying" in err and "cannot reach the server" in err
 
 
-async def test_reconnects_with_backoff_until_the_server_is_up(tiny_qwen_dir, tiny_backend, question_wav):
+async def test_reconnects_with_backoff_until_the_server_is_up(tiny_qwen_dir, server_tiny_backend, question_wav):
     port = free_loopback_port()
     url = f"ws://127.0.0.1:{port}/v1/realtime"
     args = ("--url", url, "--wav", str(question_wav), "--speed", "4", "--reconnect-initial-s", "0.2")
     client = asyncio.create_task(run_desktop(*args, "--reconnect-max-s", "0.5", "--quiet"))
     await asyncio.sleep(1.0)  # the client finds nothing listening and backs off (no upper bound is asserted)
-    async with running_server(_cfg(tiny_qwen_dir, port=port), backend=tiny_backend):
+    async with running_server(_cfg(tiny_qwen_dir, port=port), backend=server_tiny_backend):
         rc, out, err = await client
     assert rc == 0, err
     assert "server unavailable" in err and "retrying in 0.2 s" in err

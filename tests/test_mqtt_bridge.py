@@ -60,13 +60,6 @@ async def test_outbox_drops_oldest_and_counts_per_device() -> None:
 
 
 # ---- against a real broker -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_backend(tiny_qwen_dir):
-    from assistant.backends.qwen_audio import QwenAudioBackend
-
-    return QwenAudioBackend.from_checkpoint(tiny_qwen_dir, device="cpu", dtype="float32")
-
-
 def _cfg(tiny_qwen_dir, broker_url: str, **extra: Any):
     overrides = {
         "server.port": 0,
@@ -157,11 +150,11 @@ def _answered(events: list[dict[str, Any]], n: int = 1) -> bool:
 
 
 async def test_spoken_question_from_device_client_answered_on_events_topic(
-    mosquitto, tiny_qwen_dir, tiny_backend, question_wav, capsys
+    mosquitto, tiny_qwen_dir, server_tiny_backend, question_wav, capsys
 ) -> None:
     cfg = _cfg(tiny_qwen_dir, mosquitto.url)
     async with Watcher(mosquitto.url) as w:
-        async with bridge(cfg, tiny_backend):
+        async with bridge(cfg, server_tiny_backend):
             await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
             assert await ask_by_device(mosquitto.url, "kitchen", question_wav) == 0
             await w.wait_for(lambda: _answered(w.events["kitchen"]), "response.done on kitchen/events")
@@ -183,11 +176,11 @@ async def test_spoken_question_from_device_client_answered_on_events_topic(
 
 
 async def test_broker_restart_mid_session_resumes_the_session(
-    mosquitto, tiny_qwen_dir, tiny_backend, question_wav, caplog
+    mosquitto, tiny_qwen_dir, server_tiny_backend, question_wav, caplog
 ) -> None:
     caplog.set_level(logging.INFO, logger="assistant.mqtt")
     cfg = _cfg(tiny_qwen_dir, mosquitto.url)
-    async with bridge(cfg, tiny_backend) as server:
+    async with bridge(cfg, server_tiny_backend) as server:
         async with Watcher(mosquitto.url) as w:
             assert await ask_by_device(mosquitto.url, "hall", question_wav) == 0
             await w.wait_for(lambda: _answered(w.events["hall"]), "the first answer")
@@ -212,9 +205,11 @@ async def test_broker_restart_mid_session_resumes_the_session(
     assert "back after" in caplog.text and "resuming 1 device session" in caplog.text
 
 
-async def test_two_devices_at_once_get_their_own_sessions(mosquitto, tiny_qwen_dir, tiny_backend, question_wav) -> None:
+async def test_two_devices_at_once_get_their_own_sessions(
+    mosquitto, tiny_qwen_dir, server_tiny_backend, question_wav
+) -> None:
     cfg = _cfg(tiny_qwen_dir, mosquitto.url)
-    async with bridge(cfg, tiny_backend), Watcher(mosquitto.url) as w:
+    async with bridge(cfg, server_tiny_backend), Watcher(mosquitto.url) as w:
         rcs = await asyncio.gather(
             ask_by_device(mosquitto.url, "den", question_wav), ask_by_device(mosquitto.url, "loft", question_wav)
         )
@@ -227,13 +222,39 @@ async def test_two_devices_at_once_get_their_own_sessions(mosquitto, tiny_qwen_d
         assert w.types(device).count("response.created") == w.types(device).count("response.done")
 
 
-async def test_device_over_the_session_limit_gets_server_busy(mosquitto, tiny_qwen_dir, tiny_backend) -> None:
+async def test_device_over_the_session_limit_gets_server_busy(mosquitto, tiny_qwen_dir, server_tiny_backend) -> None:
     cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"server.max_sessions": 1})
     hello = json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}})
-    async with bridge(cfg, tiny_backend), Watcher(mosquitto.url) as w:
+    async with bridge(cfg, server_tiny_backend), Watcher(mosquitto.url) as w:
         await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
         await w.client.publish(f"{PREFIX}/first/control", hello, qos=1)
         await w.wait_for(lambda: "session.updated" in w.types("first"), "the first device's session")
         await w.client.publish(f"{PREFIX}/second/control", hello, qos=1)
         await w.wait_for(lambda: "error" in w.types("second"), "server_busy for the second device")
     assert w.events["second"][0]["error"]["code"] == "server_busy"
+
+
+@pytest.mark.slow
+async def test_spoken_question_answered_right_with_the_embedded_model(
+    mosquitto, embedded_backend, question_wav
+) -> None:
+    """The real model behind the bridge: the device asks 'What is the capital of France?', the answer says Paris."""
+    cfg = load_config(
+        overrides={
+            "server.port": 0,
+            "generation.greedy": True,
+            "generation.max_new_tokens": 48,
+            "mqtt.url": mosquitto.url,
+        }
+    )
+    async with bridge(cfg, embedded_backend), Watcher(mosquitto.url) as w:
+        await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
+        assert await ask_by_device(mosquitto.url, "speaker", question_wav) == 0
+        await w.wait_for(lambda: _answered(w.events["speaker"]), "the answer on speaker/events")
+    transcripts = [e["transcript"] for e in w.events["speaker"] if e["type"].endswith("transcription.completed")]
+    assert "france" in " ".join(transcripts).lower()
+    answer = "".join(e["delta"] for e in w.events["speaker"] if e["type"] == "response.output_text.delta")
+    assert "paris" in answer.lower(), answer
+    done = [e for e in w.events["speaker"] if e["type"] == "response.done"][0]
+    assert done["response"]["status"] == "completed"
+    assert done["response"]["output"][0]["content"][0]["text"] == answer.strip()
