@@ -140,6 +140,17 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             f.write(np.ascontiguousarray(tensors[name], dtype="<u2").tobytes())
 
 
+def config_for(case: str = "tiny", overrides: dict | None = None) -> dict:
+    cfg = copy.deepcopy(BASE_CONFIG)
+    cfg["seq_length"] = CASE_SEQ_LENGTH[case]
+    for k, v in (overrides or {}).items():
+        if k == "audio":
+            cfg["audio"].update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
 def write_checkpoint(
     out_dir: str | Path,
     case: str = "tiny",
@@ -150,13 +161,7 @@ def write_checkpoint(
     """Write a checkpoint dir; `shards > 1` splits the tensors round-robin over indexed shard files."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = copy.deepcopy(BASE_CONFIG)
-    cfg["seq_length"] = CASE_SEQ_LENGTH[case]
-    for k, v in (overrides or {}).items():
-        if k == "audio":
-            cfg["audio"].update(v)
-        else:
-            cfg[k] = v
+    cfg = config_for(case, overrides)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     shutil.copyfile(find_tiktoken_file(None), out / "qwen.tiktoken")

@@ -67,6 +67,11 @@ class QwenAudioBackend:
         turn_instruction: str = DEFAULT_TURN_INSTRUCTION,
     ) -> QwenAudioBackend:
         root = Path(path)
+        if not root.is_dir():
+            raise CheckpointError(
+                f"checkpoint: expected a Qwen-Audio(-Chat) checkpoint directory, {root} is not one "
+                "(set model.path or --model)"
+            )
         config = read_json(root / "config.json", "Qwen-Audio config")
         if "audio" not in config:
             raise CheckpointError(
