@@ -170,23 +170,40 @@ class QWenLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
         return emb.cos(), emb.sin()
 
-    def _rope_q_k(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, alphas: list[float] | float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q, k [H, N, D] at `positions` [N] (one alpha, or one per row when decoding), then apply logn."""
+    def _position_terms(
+        self, positions: torch.Tensor, alphas: list[float] | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """cos, sin [N, D] and the logn factor [N] (None when off) for `positions` [N]: one alpha for all rows
+        (prefill) or one per row (batched decode). Computed once per forward pass, shared by every layer."""
         if isinstance(alphas, float):
             cos, sin = self._rotary(positions, alphas)
         else:
             parts = [self._rotary(positions[i : i + 1], a) for i, a in enumerate(alphas)]
             cos, sin = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        logn = None
+        if self.cfg.use_logn_attn:
+            last = int(positions.max())
+            if last >= MAX_POSITIONS:
+                raise ValueError(
+                    f"position {last} is past the QWen context limit {MAX_POSITIONS}: start a new conversation"
+                )
+            if self._logn.device != self.device:
+                self._logn = self._logn.to(self.device)
+            logn = self._logn[positions]
+        return cos, sin, logn
+
+    @staticmethod
+    def _rope_q_k(
+        q: torch.Tensor, k: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q, k [H, N, D] in float32 (rotate-half), then scale q by logn; back in the input dtype."""
+        cos, sin, logn = terms
         qf, kf = q.float(), k.float()
         qf = qf * cos + rotate_half(qf) * sin
         kf = kf * cos + rotate_half(kf) * sin
         q, k = qf.to(q.dtype), kf.to(k.dtype)
-        if self.cfg.use_logn_attn:
-            if int(positions.max()) >= MAX_POSITIONS:
-                raise ValueError(f"position {int(positions.max())} is past the QWen context limit {MAX_POSITIONS}")
-            q = q * self._logn.to(q.device)[positions].to(q.dtype)[None, :, None]
+        if logn is not None:
+            q = q * logn.to(q.dtype)[None, :, None]
         return q, k
 
     # -- forward passes --------------------------------------------------------------------------------------
@@ -200,10 +217,11 @@ class QWenLM(nn.Module):
         positions = torch.arange(past, past + t, device=self.device)
         # New token i (absolute past+i) sees keys 0..past+i: [T, past+T] boolean, True = attend.
         mask = torch.ones(t, past + t, dtype=torch.bool, device=self.device).tril(diagonal=past)
+        terms = self._position_terms(positions, float(cache.rope_alpha))
         h = x.to(self.dtype)
         for li, block in enumerate(self.transformer.h):
             q, k, v = block.attn.qkv(block.ln_1(h))
-            q, k = self._rope_q_k(q, k, positions, cache.rope_alpha)
+            q, k = self._rope_q_k(q, k, terms)
             keys, values = cache.write(li, k, v)  # [H, past+T, D]
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [H, T, D]
             h = h + block.attn.c_proj(a.transpose(0, 1).reshape(t, -1))
@@ -228,10 +246,11 @@ class QWenLM(nn.Module):
         # Row i attends to its own keys 0..lengths[i]: [B, 1, 1, n_max], True = attend.
         mask = torch.arange(n_max, device=self.device)[None, :] <= positions[:, None]
         mask = mask[:, None, None, :]
+        terms = self._position_terms(positions, alphas)
         h = x.to(self.dtype)
         for li, block in enumerate(self.transformer.h):
             q, k, v = block.attn.qkv(block.ln_1(h))  # [H, B, D]
-            q, k = self._rope_q_k(q, k, positions, alphas)
+            q, k = self._rope_q_k(q, k, terms)
             if b == 1:
                 keys, values = caches[0].write(li, k, v)
                 a = F.scaled_dot_product_attention(q, keys, values)  # [H, 1, D]
