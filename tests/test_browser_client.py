@@ -29,10 +29,10 @@ INSECURE_HOST = "insecure.test"  # mapped to 127.0.0.1 by a resolver rule: same 
 
 @pytest.fixture(scope="module")
 def mic_wav(question_wav, tmp_path_factory) -> Path:
-    """The question at 16 kHz with 0.5 s silence before and 3 s after: Chromium loops the file, so the pause after
-    the question ends each turn cleanly."""
+    """The question at 16 kHz with 0.5 s silence before and 60 s after. Chromium loops the file: the long pause ends
+    the turn and keeps the question's next repetition from barging in (cancelling) while the answer streams."""
     out = tmp_path_factory.mktemp("mic") / "mic.wav"
-    cmd = ["sox", str(question_wav), "-r", "16000", "-c", "1", "-b", "16", str(out), "pad", "0.5", "3"]
+    cmd = ["sox", str(question_wav), "-r", "16000", "-c", "1", "-b", "16", str(out), "pad", "0.5", "60"]
     subprocess.run(cmd, check=True, timeout=CLIENT_TIMEOUT_S)
     return out
 

@@ -11,7 +11,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
+import ssl
+import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -22,6 +26,8 @@ from assistant.mqtt_bridge import Outbox, Topics, parse_mqtt_url, run_mqtt_bridg
 from assistant.server.app import running_server
 from clients import mqtt as device_client
 from tests.conftest import CLIENT_TIMEOUT_S
+
+REPO = Path(__file__).resolve().parent.parent
 
 PREFIX = "assistant"
 
@@ -90,9 +96,9 @@ async def bridge(cfg, backend):
 class Watcher:
     """A separate MQTT client that records every device's server events and the bridge status."""
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, **client_options: Any) -> None:
         b = parse_mqtt_url(broker_url)
-        self.client = aiomqtt.Client(b.host, b.port)
+        self.client = aiomqtt.Client(b.host, b.port, **client_options)
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.status: list[str] = []
         self._changed = asyncio.Event()
@@ -136,11 +142,11 @@ class Watcher:
         return [e["type"] for e in self.events[device]]
 
 
-async def ask_by_device(broker_url: str, device: str, wav) -> int:
+async def ask_by_device(broker_url: str, device: str, wav, *extra: str) -> int:
     """The device client, in process: streams the WAV (4x real time) and returns once the answer is done."""
     args = device_client.build_parser().parse_args(
         ["--broker", broker_url, "--device", device, "--wav", str(wav), "--speed", "4", "--quiet"]
-        + ["--wait-s", str(CLIENT_TIMEOUT_S), "--max-retries", "20", "--reconnect-max-s", "0.5"]
+        + ["--wait-s", str(CLIENT_TIMEOUT_S), "--max-retries", "20", "--reconnect-max-s", "0.5", *extra]
     )
     return await asyncio.wait_for(device_client.run(args), CLIENT_TIMEOUT_S)
 
@@ -258,3 +264,65 @@ async def test_spoken_question_answered_right_with_the_embedded_model(
     done = [e for e in w.events["speaker"] if e["type"] == "response.done"][0]
     assert done["response"]["status"] == "completed"
     assert done["response"]["output"][0]["content"][0]["text"] == answer.strip()
+
+
+async def test_credentials_and_tls_come_from_the_config(
+    secure_mosquitto, tiny_qwen_dir, server_tiny_backend, question_wav, caplog
+) -> None:
+    broker = secure_mosquitto
+    tls = ssl.create_default_context(cafile=broker.ca_file)
+    creds = {"mqtt.username": "bridge", "mqtt.password": "bridge-pw", "mqtt.ca_file": broker.ca_file}
+    async with Watcher(broker.url, username="device", password="device-pw", tls_context=tls) as w:
+        async with bridge(_cfg(tiny_qwen_dir, broker.url, **creds), server_tiny_backend):
+            await w.wait_for(lambda: "online" in w.status, "the bridge online over TLS with its password")
+            device_auth = ("--username", "device", "--password", "device-pw", "--ca-file", broker.ca_file)
+            assert await ask_by_device(broker.url, "porch", question_wav, *device_auth) == 0
+            await w.wait_for(lambda: _answered(w.events["porch"]), "the answer over TLS")
+        # A wrong password is refused by the broker: the bridge says so and keeps retrying, it does not crash.
+        caplog.set_level(logging.INFO, logger="assistant.mqtt")
+        wrong = {**creds, "mqtt.password": "nope"}
+        async with bridge(_cfg(tiny_qwen_dir, broker.url, **wrong), server_tiny_backend):
+
+            async def refused_twice() -> None:
+                while caplog.text.count("unavailable") < 2:
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(refused_twice(), CLIENT_TIMEOUT_S)
+        assert "not authorized" in caplog.text.lower() or "bad user name or password" in caplog.text.lower()
+
+
+async def test_idle_device_sessions_are_closed(mosquitto, tiny_qwen_dir, server_tiny_backend) -> None:
+    cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"server.idle_timeout_s": 1.0})
+    hello = json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}})
+    async with bridge(cfg, server_tiny_backend) as server, Watcher(mosquitto.url) as w:
+        await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
+        await w.client.publish(f"{PREFIX}/attic/control", hello, qos=1)
+        await w.wait_for(lambda: "session.updated" in w.types("attic"), "the device's session")
+        assert len(server.hub.sessions) == 1
+
+        async def closed() -> None:
+            while server.hub.sessions:
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(closed(), CLIENT_TIMEOUT_S)
+
+
+async def test_serve_with_mqtt_flag_bridges_devices_and_goes_offline_on_sigint(
+    mosquitto, tiny_qwen_dir, question_wav, tmp_path
+) -> None:
+    """`python -m assistant serve --mqtt URL` end to end: online, a device's question answered, offline on Ctrl-C."""
+    config = tmp_path / "server.toml"
+    config.write_text("[generation]\ngreedy = true\nmax_new_tokens = 8\n")
+    cmd = [sys.executable, "-m", "assistant", "--config", str(config), "serve", "--port", "0"]
+    cmd += ["--model", str(tiny_qwen_dir), "--mqtt", mosquitto.url]
+    async with Watcher(mosquitto.url) as w:
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=None)
+        try:
+            await w.wait_for(lambda: "online" in w.status, "'online' from the serve process")
+            assert await ask_by_device(mosquitto.url, "garage", question_wav) == 0
+            await w.wait_for(lambda: _answered(w.events["garage"]), "the answer from the serve process")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            rc = await asyncio.wait_for(proc.wait(), CLIENT_TIMEOUT_S)
+        assert rc == 0
+        await w.wait_for(lambda: w.status[-1] == "offline", "'offline' after Ctrl-C")
