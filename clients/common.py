@@ -81,6 +81,14 @@ class TurnView:
     _line_open: bool = False
     _answer: str = ""
 
+    def new_connection(self) -> None:
+        """A (re)connection: responses in flight on the old one will never send their response.done to us."""
+        self._close_line()
+        self.active_responses = 0
+        self._turn_end_s = None
+        self._first_delta_seen = False
+        self.state = "connecting"
+
     def mark_turn_end(self) -> None:
         """The user's turn ended on the client side (push-to-talk release); latency counts from here."""
         self._turn_end_s = self.clock()

@@ -44,6 +44,7 @@ async def _converse(ws: ClientConnection, view: TurnView, args: argparse.Namespa
     async def send_event(event: dict[str, Any]) -> None:
         await ws.send(json.dumps(event))
 
+    view.new_connection()
     rate_hz = source.rate_hz if isinstance(source, Microphone) else INPUT_RATE_HZ
     await send_event(session_update(rate_hz, push_to_talk=args.push_to_talk))
     receiver = asyncio.create_task(_receive(ws, view), name="receive")

@@ -88,6 +88,7 @@ async def _converse(client: aiomqtt.Client, view: TurnView, args: argparse.Names
         await client.publish(f"{topic}/audio", chunk, qos=AUDIO_QOS)
 
     await client.subscribe(f"{topic}/events", qos=1)
+    view.new_connection()
     rate_hz = source.rate_hz if isinstance(source, Microphone) else INPUT_RATE_HZ
     if args.reset:
         await send_event({"type": "conversation.reset"})

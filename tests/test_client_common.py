@@ -167,3 +167,17 @@ async def test_wav_conversation_gives_up_when_nothing_answers() -> None:
     opts = WavOptions(speed=100.0, tail_ms=100, wait_s=0.2)
     with pytest.raises(NoAnswer, match="no answer within"):
         await wav_conversation(ignore, ignore, TurnView(out=io.StringIO()), silence(100), opts)
+
+
+def test_new_connection_forgets_responses_of_the_lost_connection() -> None:
+    out = io.StringIO()
+    view = TurnView(out=out, show_state=False)
+    view.handle({"type": "response.created", "response": {"id": "r1"}})
+    view.handle({"type": "response.output_text.delta", "delta": "half an ans"})
+    view.new_connection()  # the server went away mid-answer: its response.done will never come
+    assert view.active_responses == 0 and view.state == "connecting"
+    view.handle({"type": "response.created", "response": {"id": "r2"}})
+    view.handle({"type": "response.output_text.delta", "delta": "whole"})
+    view.handle({"type": "response.done", "response": {"id": "r2"}})
+    assert out.getvalue() == "assistant: half an ans\nassistant: whole\n"
+    assert view.active_responses == 0 and view.responses_done == 1

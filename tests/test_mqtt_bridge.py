@@ -209,6 +209,7 @@ async def test_broker_restart_mid_session_resumes_the_session(
             assert updated[0]["session"]["id"] == session_id
         assert len(server.hub.sessions) == 1
     assert "back after" in caplog.text and "resuming 1 device session" in caplog.text
+    assert "lost: any audio and control events devices published during the" in caplog.text
 
 
 async def test_two_devices_at_once_get_their_own_sessions(
