@@ -1,0 +1,52 @@
+"""Helpers for engineer D's server tests: synthetic voiced audio, event receiving with one timeout constant."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import numpy as np
+
+TIMEOUT_S = 120.0  # the one bound every wait in the server tests derives from (the machine is shared and slow)
+
+
+def vowel(ms: int, rate_hz: int = 16000, f0_hz: float = 140.0, amplitude: int = 12000) -> np.ndarray:
+    """Harmonic-rich, syllable-modulated tone: webrtcvad classifies every frame of it as speech."""
+    t = np.arange(rate_hz * ms // 1000) / rate_hz
+    harmonics = [k for k in range(1, 25) if f0_hz * k < rate_hz / 2]
+    sig = sum((1.0 / k) * np.sin(2 * np.pi * f0_hz * k * t) for k in harmonics)
+    envelope = 0.6 + 0.4 * np.sin(2 * np.pi * 4.0 * t)
+    return (sig * envelope / np.abs(sig).max() * amplitude).astype(np.int16)
+
+
+def silence(ms: int, rate_hz: int = 16000) -> np.ndarray:
+    return np.zeros(rate_hz * ms // 1000, dtype=np.int16)
+
+
+def chunks(pcm: np.ndarray, rate_hz: int = 16000, chunk_ms: int = 20) -> list[bytes]:
+    n = rate_hz * chunk_ms // 1000
+    return [pcm[i : i + n].astype("<i2").tobytes() for i in range(0, len(pcm), n)]
+
+
+def b64(pcm: np.ndarray) -> str:
+    return base64.b64encode(pcm.astype("<i2").tobytes()).decode()
+
+
+async def recv_event(ws: Any) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
+
+
+async def recv_until(ws: Any, etype: str, log: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Receive events until one of type `etype`; every received event is appended to `log`."""
+    while True:
+        ev = await recv_event(ws)
+        if log is not None:
+            log.append(ev)
+        if ev["type"] == etype:
+            return ev
+
+
+async def send_json(ws: Any, obj: dict[str, Any]) -> None:
+    await ws.send(json.dumps(obj))
