@@ -85,13 +85,19 @@ async def test_wrong_token_is_reported_after_the_retries(tiny_qwen_dir, server_t
 async def test_reconnects_with_backoff_until_the_server_is_up(tiny_qwen_dir, server_tiny_backend, question_wav):
     port = free_loopback_port()
     url = f"ws://127.0.0.1:{port}/v1/realtime"
-    args = ("--url", url, "--wav", str(question_wav), "--speed", "4", "--reconnect-initial-s", "0.2")
-    client = asyncio.create_task(run_desktop(*args, "--reconnect-max-s", "0.5", "--quiet"))
-    await asyncio.sleep(1.0)  # the client finds nothing listening and backs off (no upper bound is asserted)
+    args = ["--url", url, "--wav", str(question_wav), "--speed", "4", "--quiet"]
+    args += ["--reconnect-initial-s", "0.2", "--reconnect-max-s", "0.5"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clients.desktop", *args, cwd=REPO, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    first = await asyncio.wait_for(proc.stderr.readline(), CLIENT_TIMEOUT_S)  # nothing listens yet: it backs off
+    assert "server unavailable" in first.decode() and "retrying in 0.2 s" in first.decode()
     async with running_server(_cfg(tiny_qwen_dir, port=port), backend=server_tiny_backend):
-        rc, out, err = await client
-    assert rc == 0, err
-    assert "server unavailable" in err and "retrying in 0.2 s" in err
+        out, err = await asyncio.wait_for(proc.communicate(), CLIENT_TIMEOUT_S)
+    assert proc.returncode == 0, err.decode()
+    assert "[listening]" not in out.decode()  # --quiet: only transcripts and answers, no state lines
 
 
 async def test_no_microphone_is_said_plainly():
