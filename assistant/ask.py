@@ -39,7 +39,9 @@ def run_ask(cfg: Config, audio: str | None = None, text: str | None = None, as_j
 
     backend = load_backend(cfg)
     try:
-        [turn] = backend.prepare([Utterance(key="ask_1", audio=samples, text=text)], [1])
+        # The file path names the audio span, as in the reference web demo (`Audio 1: <audio>{path}</audio>`).
+        key = audio if audio and not any(c in audio for c in "<>") else "ask_1"
+        [turn] = backend.prepare([Utterance(key=key, audio=samples, text=text)], [1])
     except ValueError as e:  # e.g. AudioTooShort
         print(f"error: {e}", file=sys.stderr)
         return 2

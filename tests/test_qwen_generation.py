@@ -127,3 +127,18 @@ def test_ask_streams_text_and_reports_bad_audio(tiny_qwen_dir, tmp_path):
     soundfile.write(short, [0.0] * 100, 16000, subtype="PCM_16")
     r = run_ask("--model", str(tiny_qwen_dir), "--audio", str(short), "--json")
     assert r.returncode == 2 and "at least 480 samples" in r.stderr
+
+
+@pytest.mark.slow  # real embedded weights (prepared cache) and espeak-ng
+def test_ask_on_the_embedded_backend_answers_a_spoken_question(tmp_path):
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: install Debian's espeak-ng (make system-deps)")
+    wav = tmp_path / "q.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "What is the capital of France?"], check=True, timeout=ASK_TIMEOUT_S)
+    r = run_ask("--model", "embedded", "--audio", str(wav), "--greedy", "--max-new-tokens", "24", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["backend"] == "embedded" and "france" in out["transcript"].lower()
+    assert "Paris" in out["text"] and out["output_token_ids"]
