@@ -183,6 +183,7 @@ class MqttBridge:
         self.devices: dict[str, Device] = {}
         self.outbox = Outbox(cfg.server.send_queue_events * max(1, cfg.server.max_sessions))
         self._refused_at_s: dict[str, float] = {}
+        self._ever_connected = False
         self._lost_at_s: float | None = None  # when the broker connection went away
         self._snapshot: dict[str, tuple[bool, int]] = {}  # device -> (in_speech, active_responses) at that moment
 
@@ -238,6 +239,7 @@ class MqttBridge:
         await client.publish(self.topics.status, b"online", qos=1, retain=True)
         CONNECTED.set(1)
         where = f"{self.broker.host}:{self.broker.port}"
+        self._ever_connected = True
         if self._lost_at_s is None:
             log.info(
                 "MQTT bridge online at %s (client id %s, topics %s/+/...)", where, self.client_id, self.topics.prefix
@@ -257,6 +259,9 @@ class MqttBridge:
         self._lost_at_s = None
 
     def _on_lost(self, error: Exception) -> None:
+        if not self._ever_connected:
+            log.warning("cannot reach the MQTT broker %s:%d (%s)", self.broker.host, self.broker.port, error)
+            return
         if self._lost_at_s is None:
             self._lost_at_s = time.monotonic()
             self._snapshot = {d.device_id: (d.in_speech, d.active_responses) for d in self.devices.values()}

@@ -285,7 +285,7 @@ async def test_credentials_and_tls_come_from_the_config(
         async with bridge(_cfg(tiny_qwen_dir, broker.url, **wrong), server_tiny_backend):
 
             async def refused_twice() -> None:
-                while caplog.text.count("unavailable") < 2:
+                while caplog.text.count("cannot reach the MQTT broker") < 2:
                     await asyncio.sleep(0.05)
 
             await asyncio.wait_for(refused_twice(), CLIENT_TIMEOUT_S)
