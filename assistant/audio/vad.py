@@ -7,7 +7,7 @@ since the segmenter's `stream_offset_ms`), so results do not depend on how fast 
 States: idle -> pending -> speech -> idle.
 - idle: the last `prefix_padding_ms` of audio is kept in a ring (the pre-roll, so a turn keeps its first syllable).
 - pending: a voiced frame (webrtcvad, `aggressiveness` 0-3) opened a candidate. It becomes speech once it holds
-  `min_speech_ms` of voiced frames and at least half of its frames are voiced; a gap of `PENDING_GAP_MS` unvoiced
+  `min_speech_ms` of voiced frames and at least half of its frames are voiced; `PENDING_GAP_MS` (150) of unvoiced
   audio first drops it (clicks, coughs and sparse noise never become turns).
 - speech: `SpeechStarted(audio_start_ms)` was emitted (the onset, i.e. the first voiced frame). `silence_duration_ms`
   of unvoiced audio ends the turn: `SpeechStopped(audio_end_ms)` (end of the last voiced frame) and `Committed` with
@@ -25,8 +25,9 @@ import webrtcvad
 
 SAMPLE_RATE_HZ = 16000
 FRAME_MS_CHOICES = (10, 20, 30)
-# Gaps inside words and between syllables are well under 300 ms; a candidate interrupted longer was not speech.
-PENDING_GAP_MS = 300
+# A candidate (not yet speech) interrupted by this much unvoiced audio is dropped: webrtcvad's own hangover already
+# bridges the short gaps between syllables, while a click or cough followed by a pause must not add up with the next.
+PENDING_GAP_MS = 150
 MAX_UTTERANCE_LIMIT_MS = 30000
 
 
@@ -153,6 +154,19 @@ class VadSegmenter:
 
     def _step(self, frame: np.ndarray, voiced: bool) -> list[VadEvent]:
         p = self.params
+        forced: list[VadEvent] = []
+        max_samples = p.max_utterance_ms * SAMPLE_RATE_HZ // 1000
+        if self._state != _IDLE and self._pos + len(frame) - self._seg_start > max_samples:
+            # This frame would push the turn past max_utterance_ms: cut before it (the turn fits one audio window);
+            # the frame then opens the next turn. A pending candidate this long is dropped, not committed.
+            was_speech = self._state == _SPEECH
+            committed = self._commit(self._pos, forced=True)
+            self._ring.clear()
+            forced = [SpeechStopped(self._ms(self._pos)), committed] if was_speech else []
+        return forced + self._advance(frame, voiced)
+
+    def _advance(self, frame: np.ndarray, voiced: bool) -> list[VadEvent]:
+        p = self.params
         start = self._pos
         self._pos += len(frame)
         if self._state == _IDLE:
@@ -187,8 +201,6 @@ class VadSegmenter:
             end = min(self._pos, self._last_voiced_end + pad)
             stopped = SpeechStopped(self._ms(self._last_voiced_end))
             return [stopped, self._commit(end, forced=False)]
-        if (self._pos - self._seg_start) * 1000 >= p.max_utterance_ms * SAMPLE_RATE_HZ:
-            return [SpeechStopped(self._ms(self._pos)), self._commit(self._pos, forced=True)]
         return []
 
     def _maybe_confirm(self) -> list[VadEvent]:
