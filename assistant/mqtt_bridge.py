@@ -45,7 +45,8 @@ EVENTS_QOS = 1  # server events must arrive (at least once)
 MQTT_OP_TIMEOUT_S = 10.0  # one subscribe/publish round trip to the broker
 IDLE_SWEEP_S = 5.0  # how often silent device sessions are looked for
 BUSY_REPLY_INTERVAL_S = 5.0  # a refused device gets one server_busy error per interval, not one per audio chunk
-# The broker queues incoming messages for us in aiomqtt; beyond this many paho drops new ones (and logs it).
+# Device messages waiting for the receive loop (~3 min of one device's 20 ms audio chunks). When full, aiomqtt
+# discards the NEWEST message and logs "Message queue is full" under assistant.mqtt.client.
 MAX_QUEUED_INCOMING = 10000
 
 CONNECTED = Gauge("assistant_mqtt_connected", "1 while the MQTT bridge is connected to its broker")
@@ -232,6 +233,7 @@ class MqttBridge:
             tls_context=tls_context,
             timeout=MQTT_OP_TIMEOUT_S,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+            logger=logging.getLogger("assistant.mqtt.client"),
         )
 
     async def _on_connected(self, client: aiomqtt.Client) -> None:

@@ -160,12 +160,19 @@ async function start() {
   // The context runs at the device's own rate; the worklet downsamples to 16 kHz itself (Firefox refuses to
   // connect a microphone to a context at a different rate, so we do not ask the browser for 16 kHz).
   const context = new AudioContext();
-  await context.audioWorklet.addModule(new URL("./capture-worklet.js", import.meta.url));
-  const source = context.createMediaStreamSource(stream);
-  const capture = new AudioWorkletNode(context, "pcm16-capture", { numberOfInputs: 1, numberOfOutputs: 1 });
-  const mute = context.createGain();
-  mute.gain.value = 0; // the graph must reach the destination to be rendered; we do not want to hear ourselves
-  source.connect(capture).connect(mute).connect(context.destination);
+  let capture;
+  try {
+    await context.audioWorklet.addModule(new URL("./capture-worklet.js", import.meta.url));
+    const source = context.createMediaStreamSource(stream);
+    capture = new AudioWorkletNode(context, "pcm16-capture", { numberOfInputs: 1, numberOfOutputs: 1 });
+    const mute = context.createGain();
+    mute.gain.value = 0; // the graph must reach the destination to be rendered; we do not want to hear ourselves
+    source.connect(capture).connect(mute).connect(context.destination);
+  } catch (err) {
+    stream.getTracks().forEach((t) => t.stop()); // release the microphone: nothing will read it
+    context.close();
+    throw err;
+  }
 
   const token = new URLSearchParams(location.search).get("token");
   const protocols = token ? ["realtime", `openai-insecure-api-key.${token}`] : undefined;
