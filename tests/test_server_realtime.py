@@ -11,6 +11,8 @@ import socket
 import numpy as np
 import pytest
 import websockets
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import TypeAdapter
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from assistant.config import load_config
@@ -114,6 +116,9 @@ async def test_server_vad_full_turn(server):
     assert "conversation.item.input_audio_transcription.completed" not in types  # qwen-audio gives no transcript
     ids = [e["event_id"] for e in log]
     assert len(set(ids)) == len(ids)
+    adapter = TypeAdapter(RealtimeServerEvent)
+    for e in log:
+        assert adapter.validate_python(e, strict=True).type == e["type"]
     await ws.close()
 
 
@@ -365,3 +370,81 @@ def test_protocol_error_codes_documented():
     doc = (Path(__file__).resolve().parent.parent / "PROTOCOL.md").read_text()
     for code in P.ERROR_CODES:
         assert f"`{code}`" in doc, code
+
+
+async def test_serve_cli_sigterm_graceful(tiny_qwen_dir):
+    """`python -m assistant serve --port 0` prints the URL, serves, and on SIGTERM closes sockets (1001), exit 0."""
+    import re
+    import signal
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "assistant", "serve", "--port", "0", "--model", str(tiny_qwen_dir)]
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=repo, stdout=asyncio.subprocess.PIPE, stderr=None)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("Ready"):
+            line = await asyncio.wait_for(proc.stdout.readline(), TIMEOUT_S)
+            assert line, f"serve exited early: {lines}"
+            lines.append(line.decode().strip())
+        url = re.search(r"(ws://127\.0\.0\.1:\d+/v1/realtime)", lines[0]).group(1)
+        ws = await websockets.connect(url)
+        assert (await recv_event(ws))["type"] == "session.created"
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await recv_event(ws)
+        assert ws.close_code == 1001
+        assert await asyncio.wait_for(proc.wait(), TIMEOUT_S) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.slow
+async def test_tls(server_tiny_backend, tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is missing: install Debian's openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cmd = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+    cmd += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=TIMEOUT_S)
+    cfg = make_cfg(**{"server.tls_cert": str(cert), "server.tls_key": str(key)})
+    async with running_server(cfg, backend=server_tiny_backend) as srv:
+        assert srv.ws_url.startswith("wss://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ws = await websockets.connect(srv.ws_url, ssl=ctx)
+        assert (await recv_event(ws))["type"] == "session.created"
+        await ws.close()
+
+
+@pytest.mark.slow
+async def test_spoken_question_end_to_end_embedded(embedded_backend, question_wav):
+    """espeak-ng asks "What is the capital of France?" over binary frames at 16 kHz; server VAD; the answer: Paris."""
+    from assistant.audio.io import load_audio
+
+    cfg = load_config(overrides={"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": 48})
+    pcm = np.round(load_audio(question_wav) * 32768.0).clip(-32768, 32767).astype(np.int16)
+    async with running_server(cfg, backend=embedded_backend) as srv:
+        ws = await connect(srv)
+        await send_json(ws, {"type": "session.update", "session": {"input_sample_rate": 16000}})
+        await recv_until(ws, "session.updated")
+        for frame in chunks(np.concatenate([pcm, silence(1500)])):
+            await ws.send(frame)
+        log = []
+        done = await recv_until(ws, "response.done", log)
+        await ws.close()
+    types = [e["type"] for e in log]
+    assert types.count("input_audio_buffer.committed") == 1, types
+    transcript = next(e for e in log if e["type"] == "conversation.item.input_audio_transcription.completed")
+    assert "capital" in transcript["transcript"].lower() and "france" in transcript["transcript"].lower()
+    assert types.index("conversation.item.input_audio_transcription.completed") < types.index("response.created")
+    answer = done["response"]["output"][0]["content"][0]["text"]
+    assert done["response"]["status"] == "completed" and "paris" in answer.lower(), answer
+    assert set(done["response"]["timings_ms"]) >= {"queue", "encode", "prefill", "first_token", "total"}
