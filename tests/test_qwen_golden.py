@@ -142,3 +142,19 @@ def test_history_window_keeps_newest_exchanges_that_fit(backends):
     assert two.ids[end_of_reply - len(reply_ids) + 1 : end_of_reply + 1] == reply_ids
     zero = b.tokenizer.encode("answer 0")
     assert not any(two.ids[i : i + len(zero)] == zero for i in range(len(two.ids)))
+
+
+@pytest.mark.parametrize("flag", ["use_dynamic_ntk", "use_logn_attn"])
+def test_tiny_ntk_ids_depend_on_ntk_and_logn(tiny_ntk_qwen_dir, tmp_path, flag):
+    """The tiny-ntk case really exercises both: switching either off in config.json changes the greedy ids."""
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_ntk_qwen_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[flag] = False
+    (d / "config.json").write_text(json.dumps(cfg))
+    b = QwenAudioBackend.from_checkpoint(d, device="cpu")
+    _, _, prompt = turn_and_prompt(b, "tiny-ntk")
+    ids = [s.token_id for s in generate_stream(b, prompt, SamplingParams(greedy=True), max_new_tokens=4)]
+    assert ids != golden("tiny-ntk")[0]["greedy"]["output_token_ids"][:4]
