@@ -223,3 +223,24 @@ async def test_ga_spoken_question_embedded(embedded_backend, question_wav):
     assert "france" in transcript["transcript"].lower()
     assert transcript["usage"]["type"] == "duration" and transcript["usage"]["seconds"] > 1.0
     assert "paris" in done["response"]["output"][0]["content"][0]["text"].lower()
+
+
+async def test_typed_user_message_and_metrics(server):
+    """`conversation.item.create` with input_text is a typed turn; the latency histogram sees the response."""
+    import http.client
+
+    log: list = []
+    async with sdk_client(server).realtime.connect(model="qwen-local") as conn:
+        await events_until(conn, "ga", "session.created", log)
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}
+        await conn.conversation.item.create(item=item)
+        added = await events_until(conn, "ga", "conversation.item.added", log)
+        assert added["item"]["content"][0]["text"] == "Hello there"
+        await conn.response.create()
+        done = await events_until(conn, "ga", "response.done", log)
+        assert done["response"]["status"] in ("completed", "incomplete")
+    conn_http = http.client.HTTPConnection(server.host, server.port, timeout=TIMEOUT_S)
+    await asyncio.to_thread(conn_http.request, "GET", "/metrics")
+    body = (await asyncio.to_thread(conn_http.getresponse)).read().decode()
+    count = [ln for ln in body.splitlines() if ln.startswith("assistant_server_commit_to_first_text_seconds_count")]
+    assert count and float(count[0].split()[-1]) >= 1

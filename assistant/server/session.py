@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from assistant.audio.resample import StreamResampler
 from assistant.audio.vad import SAMPLE_RATE_HZ, Committed, SpeechStarted, SpeechStopped, VadSegmenter
@@ -42,6 +43,11 @@ from assistant.server import protocol as P
 log = logging.getLogger("assistant.server")
 
 SESSIONS = Gauge("assistant_server_sessions", "Open realtime sessions (WebSocket and MQTT)")
+FIRST_TEXT_SECONDS = Histogram(
+    "assistant_server_commit_to_first_text_seconds",
+    "Latency seen by the client: end of speech detected (server VAD) or response.create -> first answer text sent",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+)
 CLIENT_ERRORS = Counter("assistant_server_client_errors_total", "Error events sent to clients, by code", ["code"])
 
 JOB_QUEUE_SIZE = 16  # committed turns + response requests waiting per session; overflow -> error server_busy
@@ -138,6 +144,7 @@ class RealtimeSession:
         self._reset_segmenter()
         self._item_id = P.new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
+        self._committed_at: float | None = None  # when the turn now being answered was committed (latency metric)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -326,6 +333,7 @@ class RealtimeSession:
         utt = Utterance(key=item_id, audio=audio.astype(np.float32) / 32768.0)
         if respond:
             self._response_requested = True
+            self._committed_at = time.monotonic()
         self._enqueue(("turn", (utt, respond)), None)
 
     def _clear(self) -> None:
@@ -355,6 +363,7 @@ class RealtimeSession:
             self._error(P.ProtocolError("conversation_already_has_active_response", msg, None, ev.event_id))
             return
         self._response_requested = True
+        self._committed_at = time.monotonic()
         self._enqueue(("respond", ev.max_output_tokens), ev.event_id)
 
     def _cancel(self, ev: P.ResponseCancel) -> None:
@@ -450,6 +459,7 @@ class RealtimeSession:
         finally:
             self._stream = None
             self._response_requested = False
+            self._committed_at = None
 
     async def _relay(self, stream: Any) -> None:
         ev, rid, item_id = self.events, stream.response_id, P.new_id("item")
@@ -462,6 +472,9 @@ class RealtimeSession:
         async for out in stream:
             if isinstance(out, TextDelta):
                 if out.text:
+                    if self._committed_at is not None:
+                        FIRST_TEXT_SECONDS.observe(time.monotonic() - self._committed_at)
+                        self._committed_at = None
                     self._emit(ev.text_event("delta", **where, delta=out.text))
             else:
                 done = out
