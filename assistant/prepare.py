@@ -480,6 +480,10 @@ def ensure_prepared(cfg: Config, force: bool = False) -> PreparedPaths:
     """Paths of the converted LLM and Whisper, preparing them first if needed (the backend calls this)."""
     cache_dir = default_cache_dir(cfg)
     whisper = WHISPER_SOURCES[cfg.embedded.whisper]
+    for source in (QWEN_SOURCE, whisper):  # a missing package fails now, not after a long conversion of the other
+        if force or _manifest_ok(cache_dir / source.name, source) is not None:
+            for part in source.parts + source.extras:
+                locate(part)
     return PreparedPaths(
         llm_dir=prepare_source(QWEN_SOURCE, cache_dir, force), whisper_dir=prepare_source(whisper, cache_dir, force)
     )

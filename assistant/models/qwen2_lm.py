@@ -37,6 +37,23 @@ class Qwen2Dims:
     def head_dim(self) -> int:
         return self.hidden_size // self.n_heads
 
+    def transformers_config(self):
+        """The same dimensions as a transformers `Qwen2Config` (tests and the benchmark compare against it)."""
+        from transformers import Qwen2Config
+
+        return Qwen2Config(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_kv_heads,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tied_embeddings,
+            max_position_embeddings=32768,
+        )
+
     @classmethod
     def from_json(cls, path: Path) -> Qwen2Dims:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))

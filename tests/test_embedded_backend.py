@@ -1,0 +1,107 @@
+"""The embedded backend end to end on the real weights: spoken questions (espeak-ng) answered correctly, a Chinese
+question answered in Chinese, batched transcription, the chatml prompt and its rolling window, and `ask`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from assistant.backends.base import Exchange, PreparedTurn, Utterance
+from bench.embedded_latency import QUESTIONS, correct
+
+pytestmark = pytest.mark.slow
+ASK_TIMEOUT_S = 600.0
+MAX_ANSWER_TOKENS = 48
+
+
+def greedy_answer(backend, turn: PreparedTurn, history: list[Exchange] | None = None) -> str:
+    lm, tok = backend.lm, backend.tokenizer
+    ids = backend.build_prompt(backend.default_system_prompt, history or [], turn, backend.max_window_tokens).ids
+    cache = lm.new_cache()
+    logits = lm.prefill(lm.embed(torch.tensor(ids)), cache)
+    out: list[int] = []
+    for _ in range(MAX_ANSWER_TOKENS):
+        nxt = int(logits[0, : tok.n_valid].argmax())
+        if nxt in tok.stop_ids:
+            break
+        out.append(nxt)
+        logits = lm.decode(lm.embed(torch.tensor([nxt])), [cache])
+    return tok.decode(out).strip()
+
+
+def test_spoken_questions_are_answered_correctly(embedded_backend, embedded_questions):
+    utterances = [Utterance(key=f"q{i}", audio=audio) for i, (_, _, audio) in enumerate(embedded_questions)]
+    turns = embedded_backend.prepare(utterances, list(range(1, len(utterances) + 1)))  # one batch
+    report, ok = [], 0
+    for (question, keywords, _), turn in zip(embedded_questions, turns, strict=True):
+        assert turn.transcript is not None and turn.user_text == turn.transcript and turn.audio_s > 1.0
+        answer = greedy_answer(embedded_backend, turn)
+        good = correct(answer, keywords)
+        ok += good
+        mark = "ok " if good else "BAD"
+        report.append(f"{mark} {question!r} heard {turn.transcript!r} ({turn.language}) -> {answer!r}")
+    print("\n".join(report))
+    assert len(embedded_questions) >= 10
+    assert ok >= 8, "\n".join(report)
+    assert sum(t.language == "en" for t in turns) >= 10
+
+
+def test_batched_transcription_equals_one_at_a_time(embedded_backend, embedded_questions):
+    picks = [embedded_questions[i][2] for i in (0, 4, 6)]
+    batch = embedded_backend.prepare([Utterance(key=f"b{i}", audio=a) for i, a in enumerate(picks)], [1, 2, 3])
+    solo = [embedded_backend.prepare([Utterance(key=f"s{i}", audio=a)], [1])[0] for i, a in enumerate(picks)]
+    assert [t.transcript for t in batch] == [t.transcript for t in solo]
+
+
+def test_chinese_text_question_is_answered_in_chinese(embedded_backend):
+    [turn] = embedded_backend.prepare([Utterance(key="zh", text="请问法国的首都是哪里？")], [1])
+    assert turn.user_text == "请问法国的首都是哪里？" and turn.transcript is None
+    answer = greedy_answer(embedded_backend, turn)
+    cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in answer)
+    assert "巴黎" in answer and cjk >= len(answer.replace(" ", "")) // 2, answer
+
+
+def test_history_is_used_and_window_drops_oldest_first(embedded_backend):
+    b, tok = embedded_backend, embedded_backend.tokenizer
+    history = [
+        Exchange(PreparedTurn(key=f"h{i}", user_text=f"Remember the number {n}."), f"OK, {n}.")
+        for i, n in enumerate((11, 22, 33))
+    ]
+    turn = PreparedTurn(key="t", user_text="Which number did I ask you to remember last?")
+    full = b.build_prompt("SYS", history, turn, 10_000)
+    text = tok.decode(full.ids)
+    expected = "<|im_start|>system\nSYS<|im_end|>\n"
+    for n in (11, 22, 33):
+        expected += f"<|im_start|>user\nRemember the number {n}.<|im_end|>\n<|im_start|>assistant\nOK, {n}.<|im_end|>\n"
+    expected += f"<|im_start|>user\n{turn.user_text}<|im_end|>\n<|im_start|>assistant\n"
+    assert text == expected and full.history_kept == 3
+    per_exchange = (len(full.ids) - len(b.build_prompt("SYS", [], turn, 10_000).ids)) // 3
+    small = b.build_prompt("SYS", history, turn, len(full.ids) - per_exchange)  # room for two of three
+    assert small.history_kept == 2 and "11" not in tok.decode(small.ids) and "33" in tok.decode(small.ids)
+    tiny = b.build_prompt("SYS", history, turn, 1)  # no room at all: system and the question are still there
+    assert tiny.history_kept == 0 and tok.decode(tiny.ids).startswith("<|im_start|>system\nSYS")
+    assert "33" in greedy_answer(b, turn, history)
+
+
+def test_ask_cli_answers_a_wav_without_model_flag(embedded_paths, embedded_questions, tmp_path):
+    from bench.embedded_latency import synthesize
+
+    wav = tmp_path / "q.wav"
+    synthesize(QUESTIONS[0][0], wav)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "assistant", "ask", "--audio", str(wav), "--greedy", "--json", "--max-new-tokens", "40"],
+        capture_output=True,
+        text=True,
+        timeout=ASK_TIMEOUT_S,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "embedded" and "france" in result["transcript"].lower()
+    assert "paris" in result["text"].lower() and result["output_token_ids"]
