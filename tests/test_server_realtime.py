@@ -448,3 +448,22 @@ async def test_spoken_question_end_to_end_embedded(embedded_backend, question_wa
     answer = done["response"]["output"][0]["content"][0]["text"]
     assert done["response"]["status"] == "completed" and "paris" in answer.lower(), answer
     assert set(done["response"]["timings_ms"]) >= {"queue", "encode", "prefill", "first_token", "total"}
+
+
+async def test_barge_in_before_the_answer_started(server):
+    """Speech resuming while the committed turn's audio is still being processed: that answer starts cancelled."""
+    ws = await connect(server)
+    await send_json(ws, {"type": "session.update", "session": {"input_sample_rate": 16000}})
+    await recv_until(ws, "session.updated")
+    # One frame: turn 1, the 600 ms silence that commits it, then turn 2's onset; the server handles it in one go,
+    # before the worker could start turn 1's answer.
+    await ws.send(np.concatenate([vowel(800), silence(700), vowel(800), silence(1000)]).astype("<i2").tobytes())
+    log = []
+    first = await recv_until(ws, "response.done", log)
+    assert first["response"]["status"] == "cancelled"
+    assert first["response"]["status_details"]["reason"] == "turn_detected"
+    second = await recv_until(ws, "response.done", log)
+    assert second["response"]["status"] in ("completed", "incomplete")
+    types = [e["type"] for e in log]
+    assert types.count("input_audio_buffer.committed") == 2 and types.count("response.created") == 2
+    await ws.close()

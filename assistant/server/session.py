@@ -145,6 +145,7 @@ class RealtimeSession:
         self._item_id = P.new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
         self._committed_at: float | None = None  # when the turn now being answered was committed (latency metric)
+        self._cancel_on_start = False  # barge-in arrived before the requested response had started
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -295,8 +296,13 @@ class RealtimeSession:
                     "input_audio_buffer.speech_started", audio_start_ms=vev.audio_start_ms, item_id=self._item_id
                 )
             )
-            if td is not None and td.interrupt_response and self._stream is not None:
-                self._stream.cancel("turn_detected")  # barge-in
+            if td is not None and td.interrupt_response:
+                if self._stream is not None:
+                    self._stream.cancel("turn_detected")  # barge-in
+                elif self._response_requested:
+                    # The answer is still waiting for its turn's audio work: it starts cancelled, so the committed
+                    # turn still ends in exactly one response.done.
+                    self._cancel_on_start = True
         elif isinstance(vev, SpeechStopped):
             self._emit(
                 self.events.event(
@@ -378,6 +384,7 @@ class RealtimeSession:
         while not self._jobs.empty():
             self._jobs.get_nowait()
         self._response_requested = False
+        self._cancel_on_start = False
         self._clear()
         self._last_item_id = None
         self.engine.reset_session(self.id)  # also cancels the outstanding response (it still gets response.done)
@@ -454,6 +461,9 @@ class RealtimeSession:
             self._response_requested = False
             return
         self._stream = stream
+        if self._cancel_on_start:
+            self._cancel_on_start = False
+            stream.cancel("turn_detected")
         try:
             await self._relay(stream)
         finally:
