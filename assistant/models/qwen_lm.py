@@ -233,7 +233,8 @@ class QWenLM(nn.Module):
 
     def decode(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """One token per conversation: x [B, hidden] -> float32 logits [B, vocab]. Caches may differ in length and
-        rope alpha; keys/values are pad-stacked to the longest with a mask, so each row equals its unbatched pass."""
+        rope alpha: rotary uses each row's own alpha and position, attention reads each row's own cache, so each
+        row equals its unbatched pass."""
         b = x.shape[0]
         if b != len(caches):
             raise ValueError(f"decode: expected one cache per row, got {b} rows and {len(caches)} caches")
@@ -242,29 +243,19 @@ class QWenLM(nn.Module):
         lengths = [c.length for c in caches]
         positions = torch.tensor(lengths, device=self.device)
         alphas = [float(c.rope_alpha) for c in caches]
-        n_max = max(lengths) + 1
-        # Row i attends to its own keys 0..lengths[i]: [B, 1, 1, n_max], True = attend.
-        mask = torch.arange(n_max, device=self.device)[None, :] <= positions[:, None]
-        mask = mask[:, None, None, :]
-        terms = self._position_terms(positions, alphas)
+        terms = self._position_terms(positions, alphas[0] if len(set(alphas)) == 1 else alphas)
         h = x.to(self.dtype)
         for li, block in enumerate(self.transformer.h):
             q, k, v = block.attn.qkv(block.ln_1(h))  # [H, B, D]
             q, k = self._rope_q_k(q, k, terms)
-            if b == 1:
-                keys, values = caches[0].write(li, k, v)
-                a = F.scaled_dot_product_attention(q, keys, values)  # [H, 1, D]
-                a = a.transpose(0, 1)  # [1, H, D]
-            else:
-                hk = self.cfg.n_heads
-                keys = torch.zeros(b, hk, n_max, self.cfg.head_dim, dtype=self.dtype, device=self.device)
-                values = torch.zeros_like(keys)
-                for i, c in enumerate(caches):
-                    ki, vi = c.write(li, k[:, i : i + 1], v[:, i : i + 1])  # [H, len_i+1, D]
-                    keys[i, :, : ki.shape[1]] = ki
-                    values[i, :, : vi.shape[1]] = vi
-                qb = q.transpose(0, 1)[:, :, None, :]  # [H, B, D] -> [B, H, 1, D]
-                a = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask)[:, :, 0]  # [B, H, D]
+            # Attention row by row straight from each cache (no pad-stacked copy of all keys per layer and step:
+            # that copy costs B x context x width of memory traffic and dominated the step at long contexts).
+            # The projections and the MLP, where the FLOPs are, stay batched.
+            rows = []
+            for i, c in enumerate(caches):
+                keys, values = c.write(li, k[:, i : i + 1], v[:, i : i + 1])  # [H, len_i + 1, D]
+                rows.append(F.scaled_dot_product_attention(q[:, i : i + 1], keys, values))  # [H, 1, D]
+            a = torch.cat(rows, dim=1).transpose(0, 1)  # [H, B, D] -> [B, H, D]
             h = h + block.attn.c_proj(a.reshape(b, -1))
             h = h + block.mlp(block.ln_2(h))
         for c in caches:
