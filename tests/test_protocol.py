@@ -11,6 +11,7 @@ from openai.types.realtime import RealtimeServerEvent as GAServerEvent
 from pydantic import TypeAdapter
 
 from assistant.server import protocol as P
+from assistant.server import settings as S
 
 GA, BETA = TypeAdapter(GAServerEvent), TypeAdapter(BetaServerEvent)
 
@@ -33,7 +34,7 @@ def test_parse_events():
 
 
 def test_ga_nested_update():
-    st = P.SessionSettings()
+    st = S.SessionSettings()
     session = {
         "type": "realtime",
         "instructions": "Be nice.",
@@ -45,11 +46,11 @@ def test_ga_nested_update():
             }
         },
     }
-    new, warnings = P.apply_session_update(st, session)
+    new, warnings = S.apply_session_update(st, session)
     assert warnings == [] and new.instructions == "Be nice." and new.max_output_tokens == 50
     assert new.turn_detection.silence_duration_ms == 800 and new.turn_detection.aggressiveness == 3
     assert new.turn_detection.prefix_padding_ms == st.turn_detection.prefix_padding_ms  # untouched keys kept
-    new2, _ = P.apply_session_update(new, {"audio": {"input": {"turn_detection": None}}, "input_sample_rate": 16000})
+    new2, _ = S.apply_session_update(new, {"audio": {"input": {"turn_detection": None}}, "input_sample_rate": 16000})
     assert new2.turn_detection is None and new2.input_rate_hz == 16000
     shown = P.EventFactory("ga").session(new2, "sess_1")
     GA.validate_python({"type": "session.updated", "event_id": "e", "session": shown}, strict=True)
@@ -57,7 +58,7 @@ def test_ga_nested_update():
 
 
 def test_beta_flat_update_and_rendering():
-    st = P.SessionSettings()
+    st = S.SessionSettings()
     session = {
         "modalities": ["text", "audio"],
         "input_audio_format": "pcm16",
@@ -66,7 +67,7 @@ def test_beta_flat_update_and_rendering():
         "max_response_output_tokens": "inf",
         "temperature": 0.8,
     }
-    new, warnings = P.apply_session_update(st, session)
+    new, warnings = S.apply_session_update(st, session)
     assert {w.code for w in warnings} == {"audio_output_unsupported"} and len(warnings) == 2
     assert new.turn_detection.create_response is False and new.temperature == 0.8
     shown = P.EventFactory("beta").session(new, "sess_1")
@@ -75,10 +76,10 @@ def test_beta_flat_update_and_rendering():
 
 
 def test_fatal_update_changes_nothing():
-    st = P.SessionSettings()
+    st = S.SessionSettings()
     bad = {"instructions": "x", "turn_detection": {"min_speech_ms": -1}}
     with pytest.raises(P.ProtocolError) as e:
-        P.apply_session_update(st, bad, "ev9")
+        S.apply_session_update(st, bad, "ev9")
     assert e.value.code == "invalid_event" and e.value.param == "session.turn_detection.min_speech_ms"
     assert e.value.event_id == "ev9"
 

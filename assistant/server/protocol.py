@@ -5,9 +5,7 @@ nested `session.audio.input...`) and `"beta"` (`OpenAI-Beta: realtime=v1`; `resp
 
 - `parse_client_event(raw)` turns a JSON text (or a dict) into one typed client event, or raises `ProtocolError`
   carrying a stable `code` (table `ERROR_CODES`, documented in PROTOCOL.md) and the offending `event_id`.
-- `SessionSettings` is the effective session; `apply_session_update(settings, session)` validates a GA or beta
-  `session.update` payload (both shapes accepted in both dialects, plus our extensions) and returns the new settings
-  and non-fatal warnings (e.g. audio output requested: we answer in text only).
+- `settings.py` holds the effective session (`SessionSettings`) and validates `session.update` payloads.
 - `EventFactory(dialect)` builds every server event as a plain dict with a unique `event_id`; the shapes validate
   strictly against the `openai` SDK's own pydantic models (tests/test_openai_*.py checks this).
 """
@@ -19,14 +17,17 @@ import binascii
 import dataclasses
 import json
 import secrets
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
-from assistant.audio.vad import MAX_UTTERANCE_LIMIT_MS, VadParams
+if TYPE_CHECKING:
+    from assistant.engine.api import ResponseDone
+    from assistant.server.settings import SessionSettings
+
 
 Dialect = Literal["ga", "beta"]
 OPENAI_RATE_HZ = 24000  # the OpenAI formats' PCM16 rate: the default input rate in both dialects
+_OPENAI_REASONS = {"turn_detected", "client_cancelled", "max_output_tokens", "content_filter"}
 MIN_COMMIT_MS = 100  # OpenAI refuses commits holding less audio than this (input_audio_buffer_commit_empty)
 
 # code -> (error type, when it is sent). PROTOCOL.md lists the same table; tests check every code is documented.
@@ -142,7 +143,7 @@ def _event_id(obj: dict[str, Any]) -> str | None:
     return eid if isinstance(eid, str) else None
 
 
-def _max_tokens(value: Any, param: str, eid: str | None) -> int | None:
+def max_tokens(value: Any, param: str, eid: str | None) -> int | None:
     if value is None or value == "inf":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32767:
@@ -217,7 +218,7 @@ def _parse_response_create(obj: dict[str, Any], eid: str | None) -> ResponseCrea
     if instr is not None and not isinstance(instr, str):
         raise ProtocolError("invalid_event", "response.instructions must be a string", "response.instructions", eid)
     key = "max_output_tokens" if "max_output_tokens" in resp else "max_response_output_tokens"
-    return ResponseCreate(eid, instr, _max_tokens(resp.get(key), f"response.{key}", eid))
+    return ResponseCreate(eid, instr, max_tokens(resp.get(key), f"response.{key}", eid))
 
 
 def _parse_item_create(obj: dict[str, Any], eid: str | None) -> TextMessage:
@@ -230,175 +231,6 @@ def _parse_item_create(obj: dict[str, Any], eid: str | None) -> TextMessage:
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ProtocolError("unsupported_event", "only input_text content can be created", "item.content", eid)
     return TextMessage(eid, "\n".join(texts))
-
-
-# ---- session settings ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TurnDetection:
-    """Server VAD settings (OpenAI keys + our extensions aggressiveness, min_speech_ms, max_utterance_ms, frame_ms)."""
-
-    threshold: float = 0.5  # accepted and echoed; webrtcvad's knob is `aggressiveness`
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 600
-    create_response: bool = True
-    interrupt_response: bool = True
-    aggressiveness: int = 2
-    min_speech_ms: int = 250
-    max_utterance_ms: int = 30000
-    frame_ms: int = 30
-
-    def vad_params(self) -> VadParams:
-        return VadParams(
-            aggressiveness=self.aggressiveness,
-            frame_ms=self.frame_ms,
-            prefix_padding_ms=self.prefix_padding_ms,
-            silence_duration_ms=self.silence_duration_ms,
-            min_speech_ms=self.min_speech_ms,
-            max_utterance_ms=self.max_utterance_ms,
-        )
-
-
-# key -> (python type, low, high); bool keys use (bool, None, None)
-_TD_KEYS: dict[str, tuple[type, float | None, float | None]] = {
-    "threshold": (float, 0.0, 1.0),
-    "prefix_padding_ms": (int, 0, 2000),
-    "silence_duration_ms": (int, 100, 5000),
-    "create_response": (bool, None, None),
-    "interrupt_response": (bool, None, None),
-    "aggressiveness": (int, 0, 3),
-    "min_speech_ms": (int, 0, 5000),
-    "max_utterance_ms": (int, 1000, MAX_UTTERANCE_LIMIT_MS),
-    "frame_ms": (int, 10, 30),
-}
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    model: str = "local"
-    instructions: str = ""  # "" = the backend's default system prompt
-    input_rate_hz: int = OPENAI_RATE_HZ
-    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)  # None = push-to-talk
-    max_output_tokens: int | None = None  # None = "inf" (generation config)
-    temperature: float | None = None
-    transcription: bool = False  # the client asked for input transcription (we send it whenever one exists)
-
-
-def _check_number(value: Any, tp: type, lo: float | None, hi: float | None, param: str, eid: str | None) -> Any:
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ProtocolError("invalid_event", f"{param} must be true or false, got {value!r}", param, eid)
-        return value
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok and tp is int:
-        ok = float(value).is_integer()
-    if not ok:
-        raise ProtocolError("invalid_event", f"{param} must be a {tp.__name__}, got {value!r}", param, eid)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ProtocolError("invalid_event", f"{param} must be in [{lo}, {hi}], got {value!r}", param, eid)
-    return tp(value)
-
-
-def _parse_turn_detection(td: Any, current: TurnDetection | None, param: str, eid: str | None) -> TurnDetection | None:
-    if td is None:
-        return None
-    if not isinstance(td, dict):
-        raise ProtocolError("invalid_event", f"{param} must be an object or null, got {td!r}", param, eid)
-    kind = td.get("type", "server_vad")
-    if kind not in ("server_vad", "semantic_vad"):
-        raise ProtocolError("invalid_event", f"{param}.type must be 'server_vad', got {kind!r}", f"{param}.type", eid)
-    changes = {}
-    for key, (tp, lo, hi) in _TD_KEYS.items():
-        if td.get(key) is not None:
-            changes[key] = _check_number(td[key], tp, lo, hi, f"{param}.{key}", eid)
-    if "frame_ms" in changes and changes["frame_ms"] not in (10, 20, 30):
-        raise ProtocolError("invalid_event", f"{param}.frame_ms must be 10, 20 or 30", f"{param}.frame_ms", eid)
-    return dataclasses.replace(current or TurnDetection(), **changes)
-
-
-def _parse_rate(value: Any, param: str, eid: str | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError("invalid_event", f"{param} must be an integer in Hz, got {value!r}", param, eid)
-    if not MIN_RATE_HZ <= value <= MAX_RATE_HZ:
-        msg = f"{param} must be in [{MIN_RATE_HZ}, {MAX_RATE_HZ}] Hz, got {value}"
-        raise ProtocolError("sample_rate_out_of_range", msg, param, eid)
-    return value
-
-
-def apply_session_update(
-    cur: SessionSettings, s: dict[str, Any], eid: str | None = None
-) -> tuple[SessionSettings, list[ProtocolError]]:
-    """Validate a GA (nested) or beta (flat) `session` payload. Fatal problems raise ProtocolError and change
-    nothing; requests we can only partly honour (audio output) come back as warnings and are otherwise applied."""
-    warnings: list[ProtocolError] = []
-    ch: dict[str, Any] = {}
-    if isinstance(s.get("model"), str):
-        ch["model"] = s["model"]
-    if "instructions" in s:
-        if not isinstance(s["instructions"], str):
-            raise ProtocolError("invalid_event", "session.instructions must be a string", "session.instructions", eid)
-        ch["instructions"] = s["instructions"]
-    for key in ("output_modalities", "modalities"):
-        mods = s.get(key)
-        if mods is None:
-            continue
-        if not isinstance(mods, list) or not all(m in ("text", "audio") for m in mods):
-            raise ProtocolError("invalid_event", f"session.{key} must list 'text'/'audio'", f"session.{key}", eid)
-        if "audio" in mods:
-            msg = f"session.{key} asks for audio; this server answers in text only (output is text)"
-            warnings.append(ProtocolError("audio_output_unsupported", msg, f"session.{key}", eid))
-    for key in ("max_output_tokens", "max_response_output_tokens"):
-        if key in s:
-            ch["max_output_tokens"] = _max_tokens(s[key], f"session.{key}", eid)
-    if s.get("temperature") is not None:
-        ch["temperature"] = _check_number(s["temperature"], float, 0.0, 2.0, "session.temperature", eid)
-    if any(s.get(k) is not None for k in ("voice", "output_audio_format", "speed")):
-        msg = "voice/output audio settings are ignored: this server answers in text only"
-        warnings.append(ProtocolError("audio_output_unsupported", msg, "session.voice", eid))
-    # beta (flat)
-    fmt = s.get("input_audio_format")
-    if fmt is not None and fmt != "pcm16":
-        msg = f"session.input_audio_format must be 'pcm16', got {fmt!r}"
-        raise ProtocolError("unsupported_audio_format", msg, "session.input_audio_format", eid)
-    if "turn_detection" in s:
-        ch["turn_detection"] = _parse_turn_detection(
-            s["turn_detection"], cur.turn_detection, "session.turn_detection", eid
-        )
-    if s.get("input_audio_transcription") is not None:
-        ch["transcription"] = True
-    # GA (nested)
-    audio = s.get("audio")
-    if audio is not None:
-        ch.update(_parse_ga_audio(audio, cur, eid, warnings))
-    if "input_sample_rate" in s:  # our extension, wins over the format's rate
-        ch["input_rate_hz"] = _parse_rate(s["input_sample_rate"], "session.input_sample_rate", eid)
-    return dataclasses.replace(cur, **ch), warnings
-
-
-def _parse_ga_audio(audio: Any, cur: SessionSettings, eid: str | None, warnings: list[ProtocolError]) -> dict[str, Any]:
-    if not isinstance(audio, dict):
-        raise ProtocolError("invalid_event", "session.audio must be an object", "session.audio", eid)
-    ch: dict[str, Any] = {}
-    if audio.get("output"):
-        msg = "session.audio.output is ignored: this server answers in text only"
-        warnings.append(ProtocolError("audio_output_unsupported", msg, "session.audio.output", eid))
-    inp = audio.get("input")
-    if inp is None:
-        return ch
-    if not isinstance(inp, dict):
-        raise ProtocolError("invalid_event", "session.audio.input must be an object", "session.audio.input", eid)
-    fmt = inp.get("format")
-    if fmt is not None:
-        if not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm":
-            msg = f"session.audio.input.format must be {{'type': 'audio/pcm'}}, got {fmt!r}"
-            raise ProtocolError("unsupported_audio_format", msg, "session.audio.input.format", eid)
-        if fmt.get("rate") is not None:
-            ch["input_rate_hz"] = _parse_rate(fmt["rate"], "session.audio.input.format.rate", eid)
-    if "turn_detection" in inp:
-        param = "session.audio.input.turn_detection"
-        ch["turn_detection"] = _parse_turn_detection(inp["turn_detection"], cur.turn_detection, param, eid)
-    if inp.get("transcription") is not None:
-        ch["transcription"] = True
-    return ch
 
 
 # ---- server events ---------------------------------------------------------------------------------------------
@@ -494,3 +326,41 @@ class EventFactory:
         if timings_ms is not None:
             body["timings_ms"] = timings_ms
         return body
+
+    def response_start(self, rid: str, item_id: str) -> list[dict[str, Any]]:
+        """response.created, then the assistant item and its text part being opened."""
+        where = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
+        item = self.assistant_item(item_id, None, "in_progress")
+        return [
+            self.event("response.created", response=self.response(rid, "in_progress", [])),
+            self.event("response.output_item.added", response_id=rid, output_index=0, item=item),
+            self.event("response.content_part.added", **where, part={"type": "text", "text": ""}),
+        ]
+
+    def text_delta(self, rid: str, item_id: str, delta: str) -> dict[str, Any]:
+        return self.text_event("delta", response_id=rid, item_id=item_id, output_index=0, content_index=0, delta=delta)
+
+    def response_end(self, rid: str, item_id: str, done: ResponseDone) -> list[dict[str, Any]]:
+        """Text done, part done, item done, and the one response.done (status, details, output, usage, timings)."""
+        where = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
+        text = done.text
+        item = self.assistant_item(item_id, text, "completed" if done.status == "completed" else "incomplete")
+        details: dict[str, Any] | None = None
+        if done.status in ("cancelled", "incomplete"):
+            # OpenAI's reasons only: others (session_closed, conversation_reset) leave `reason` empty
+            details = {"type": done.status, "reason": done.reason if done.reason in _OPENAI_REASONS else None}
+        elif done.status == "failed":
+            error = {"type": "server_error", "code": "response_failed", "message": done.error or "model failure"}
+            details = {"type": "failed", "error": error}
+        usage = {
+            "total_tokens": done.input_tokens + done.output_tokens,
+            "input_tokens": done.input_tokens,
+            "output_tokens": done.output_tokens,
+        }
+        body = self.response(rid, done.status, [item], details, usage, dict(done.timings_ms))
+        return [
+            self.text_event("done", **where, text=text),
+            self.event("response.content_part.done", **where, part={"type": "text", "text": text}),
+            self.event("response.output_item.done", response_id=rid, output_index=0, item=item),
+            self.event("response.done", response=body),
+        ]

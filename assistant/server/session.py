@@ -39,6 +39,7 @@ from assistant.backends.base import Utterance
 from assistant.config import Config
 from assistant.engine.api import ConversationBusy, ResponseDone, ResponseOptions, ServerBusy, TextDelta
 from assistant.server import protocol as P
+from assistant.server import settings as S
 
 log = logging.getLogger("assistant.server")
 
@@ -52,7 +53,6 @@ CLIENT_ERRORS = Counter("assistant_server_client_errors_total", "Error events se
 
 JOB_QUEUE_SIZE = 16  # committed turns + response requests waiting per session; overflow -> error server_busy
 MAX_BUFFER_MS = 30000  # push-to-talk buffer keeps the newest 30 s: one model audio window
-_OPENAI_REASONS = {"turn_detected", "client_cancelled", "max_output_tokens", "content_filter"}
 
 SendFn = Callable[[dict[str, Any]], None]
 
@@ -117,7 +117,7 @@ class RealtimeSession:
         self.events = P.EventFactory(dialect)
         self._send_fn = send
         vad = hub.cfg.vad
-        td = P.TurnDetection(
+        td = S.TurnDetection(
             prefix_padding_ms=vad.prefix_padding_ms,
             silence_duration_ms=vad.silence_duration_ms,
             aggressiveness=vad.aggressiveness,
@@ -125,7 +125,7 @@ class RealtimeSession:
             max_utterance_ms=vad.max_utterance_ms,
             frame_ms=vad.frame_ms,
         )
-        self.settings = P.SessionSettings(
+        self.settings = S.SessionSettings(
             model=hub.model_name, input_rate_hz=input_rate_hz or P.OPENAI_RATE_HZ, turn_detection=td
         )
         self.started = False
@@ -248,7 +248,7 @@ class RealtimeSession:
     def _session_update(self, ev: P.SessionUpdate) -> None:
         old = self.settings
         try:
-            new, warnings = P.apply_session_update(old, ev.session, ev.event_id)
+            new, warnings = S.apply_session_update(old, ev.session, ev.event_id)
         except P.ProtocolError as e:
             self._error(e)
             return
@@ -473,11 +473,8 @@ class RealtimeSession:
 
     async def _relay(self, stream: Any) -> None:
         ev, rid, item_id = self.events, stream.response_id, P.new_id("item")
-        where = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
-        self._emit(ev.event("response.created", response=ev.response(rid, "in_progress", [])))
-        item = ev.assistant_item(item_id, None, "in_progress")
-        self._emit(ev.event("response.output_item.added", response_id=rid, output_index=0, item=item))
-        self._emit(ev.event("response.content_part.added", **where, part={"type": "text", "text": ""}))
+        for event in ev.response_start(rid, item_id):
+            self._emit(event)
         done: ResponseDone | None = None
         async for out in stream:
             if isinstance(out, TextDelta):
@@ -485,28 +482,12 @@ class RealtimeSession:
                     if self._committed_at is not None:
                         FIRST_TEXT_SECONDS.observe(time.monotonic() - self._committed_at)
                         self._committed_at = None
-                    self._emit(ev.text_event("delta", **where, delta=out.text))
+                    self._emit(ev.text_delta(rid, item_id, out.text))
             else:
                 done = out
         assert done is not None, "the engine ends every stream with a ResponseDone"
-        text = done.text
-        self._emit(ev.text_event("done", **where, text=text))
-        self._emit(ev.event("response.content_part.done", **where, part={"type": "text", "text": text}))
-        item = ev.assistant_item(item_id, text, "completed" if done.status == "completed" else "incomplete")
-        self._emit(ev.event("response.output_item.done", response_id=rid, output_index=0, item=item))
-        details: dict[str, Any] | None = None
-        if done.status in ("cancelled", "incomplete"):
-            details = {"type": done.status, "reason": done.reason if done.reason in _OPENAI_REASONS else None}
-        elif done.status == "failed":
-            error = {"type": "server_error", "code": "response_failed", "message": done.error or "model failure"}
-            details = {"type": "failed", "error": error}
-        usage = {
-            "total_tokens": done.input_tokens + done.output_tokens,
-            "input_tokens": done.input_tokens,
-            "output_tokens": done.output_tokens,
-        }
-        body = ev.response(rid, done.status, [item], details, usage, dict(done.timings_ms))
-        self._emit(ev.event("response.done", response=body))
+        for event in ev.response_end(rid, item_id, done):
+            self._emit(event)
 
     # ---- output ----------------------------------------------------------------------------------------------
     def _error(self, err: P.ProtocolError) -> None:
