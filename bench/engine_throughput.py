@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turn-tokens", type=int, default=24, help="max new tokens per conversation turn")
     ap.add_argument("--decode-tokens", type=int, default=48, help="max new tokens per concurrent response")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="conversations per TTFT variant (median reported)")
     ap.add_argument("--skip-hf", action="store_true", help="engine only (no transformers baseline)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -170,40 +172,68 @@ def main(argv: list[str] | None = None) -> int:
     hf = None if args.skip_hf else load_hf_model(ensure_prepared(cfg).llm_dir, backend.lm.dtype)
 
     asyncio.run(ttft_by_turn(backend, cfg, 1, 2, True))  # warm-up (allocations, kernels)
-    print(f"\n## Time to first token by turn (ms; prompt tokens; tokens served from cache), {args.turns} turns")
-    reuse = asyncio.run(ttft_by_turn(backend, cfg, args.turns, args.turn_tokens, True))
-    fresh = asyncio.run(ttft_by_turn(backend, cfg, args.turns, args.turn_tokens, False))
-    print("| turn | prompt | cached | engine+reuse | engine no reuse | transformers generate |")
-    print("|---|---|---|---|---|---|")
-    for i, (a, b) in enumerate(zip(reuse, fresh, strict=True), 1):
-        hf_ms = f"{hf_ttft(hf, a.prompt_ids):.0f}" if hf is not None else "-"
-        print(
-            f"| {i} | {a.input_tokens} | {a.cached_tokens} | {a.timings_ms['first_token']:.0f} | "
-            f"{b.timings_ms['first_token']:.0f} | {hf_ms} |"
-        )
-    r1, rn = reuse[0].timings_ms["first_token"], reuse[-1].timings_ms["first_token"]
-    f1, fn = fresh[0].timings_ms["first_token"], fresh[-1].timings_ms["first_token"]
-    print(f"turn {args.turns} / turn 1 TTFT: with reuse {rn / r1:.2f}x, without {fn / f1:.2f}x")
+    if hf is not None:
+        hf_generate(hf, [[151644, 872, 198, 9707]], [2], batched=False)
+    ttft_table(backend, cfg, hf, args)
+    throughput_table(backend, cfg, hf, args)
+    return 0
 
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def ttft_table(backend, cfg, hf, args) -> None:
+    """Median over `repeats` conversations; reuse and no-reuse runs alternate so load changes hit both alike."""
+    print(f"\n## Time to first token by turn (median of {args.repeats} conversations, ms)")
+    reuse_runs, fresh_runs, hf_runs = [], [], []
+    for _ in range(args.repeats):
+        reuse_runs.append(asyncio.run(ttft_by_turn(backend, cfg, args.turns, args.turn_tokens, True)))
+        fresh_runs.append(asyncio.run(ttft_by_turn(backend, cfg, args.turns, args.turn_tokens, False)))
+        if hf is not None:
+            hf_runs.append([hf_ttft(hf, d.prompt_ids) for d in reuse_runs[-1]])
+    print("| turn | prompt tokens | from cache | engine, cache reuse | engine, no reuse | transformers generate() |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for i in range(args.turns):
+        a = _median([r[i].timings_ms["first_token"] for r in reuse_runs])
+        b = _median([r[i].timings_ms["first_token"] for r in fresh_runs])
+        c = _median([r[i] for r in hf_runs]) if hf_runs else float("nan")
+        d = reuse_runs[0][i]
+        rows.append((a, b, c))
+        print(f"| {i + 1} | {d.input_tokens} | {d.cached_tokens} | {a:.0f} | {b:.0f} | {c:.0f} |")
+    (r1, f1, h1), (rn, fn, hn) = rows[0], rows[-1]
+    print(
+        f"turn {args.turns} / turn 1 TTFT: engine with reuse {rn / r1:.2f}x, engine without {fn / f1:.2f}x, "
+        f"generate() {hn / h1:.2f}x"
+    )
+
+
+def throughput_table(backend, cfg, hf, args) -> None:
+    sessions = [int(s) for s in args.sessions.split(",")]
     print(f"\n## Aggregate decode throughput (greedy, up to {args.decode_tokens} new tokens per session)")
     print(
-        "| sessions | engine tok/s (decode) | engine tok/s (wall) | speed-up vs 1 | generate() one by one tok/s |"
-        " generate() padded batch tok/s |"
+        "| sessions | engine tok/s (decode phase) | engine tok/s (wall) | engine speed-up vs 1 | "
+        "generate() one by one tok/s | generate() padded batch tok/s |"
     )
     print("|---|---|---|---|---|---|")
+    one_by_one: list[tuple[int, float]] = []  # (tokens, seconds) per prompt, in session order
     base = None
-    for n in [int(s) for s in args.sessions.split(",")]:
+    for n in sessions:
         wall_s, dones = asyncio.run(concurrent_decode(backend, cfg, n, args.decode_tokens))
         rate = decode_rate(dones)
         total = sum(d.output_tokens for d in dones)
         base = base or rate
         seq = bat = "-"
         if hf is not None:
-            prompts, lens = [d.prompt_ids for d in dones], [max(1, d.output_tokens) for d in dones]
-            seq = f"{sum(lens) / hf_generate(hf, prompts, lens, batched=False):.1f}"
-            bat = f"{n * max(lens) / hf_generate(hf, prompts, lens, batched=True):.1f}"
-        print(f"| {n} | {rate:.1f} | {total / wall_s:.1f} | {rate / base:.2f}x | {seq} | {bat} |")
-    return 0
+            lens = [max(1, d.output_tokens) for d in dones]
+            # one by one is n independent single runs: time each prompt once and add them up
+            for d, k in list(zip(dones, lens, strict=True))[len(one_by_one) :]:
+                one_by_one.append((k, hf_generate(hf, [d.prompt_ids], [k], batched=False)))
+            toks, secs = map(sum, zip(*one_by_one[:n], strict=True))
+            seq = f"{toks / secs:.1f}"
+            bat = f"{n * max(lens) / hf_generate(hf, [d.prompt_ids for d in dones], lens, batched=True):.1f}"
+        print(f"| {n} | {rate:.1f} | {total / wall_s:.1f} | {rate / base:.2f}x | {seq} | {bat} |", flush=True)
 
 
 if __name__ == "__main__":
