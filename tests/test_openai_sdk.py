@@ -107,6 +107,9 @@ async def test_ga_push_to_talk(server):
     usage = done["response"]["usage"]
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] and usage["output_tokens"] >= 1
     assert committed["item_id"].startswith("item_")
+    user_items = [e for e in log if e["type"] in ("conversation.item.added", "conversation.item.done")]
+    assert [e["item"]["id"] for e in user_items] == [committed["item_id"]] * 2
+    assert user_items[0]["item"]["content"][0]["type"] == "input_audio"
     assert len({e["event_id"] for e in log}) == len(log)
 
 
@@ -173,6 +176,7 @@ async def test_beta_push_to_talk(server):
         done = await events_until(conn, "beta", "response.done", log)
     types = [e["type"] for e in log]
     assert "response.text.delta" in types and "response.text.done" in types
+    assert types.count("conversation.item.created") == 1 and "conversation.item.added" not in types
     assert not any(t.startswith("response.output_text") for t in types)
     assert done["response"]["output"][0]["content"][0]["type"] == "text"
 

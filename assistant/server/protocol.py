@@ -364,3 +364,20 @@ class EventFactory:
             self.event("response.output_item.done", response_id=rid, output_index=0, item=item),
             self.event("response.done", response=body),
         ]
+
+    def user_item(self, item_id: str, previous_item_id: str | None, part: dict[str, Any]) -> list[dict[str, Any]]:
+        """A user item entering the conversation: GA `conversation.item.added` + `.done`, beta `.created`."""
+        item = {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [part],
+        }
+        if self.dialect == "beta":
+            return [self.event("conversation.item.created", item=item, previous_item_id=previous_item_id)]
+        return [
+            self.event("conversation.item.added", item=item, previous_item_id=previous_item_id),
+            self.event("conversation.item.done", item=item, previous_item_id=previous_item_id),
+        ]

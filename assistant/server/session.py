@@ -336,6 +336,8 @@ class RealtimeSession:
         item_id, self._item_id = self._item_id, P.new_id("item")
         prev, self._last_item_id = self._last_item_id, item_id
         self._emit(self.events.event("input_audio_buffer.committed", item_id=item_id, previous_item_id=prev))
+        for event in self.events.user_item(item_id, prev, {"type": "input_audio", "transcript": None}):
+            self._emit(event)
         utt = Utterance(key=item_id, audio=audio.astype(np.float32) / 32768.0)
         if respond:
             self._response_requested = True
@@ -351,16 +353,8 @@ class RealtimeSession:
     def _text_message(self, ev: P.TextMessage) -> None:
         item_id = P.new_id("item")
         prev, self._last_item_id = self._last_item_id, item_id
-        item = {
-            "id": item_id,
-            "object": "realtime.item",
-            "type": "message",
-            "role": "user",
-            "status": "completed",
-            "content": [{"type": "input_text", "text": ev.text}],
-        }
-        etype = "conversation.item.added" if self.events.dialect == "ga" else "conversation.item.created"
-        self._emit(self.events.event(etype, item=item, previous_item_id=prev))
+        for event in self.events.user_item(item_id, prev, {"type": "input_text", "text": ev.text}):
+            self._emit(event)
         self._enqueue(("turn", (Utterance(key=item_id, text=ev.text), False)), ev.event_id)
 
     def _request_response(self, ev: P.ResponseCreate) -> None:
