@@ -4,10 +4,14 @@ decoding each alone; dynamic-NTK alpha schedule."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
+from assistant.audio.frontend import mel_frames
+from assistant.backends.base import Utterance
 from assistant.backends.qwen_audio import QwenAudioBackend
+from assistant.models.qwen_audio_encoder import span_tokens
 
 ATOL = 1e-4  # float32 logits up to ~15; different matmul shapes reorder sums at the 1e-6 level
 
@@ -82,3 +86,8 @@ def test_bfloat16_selectable(tiny_qwen_dir):
     assert b.lm.dtype == torch.bfloat16 and b.encoder.dtype == torch.bfloat16
     logits = b.lm.prefill(b.lm.embed(random_ids(16, 5)), b.lm.new_cache())
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    tone = (0.3 * np.sin(np.arange(8000) / 5)).astype(np.float32)
+    [turn] = b.prepare([Utterance(key="a", audio=tone)], [1])
+    emb = turn.audio_embeds["a"]
+    assert emb.dtype == torch.bfloat16 and emb.shape == (span_tokens(mel_frames(8000)), 32)
+    assert torch.isfinite(emb.float()).all()

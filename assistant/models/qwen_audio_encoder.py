@@ -57,7 +57,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm in float32 whatever the model dtype, cast back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
