@@ -37,7 +37,11 @@ def run_ask(cfg: Config, audio: str | None = None, text: str | None = None, as_j
     from assistant.backends.base import Utterance
     from assistant.generation import generate_stream, params_for, response_text
 
-    backend = load_backend(cfg)
+    try:
+        backend = load_backend(cfg)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError: bad or incomplete checkpoint directory
+        print(f"error: cannot load the {cfg.model.backend} model: {e}", file=sys.stderr)
+        return 2
     try:
         # The file path names the audio span, as in the reference web demo (`Audio 1: <audio>{path}</audio>`).
         key = audio if audio and not any(c in audio for c in "<>") else "ask_1"

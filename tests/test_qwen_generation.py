@@ -127,6 +127,8 @@ def test_ask_streams_text_and_reports_bad_audio(tiny_qwen_dir, tmp_path):
     soundfile.write(short, [0.0] * 100, 16000, subtype="PCM_16")
     r = run_ask("--model", str(tiny_qwen_dir), "--audio", str(short), "--json")
     assert r.returncode == 2 and "at least 480 samples" in r.stderr
+    r = run_ask("--model", str(tmp_path), "--text", "hi")  # a directory without a checkpoint
+    assert r.returncode == 2 and "config.json, it does not exist" in r.stderr
 
 
 @pytest.mark.slow  # real embedded weights (prepared cache) and espeak-ng
