@@ -467,3 +467,28 @@ async def test_barge_in_before_the_answer_started(server):
     types = [e["type"] for e in log]
     assert types.count("input_audio_buffer.committed") == 2 and types.count("response.created") == 2
     await ws.close()
+
+
+async def test_concurrent_sessions_are_independent(server):
+    """Four sessions speak at once; each gets exactly its own turn and one response.done, ids never cross."""
+
+    async def one(k: int) -> list[dict]:
+        ws = await connect(server)
+        await send_json(ws, {"type": "session.update", "session": {"input_sample_rate": 16000}})
+        await recv_until(ws, "session.updated")
+        for frame in chunks(np.concatenate([silence(200), vowel(600 + 100 * k), silence(900)])):
+            await ws.send(frame)
+        log: list[dict] = []
+        await recv_until(ws, "response.done", log)
+        await ws.close()
+        return log
+
+    logs = await asyncio.gather(*(one(k) for k in range(4)))
+    response_ids = set()
+    for log in logs:
+        types = [e["type"] for e in log]
+        assert types.count("input_audio_buffer.committed") == 1 and types.count("response.done") == 1
+        rid = log[-1]["response"]["id"]
+        assert all(e["response_id"] == rid for e in log if e["type"] == "response.output_text.delta")
+        response_ids.add(rid)
+    assert len(response_ids) == 4
