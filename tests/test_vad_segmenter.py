@@ -170,3 +170,16 @@ def test_resampler_rejects_bad_rates():
     with pytest.raises(ValueError, match="8000"):
         StreamResampler(96000)
     assert np.array_equal(StreamResampler(16000).process(np.arange(5, dtype=np.int16)), np.arange(5))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("noise_std", [300, 1000])
+def test_turn_ends_under_loud_noise(tmp_path, noise_std):
+    """White noise up to ~-30 dBFS (std 1000) still lets the turn start at the onset and end after the speech."""
+    speech = speak(tmp_path, "What is the weather like in Paris today?")
+    pcm = np.concatenate([silence(1000), speech, silence(2000)])
+    noisy = np.clip(pcm + np.random.default_rng(1).normal(0, noise_std, len(pcm)), -32768, 32767).astype(np.int16)
+    events = [e for e in VadSegmenter().feed(noisy) if not isinstance(e, Committed)]
+    assert [type(e) for e in events] == [SpeechStarted, SpeechStopped]
+    assert abs(events[0].audio_start_ms - 1000) <= 120
+    assert 0 <= events[1].audio_end_ms - ms(RATE + len(speech)) <= 300
