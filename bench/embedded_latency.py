@@ -13,6 +13,7 @@ first turn (the engine keeps each session's cache). Greedy decoding everywhere.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import tempfile
@@ -35,6 +36,10 @@ QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("What is the capital of Italy?", ("rome",)),
     ("What is the boiling point of water in Celsius?", ("100", "hundred")),
     ("Which animal says moo?", ("cow",)),
+    ("What is the capital of Germany?", ("berlin",)),
+    ("Who painted the Mona Lisa?", ("leonardo", "vinci")),
+    ("What is ten minus four?", ("six", "6")),
+    ("What is the chemical symbol for gold?", ("au",)),
 ]
 SYNTH_TIMEOUT_S = 60.0
 
@@ -60,8 +65,9 @@ def synthesize(text: str, wav_path: Path) -> np.ndarray:
 
 
 def correct(answer: str, keywords: tuple[str, ...]) -> bool:
+    """Any keyword as a whole word ("au" must not match "because")."""
     low = answer.lower()
-    return any(k in low for k in keywords)
+    return any(re.search(rf"\b{re.escape(k)}\b", low) for k in keywords)
 
 
 def _pct(xs: list[float], q: float) -> float:

