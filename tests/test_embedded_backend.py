@@ -58,6 +58,19 @@ def test_batched_transcription_equals_one_at_a_time(embedded_backend, embedded_q
     assert [t.transcript for t in batch] == [t.transcript for t in solo]
 
 
+def test_silence_and_a_click_give_empty_transcripts_not_hallucinations(embedded_backend, embedded_questions):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    quiet = (rng.standard_normal(16000) * 1e-4).astype(np.float32)  # 1 s of near silence
+    click = np.full(100, 0.3, dtype=np.float32)  # 6 ms: under Whisper's minimum
+    speech = embedded_questions[0][2]
+    utts = [Utterance(key="quiet", audio=quiet), Utterance(key="click", audio=click), Utterance(key="q", audio=speech)]
+    quiet_t, click_t, speech_t = embedded_backend.prepare(utts, [1, 2, 3])
+    assert quiet_t.transcript == "" and click_t.transcript == "" and click_t.language is None
+    assert "france" in speech_t.transcript.lower()  # a silent neighbour in the batch does not disturb the others
+
+
 def test_chinese_text_question_is_answered_in_chinese(embedded_backend):
     [turn] = embedded_backend.prepare([Utterance(key="zh", text="请问法国的首都是哪里？")], [1])
     assert turn.user_text == "请问法国的首都是哪里？" and turn.transcript is None

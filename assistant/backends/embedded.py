@@ -94,7 +94,9 @@ class EmbeddedBackend:
                 continue
             user_text = "\n".join(s for s in (r.text, (u.text or "").strip()) if s)
             turns.append(
-                PreparedTurn(key=u.key, user_text=user_text, transcript=r.text, language=r.language, audio_s=u.audio_s)
+                PreparedTurn(
+                    key=u.key, user_text=user_text, transcript=r.text, language=r.language or None, audio_s=u.audio_s
+                )
             )
         return turns
 

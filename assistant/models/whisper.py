@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from assistant.audio.frontend import HOP, N_FRAMES, log_mel
+from assistant.audio.frontend import HOP, MIN_SAMPLES, N_FRAMES, log_mel
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,7 @@ class Transcript:
     avg_logprob: float = 0.0  # mean log-probability of the chosen tokens
     language_prob: float = 1.0
     reliable: bool = True  # False: looped, hit the token cap, or unsure (see WhisperTranscriber thresholds)
+    no_speech: bool = False  # judged silent (or too short): text is empty
 
 
 class WhisperTranscriber:
@@ -167,6 +168,7 @@ class WhisperTranscriber:
     # fallback uses -1.0; on the espeak question set the wrong short-window transcripts scored -0.74 and -2.3 and
     # the right ones -0.13..-0.42. (The language probability is no signal: a right transcript had 0.36.)
     MIN_AVG_LOGPROB = -0.5
+    NO_SPEECH_PROB, SILENT_AVG_LOGPROB = 0.6, -1.0  # openai/whisper's defaults for "this segment is silence"
 
     def __init__(self, model: Whisper, tokenizer_json: Path, config_json: Path, pad_s: float = 30.0):
         from tokenizers import Tokenizer as HFTokenizer
@@ -183,6 +185,7 @@ class WhisperTranscriber:
 
         self.sot, self.eot = tid("<|startoftranscript|>"), tid("<|endoftext|>")
         self.transcribe, self.no_timestamps = tid("<|transcribe|>"), tid("<|notimestamps|>")
+        self.no_speech = tid("<|nospeech|>")
         self.lang_ids = list(cfg["lang_ids"])
         self.lang_names = {i: self.tok.id_to_token(i)[2:-2] for i in self.lang_ids}
         vocab = model.dims.vocab_size
@@ -205,9 +208,13 @@ class WhisperTranscriber:
         """Greedy transcripts of `audios`. With a short window (`pad_s` < 30), an utterance whose result looks
         unreliable (unsure language, low token confidence, or a repetition loop) is decoded again on the full
         30 s window the model was trained on, so the fast path never costs accuracy on those."""
-        results = self._run(audios, self.pad_s, max_tokens)
+        # A clip under 30 ms holds no word (and gives the convolutions too few frames): an empty transcript.
+        results: list[Transcript] = [Transcript("", "", [], no_speech=True) for _ in audios]
+        runnable = [i for i, a in enumerate(audios) if len(a) >= MIN_SAMPLES]
+        for i, r in zip(runnable, self._run([audios[i] for i in runnable], self.pad_s, max_tokens), strict=True):
+            results[i] = r
         if self.pad_s < 30.0:
-            redo = [i for i, r in enumerate(results) if not r.reliable]
+            redo = [i for i in runnable if not results[i].reliable]
             for i, r in zip(redo, self._run([audios[i] for i in redo], 30.0, max_tokens), strict=True):
                 results[i] = r
         return results
@@ -230,6 +237,7 @@ class WhisperTranscriber:
         cross = m.cross_kv(padded)
         # Language: the distribution over language tokens right after <|startoftranscript|>.
         logits, _ = m.decode(torch.full((b, 1), self.sot), cross, None, cross_mask)
+        no_speech_p = logits[:, 0].softmax(-1)[:, self.no_speech]  # Whisper's voice-activity signal
         lang_probs = logits[:, 0, self.lang_ids].softmax(-1)
         lang_p, lang_j = lang_probs.max(-1)
         langs = [self.lang_ids[int(j)] for j in lang_j]
@@ -267,8 +275,11 @@ class WhisperTranscriber:
         for i in range(b):
             avg_lp = logprob[i] / max(1, len(out[i]))
             reliable = not looped[i] and len(out[i]) < limits[i] and avg_lp >= self.MIN_AVG_LOGPROB
-            text = self.tok.decode(out[i], skip_special_tokens=True).strip()
-            results.append(Transcript(text, self.lang_names[langs[i]], out[i], avg_lp, float(lang_p[i]), reliable))
+            # Whisper's rule: likely no speech and an unsure transcript -> nothing was said (no hallucinated text).
+            silent = float(no_speech_p[i]) > self.NO_SPEECH_PROB and avg_lp < self.SILENT_AVG_LOGPROB
+            text = "" if silent else self.tok.decode(out[i], skip_special_tokens=True).strip()
+            lang = self.lang_names[langs[i]]
+            results.append(Transcript(text, lang, [] if silent else out[i], avg_lp, float(lang_p[i]), reliable, silent))
         return results
 
 
