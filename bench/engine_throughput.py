@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=48, help="max new tokens per concurrent response")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="conversations per TTFT variant (median reported)")
+    ap.add_argument("--skip-ttft", action="store_true", help="only the throughput table")
     ap.add_argument("--skip-hf", action="store_true", help="engine only (no transformers baseline)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(ttft_by_turn(backend, cfg, 1, 2, True))  # warm-up (allocations, kernels)
     if hf is not None:
         hf_generate(hf, [[151644, 872, 198, 9707]], [2], batched=False)
-    ttft_table(backend, cfg, hf, args)
+    if not args.skip_ttft:
+        ttft_table(backend, cfg, hf, args)
     throughput_table(backend, cfg, hf, args)
     return 0
 

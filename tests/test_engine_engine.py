@@ -301,7 +301,7 @@ async def test_cancel_stops_within_one_step_frees_the_slot_and_keeps_partial_tex
         for s in ("a", "b"):
             engine.open_session(s)
             await engine.add_user_turn(s, Utterance(f"{s}1", text="Please talk for a long time."))
-        stream = engine.respond("a", dataclasses.replace(GREEDY, max_new_tokens=500))
+        stream = engine.respond("a", dataclasses.replace(GREEDY, max_new_tokens=2000))
         first = await asyncio.wait_for(anext(stream), WAIT_S)  # it is decoding
         held = await gate.hold(engine)  # the worker stops between two steps
         produced = engine._worker.active[0].tokens.output_ids.copy() if engine._worker.active else None
@@ -317,7 +317,7 @@ async def test_cancel_stops_within_one_step_frees_the_slot_and_keeps_partial_tex
         await engine.stop()
     assert isinstance(first, TextDelta) or first.status == "completed"
     if produced is None:
-        pytest.skip("the random model stopped on its own before the cancel")
+        pytest.skip("the response ended before the worker could be held (loop starved); nothing to cancel")
     assert done.status == "cancelled" and done.reason == "client_cancelled"
     assert len(done.output_ids) <= len(produced) + 1  # within one decode step of the cancel
     assert other.status in ("completed", "incomplete")
