@@ -5,9 +5,10 @@ Loop, one iteration per decode step:
    cancellations, session closes/resets, stop;
 2. run `backend.prepare` once for all user turns that arrived together (audio encoding is batched);
 3. apply cancellations (a cancelled response ends before the next step: "within one decode step");
-4. admit waiting responses while fewer than `max_active` decode: build the prompt, reuse the session's cache by
-   longest common prefix (`conversation.plan_cache`), prefill only the new tokens with audio embeddings spliced,
-   pick the first token;
+4. admit waiting responses while fewer than `max_active` decode (all at once when idle, one per step while others
+   decode, so a burst of prefills never stalls running answers for long): build the prompt, reuse the session's
+   cache by longest common prefix (`conversation.plan_cache`), prefill only the new tokens with audio embeddings
+   spliced, pick the first token;
 5. one batched `lm.decode` for every active response, pick each next token, stream its text.
 
 What a response leaves in the history (the user heard what was streamed):
@@ -256,7 +257,11 @@ class Worker:
             self._finish(job, "cancelled", job.cancel_reason)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.cfg.max_active:
+        """Prefill waiting responses into free slots. While others are decoding, one prefill per step: each prefill
+        stalls every active stream, so they are spread out (an active stream waits for at most one per token)."""
+        budget = 1 if self.active else self.cfg.max_active
+        while self.waiting and len(self.active) < self.cfg.max_active and budget > 0:
+            budget -= 1
             job = self.waiting.pop(0)
             job.t["admitted"] = time.monotonic()
             try:
