@@ -133,3 +133,22 @@ def test_cache_is_built_once_then_reused_and_rebuilt_when_damaged(tmp_path):
     from assistant.models.whisper import Whisper
 
     Whisper.load(built)  # what was rebuilt loads
+
+
+def test_a_file_that_is_not_ctranslate2_whisper_is_refused(tmp_path):
+    import struct
+
+    from assistant.prepare import convert_ctranslate2_whisper
+
+    def string(s: str) -> bytes:
+        raw = s.encode() + b"\0"
+        return struct.pack("<H", len(raw)) + raw
+
+    other = tmp_path / "other.bin"
+    other.write_bytes(struct.pack("<I", 6) + string("TransformerSpec") + struct.pack("<I", 1))
+    with pytest.raises(PrepareError, match="expected a CTranslate2 WhisperSpec model, got 'TransformerSpec'"):
+        convert_ctranslate2_whisper(other, tmp_path)
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<II", 1, 5) + string("encoder/x")[:4])
+    with pytest.raises(PrepareError, match="truncated CTranslate2 file"):
+        convert_ctranslate2_whisper(cut, tmp_path)
