@@ -36,10 +36,12 @@ def run_ask(cfg: Config, audio: str | None = None, text: str | None = None, as_j
     from assistant.backends import load_backend
     from assistant.backends.base import Utterance
     from assistant.generation import generate_stream, params_for, response_text
+    from assistant.prepare import PrepareError
 
     try:
         backend = load_backend(cfg)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError: bad or incomplete checkpoint directory
+    # CheckpointError is a ValueError (bad checkpoint dir); PrepareError: embedded weights missing or corrupt.
+    except (OSError, ValueError, PrepareError) as e:
         print(f"error: cannot load the {cfg.model.backend} model: {e}", file=sys.stderr)
         return 2
     try:

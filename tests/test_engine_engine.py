@@ -29,7 +29,8 @@ from assistant.engine.worker import prefill_prompt
 from assistant.generation import generate_stream
 
 WAIT_S = 120.0  # the one timeout every wait in this file derives from (a hang fails instead of blocking CI)
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "qwen_audio_golden"
+# Copies of the golden clips (tests are self-contained; history/audio_1.wav is the same clip as tiny/audio.wav).
+GOLDEN = Path(__file__).resolve().parent / "data" / "qwen_golden"
 GEN = GenerationConfig(greedy=True, max_new_tokens=8)
 GREEDY = ResponseOptions(greedy=True)
 
@@ -48,7 +49,7 @@ def qwen_backend(tiny_qwen_dir):
 
 @pytest.fixture(scope="session")
 def clips():
-    return _wav(GOLDEN / "history" / "audio_1.wav"), _wav(GOLDEN / "history" / "audio_2.wav")
+    return _wav(GOLDEN / "tiny.wav"), _wav(GOLDEN / "history_audio_2.wav")
 
 
 class Gate:

@@ -13,7 +13,7 @@ from tests.qwen_checkpoint import config_for, shapes_for, write_checkpoint
 LOAD_TIMEOUT_S = 600
 
 MEASURE = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from assistant.checkpoint import load_weights
 from assistant.models.qwen_audio_encoder import AudioEncoderConfig, QwenAudioEncoder
 from assistant.models.qwen_lm import QWenConfig, QWenLM
@@ -23,7 +23,8 @@ with torch.device("meta"):
 import os
 before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024  # current RSS, KiB
 load_weights(sys.argv[1], {"": lm, "transformer.audio.": enc}, torch.float32, torch.device("cpu"))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM is this address space's peak; ru_maxrss would also count the parent's RSS inherited across fork+exec.
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 size = sum(t.numel() * t.element_size() for m in (lm, enc) for t in [*m.parameters(), *m.buffers()])
 print(json.dumps({"model_kib": size / 1024, "grown_kib": peak - before}))
 """
