@@ -34,9 +34,11 @@ run: install prepare
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check .
 
 test: install system-deps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m assistant prepare
 	$(BIN)/python -m pytest $(ARGS)
 
