@@ -34,7 +34,6 @@ run: install prepare
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/ruff format --check .
 
 test: install system-deps
 	$(BIN)/ruff check .
