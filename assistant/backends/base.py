@@ -8,12 +8,14 @@ for a conversation, and owns the tokenizer. Everything here runs on the engine's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
-from assistant.models.kv_cache import KVCache
+if TYPE_CHECKING:  # the server imports `Utterance` from here and must never import torch
+    import torch
+
+    from assistant.models.kv_cache import KVCache
 
 SAMPLE_RATE_HZ = 16000
 
