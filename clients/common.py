@@ -4,20 +4,33 @@ Owns: the client events our clients send (`session.update` with the 16 kHz input
 commit), the `TurnView` that turns server events into what a person reads (state, transcript, streamed answer,
 per-turn latency), the two conversation loops (a WAV file streamed like a microphone; the live microphone with
 optional push-to-talk) written against `send_audio`/`send_event` callables so the WebSocket and MQTT clients share
-them, and the reconnect backoff schedule. Audio sources live in `clients.audio_source`.
+them, the reconnect backoff schedule, and the command-line plumbing both clients have in common (audio/reconnect
+options, opening the audio source, running one connection's receive and send loops, counting failed connections).
+Audio sources live in `clients.audio_source`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from clients.audio_source import INPUT_RATE_HZ, Microphone, blocks, paced, silence
+from clients.audio_source import (
+    DEFAULT_BLOCK_MS,
+    INPUT_RATE_HZ,
+    Microphone,
+    NoMicrophone,
+    blocks,
+    load_wav_pcm16,
+    paced,
+    silence,
+)
 
 SendAudio = Callable[[bytes], Awaitable[None]]
 SendEvent = Callable[[dict[str, Any]], Awaitable[None]]
@@ -249,3 +262,110 @@ async def mic_conversation(
                 for event in push_to_talk_end():
                     await send_event(event)
                 view.mark_turn_end()
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def _input_device(value: str) -> int | str:
+    """sounddevice takes an input device by index (a number) or by name."""
+    return int(value) if value.isdigit() else value
+
+
+def add_audio_arguments(p: argparse.ArgumentParser, device_flag: str) -> None:
+    """The audio, pacing, reconnect and output options both clients share. `device_flag` names the sounddevice
+    input option: `--device` on the desktop, `--input-device` on MQTT (where `--device` is the device id)."""
+    p.add_argument("--wav", metavar="FILE", help="stream this WAV file at real-time speed instead of the microphone")
+    p.add_argument("--push-to-talk", action="store_true", help="no server VAD: Enter starts and ends each turn")
+    p.add_argument(
+        device_flag, type=_input_device, help="sounddevice input device name or index (default: the system default)"
+    )
+    p.add_argument("--block-ms", type=int, default=DEFAULT_BLOCK_MS, help="audio block length (default 20 ms)")
+    p.add_argument("--speed", type=float, default=1.0, help="--wav pacing: 1.0 = real time")
+    p.add_argument("--tail-ms", type=int, default=1500, help="--wav: silence streamed after the file (VAD end)")
+    p.add_argument("--wait-s", type=float, default=120.0, help="--wav: longest wait for the answer after the tail")
+    p.add_argument("--max-retries", type=int, default=-1, help="reconnect attempts before giving up (-1 = forever)")
+    p.add_argument("--reconnect-initial-s", type=float, default=0.5, help="first reconnect delay")
+    p.add_argument("--reconnect-max-s", type=float, default=10.0, help="longest reconnect delay")
+    p.add_argument("--quiet", action="store_true", help="print only transcripts and answers, no state lines")
+
+
+# ----------------------------------------------------------------------------------------------- running a client
+AudioSource = bytes | Microphone  # the --wav file's PCM16, or the live microphone
+
+
+def open_audio_source(args: argparse.Namespace, input_device: int | str | None) -> AudioSource | None:
+    """The --wav file's PCM16, or the opened microphone (then `args.ptt_lines` holds the Enter presses for
+    push-to-talk). None, after saying why on stderr, when no microphone can be opened."""
+    if args.wav:
+        return load_wav_pcm16(args.wav)
+    mic = Microphone(input_device, args.block_ms)
+    try:
+        mic.open(asyncio.get_running_loop())
+    except NoMicrophone as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    args.ptt_lines = stdin_lines(asyncio.get_running_loop()) if args.push_to_talk else None
+    return mic
+
+
+def input_rate_hz(source: AudioSource) -> int:
+    """The rate the source's audio is sent at (the microphone may only offer another rate than 16 kHz)."""
+    return source.rate_hz if isinstance(source, Microphone) else INPUT_RATE_HZ
+
+
+def conversation(
+    send_audio: SendAudio, send_event: SendEvent, view: TurnView, source: AudioSource, args: argparse.Namespace
+) -> Coroutine[Any, Any, None]:
+    """The send loop of one connection: the microphone forever, or the --wav file until its answer is done."""
+    if isinstance(source, Microphone):
+        return mic_conversation(send_audio, send_event, view, source, args.ptt_lines)
+    opts = WavOptions(args.push_to_talk, args.block_ms, args.speed, args.tail_ms, args.wait_s)
+    return wav_conversation(send_audio, send_event, view, source, opts)
+
+
+async def run_until_either_ends(receive: Coroutine[Any, Any, None], send: Coroutine[Any, Any, None]) -> bool:
+    """One connection: the receive and send loops run together; whichever ends first cancels the other.
+
+    Re-raises what ended a loop (a lost connection, for the caller's reconnect loop; NoAnswer). Returns True when
+    the receive loop ended by itself (the peer closed the connection cleanly), False when the send loop finished."""
+    receiver = asyncio.create_task(receive, name="receive")
+    sender = asyncio.create_task(send, name="send")
+    try:
+        done, _ = await asyncio.wait([receiver, sender], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (receiver, sender):
+            task.cancel()
+        for task in (receiver, sender):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    for task in done:
+        task.result()
+    return receiver in done
+
+
+@dataclass
+class Reconnects:
+    """Failed connection attempts in a row: the backoff between them and the `--max-retries` bound."""
+
+    backoff: Backoff
+    max_retries: int  # -1 = forever
+    failures: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Reconnects:
+        return cls(Backoff(initial_s=args.reconnect_initial_s, max_s=args.reconnect_max_s), args.max_retries)
+
+    def connected(self) -> None:
+        self.backoff.reset()
+        self.failures = 0
+
+    async def wait_or_give_up(self, peer: str, address: str, error: BaseException, detail: str) -> bool:
+        """After a failed or lost connection to the `peer` ("server", "broker"): False, after saying so on stderr,
+        when the retries are used up; otherwise waits the next backoff delay (said on stderr) and returns True."""
+        self.failures += 1
+        if self.max_retries >= 0 and self.failures > self.max_retries:
+            print(f"error: cannot reach the {peer} at {address} ({error}); is it running?", file=sys.stderr)
+            return False
+        delay_s = self.backoff.next_delay_s()
+        print(f"[{peer} unavailable ({detail}); retrying in {delay_s:.1f} s]", file=sys.stderr)
+        await asyncio.sleep(delay_s)
+        return True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import ssl
 import sys
@@ -21,16 +20,18 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
-from clients.audio_source import DEFAULT_BLOCK_MS, INPUT_RATE_HZ, Microphone, NoMicrophone, load_wav_pcm16
+from clients.audio_source import Microphone
 from clients.common import (
-    Backoff,
+    AudioSource,
     NoAnswer,
+    Reconnects,
     TurnView,
-    WavOptions,
-    mic_conversation,
+    add_audio_arguments,
+    conversation,
+    input_rate_hz,
+    open_audio_source,
+    run_until_either_ends,
     session_update,
-    stdin_lines,
-    wav_conversation,
 )
 
 # Audio is a live stream: QoS 0 (a late chunk is worth nothing after a reconnect). Control events must arrive: QoS 1.
@@ -78,7 +79,7 @@ async def _receive(client: aiomqtt.Client, view: TurnView) -> None:
                 print(f"[ignored a non-JSON message on {message.topic.value}]", file=sys.stderr)
 
 
-async def _converse(client: aiomqtt.Client, view: TurnView, args: argparse.Namespace, source: Any) -> None:
+async def _converse(client: aiomqtt.Client, view: TurnView, args: argparse.Namespace, source: AudioSource) -> None:
     topic = f"{args.prefix}/{args.device}"
 
     async def send_event(event: dict[str, Any]) -> None:
@@ -89,28 +90,11 @@ async def _converse(client: aiomqtt.Client, view: TurnView, args: argparse.Names
 
     await client.subscribe(f"{topic}/events", qos=1)
     view.new_connection()
-    rate_hz = source.rate_hz if isinstance(source, Microphone) else INPUT_RATE_HZ
     if args.reset:
         await send_event({"type": "conversation.reset"})
-    await send_event(session_update(rate_hz, push_to_talk=args.push_to_talk))
-    receiver = asyncio.create_task(_receive(client, view), name="receive")
-    if isinstance(source, Microphone):
-        talk = mic_conversation(send_audio, send_event, view, source, args.ptt_lines)
-    else:
-        opts = WavOptions(args.push_to_talk, args.block_ms, args.speed, args.tail_ms, args.wait_s)
-        talk = wav_conversation(send_audio, send_event, view, source, opts)
-    sender = asyncio.create_task(talk, name="send")
-    try:
-        done, _ = await asyncio.wait([receiver, sender], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (receiver, sender):
-            task.cancel()
-        for task in (receiver, sender):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    for task in done:
-        task.result()  # re-raise MqttError for the reconnect loop
-    if receiver in done:
+    await send_event(session_update(input_rate_hz(source), push_to_talk=args.push_to_talk))
+    # Re-raises MqttError for the reconnect loop.
+    if await run_until_either_ends(_receive(client, view), conversation(send_audio, send_event, view, source, args)):
         raise aiomqtt.MqttError("the broker closed the connection")
 
 
@@ -121,19 +105,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     view = TurnView(show_state=not args.quiet)
-    source: Any
-    if args.wav:
-        source = load_wav_pcm16(args.wav)
-    else:
-        source = Microphone(args.input_device, args.block_ms)
-        try:
-            source.open(asyncio.get_running_loop())
-        except NoMicrophone as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        args.ptt_lines = stdin_lines(asyncio.get_running_loop()) if args.push_to_talk else None
-    backoff = Backoff(initial_s=args.reconnect_initial_s, max_s=args.reconnect_max_s)
-    failures = 0
+    source = open_audio_source(args, args.input_device)
+    if source is None:
+        return 2
+    reconnects = Reconnects.from_args(args)
     try:
         while True:
             client = aiomqtt.Client(
@@ -146,21 +121,15 @@ async def run(args: argparse.Namespace) -> int:
             )
             try:
                 async with client:
-                    backoff.reset()
-                    failures = 0
+                    reconnects.connected()
                     await _converse(client, view, args, source)
                     return 0  # only the --wav conversation ends by itself
             except NoAnswer as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             except aiomqtt.MqttError as e:
-                failures += 1
-                if args.max_retries >= 0 and failures > args.max_retries:
-                    print(f"error: cannot reach the broker at {args.broker} ({e}); is it running?", file=sys.stderr)
+                if not await reconnects.wait_or_give_up("broker", args.broker, e, str(e)):
                     return 1
-                delay_s = backoff.next_delay_s()
-                print(f"[broker unavailable ({e}); retrying in {delay_s:.1f} s]", file=sys.stderr)
-                await asyncio.sleep(delay_s)
     finally:
         if isinstance(source, Microphone):
             source.close()
@@ -175,25 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password", help="broker password")
     p.add_argument("--tls", action="store_true", help="TLS to the broker (implied by mqtts://)")
     p.add_argument("--ca-file", help="CA bundle for the broker certificate")
-    p.add_argument("--wav", metavar="FILE", help="stream this WAV file at real-time speed instead of the microphone")
-    p.add_argument("--push-to-talk", action="store_true", help="no server VAD: Enter starts and ends each turn")
     p.add_argument("--reset", action="store_true", help="start a fresh conversation (conversation.reset)")
-    p.add_argument("--input-device", help="sounddevice input device name or index")
-    p.add_argument("--block-ms", type=int, default=DEFAULT_BLOCK_MS, help="audio chunk length (default 20 ms)")
-    p.add_argument("--speed", type=float, default=1.0, help="--wav pacing: 1.0 = real time")
-    p.add_argument("--tail-ms", type=int, default=1500, help="--wav: silence streamed after the file (VAD end)")
-    p.add_argument("--wait-s", type=float, default=120.0, help="--wav: longest wait for the answer after the tail")
-    p.add_argument("--max-retries", type=int, default=-1, help="reconnect attempts before giving up (-1 = forever)")
-    p.add_argument("--reconnect-initial-s", type=float, default=0.5, help="first reconnect delay")
-    p.add_argument("--reconnect-max-s", type=float, default=10.0, help="longest reconnect delay")
-    p.add_argument("--quiet", action="store_true", help="print only transcripts and answers, no state lines")
+    add_audio_arguments(p, device_flag="--input-device")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.input_device is not None and args.input_device.isdigit():
-        args.input_device = int(args.input_device)
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

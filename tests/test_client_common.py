@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clients.audio_source import blocks, load_wav_pcm16, paced, silence
-from clients.common import Backoff, NoAnswer, TurnView, WavOptions, session_update, wav_conversation
+from clients.common import Backoff, NoAnswer, Reconnects, TurnView, WavOptions, session_update, wav_conversation
 from clients.mqtt import parse_broker_url
 
 
@@ -181,3 +181,24 @@ def test_new_connection_forgets_responses_of_the_lost_connection() -> None:
     view.handle({"type": "response.done", "response": {"id": "r2"}})
     assert out.getvalue() == "assistant: half an ans\nassistant: whole\n"
     assert view.active_responses == 0 and view.responses_done == 1
+
+
+def test_both_clients_share_the_audio_options_and_parse_the_input_device() -> None:
+    from clients import desktop, mqtt
+
+    d = desktop.build_parser().parse_args(["--device", "3", "--wav", "x.wav", "--tail-ms", "200"])
+    assert (d.device, d.wav, d.tail_ms, d.block_ms, d.max_retries) == (3, "x.wav", 200, 20, -1)
+    m = mqtt.build_parser().parse_args(["--device", "kitchen", "--input-device", "USB Mic", "--push-to-talk"])
+    assert (m.device, m.input_device, m.push_to_talk, m.wait_s) == ("kitchen", "USB Mic", True, 120.0)
+    assert desktop.build_parser().parse_args([]).device is None  # the system default input
+
+
+async def test_reconnects_give_up_after_max_retries_and_reset_on_success(capsys) -> None:
+    r = Reconnects(Backoff(initial_s=0.0, max_s=0.0), max_retries=1)
+    assert await r.wait_or_give_up("server", "ws://x", OSError("refused"), "OSError: refused")
+    assert not await r.wait_or_give_up("server", "ws://x", OSError("refused"), "OSError: refused")
+    err = capsys.readouterr().err
+    assert "[server unavailable (OSError: refused); retrying in 0.0 s]" in err
+    assert "error: cannot reach the server at ws://x (refused); is it running?" in err
+    r.connected()
+    assert r.failures == 0 and await r.wait_or_give_up("broker", "mqtt://x", OSError("lost"), "lost")
