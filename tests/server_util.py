@@ -1,4 +1,7 @@
-"""Helpers for engineer D's server tests: synthetic voiced audio, event receiving with one timeout constant."""
+"""Helpers for the tests that run a real server: configs, synthetic voiced audio, event receiving with one timeout.
+
+Shared by the server, OpenAI SDK, desktop/browser client and MQTT bridge tests.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,22 @@ from typing import Any
 
 import numpy as np
 
+from assistant.config import Config, load_config
+
 TIMEOUT_S = 120.0  # the one bound every wait in the server tests derives from (the machine is shared and slow)
+
+
+def make_cfg(**overrides: Any) -> Config:
+    """A server on a free port (0) with greedy 6-token answers; `overrides` by dotted key, e.g. `server.token`."""
+    base: dict[str, Any] = {"server.port": 0, "generation.max_new_tokens": 6, "generation.greedy": True}
+    base.update(overrides)
+    return load_config(overrides=base)
+
+
+def tiny_qwen_cfg(tiny_qwen_dir: Any, **overrides: Any) -> Config:
+    """`make_cfg` naming the tiny random Qwen-Audio checkpoint as the model, with 8-token answers (client tests)."""
+    model = {"model.backend": "qwen-audio", "model.path": str(tiny_qwen_dir), "generation.max_new_tokens": 8}
+    return make_cfg(**{**model, **overrides})
 
 
 def vowel(ms: int, rate_hz: int = 16000, f0_hz: float = 140.0, amplitude: int = 12000) -> np.ndarray:
@@ -28,6 +46,13 @@ def silence(ms: int, rate_hz: int = 16000) -> np.ndarray:
 def chunks(pcm: np.ndarray, rate_hz: int = 16000, chunk_ms: int = 20) -> list[bytes]:
     n = rate_hz * chunk_ms // 1000
     return [pcm[i : i + n].astype("<i2").tobytes() for i in range(0, len(pcm), n)]
+
+
+def wav_pcm16(path: Any) -> np.ndarray:
+    """A WAV file (e.g. the espeak-ng question) as 16 kHz int16 samples, through the server's own loader."""
+    from assistant.audio.io import load_audio
+
+    return np.round(load_audio(path) * 32768.0).clip(-32768, 32767).astype(np.int16)
 
 
 def b64(pcm: np.ndarray) -> str:

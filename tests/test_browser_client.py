@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from assistant.config import load_config
 from assistant.server.app import running_server
 from tests.conftest import CLIENT_TIMEOUT_S
+from tests.server_util import make_cfg, tiny_qwen_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = REPO / "test-output"
@@ -91,22 +91,11 @@ async def converse_in_browser(browser, http_url: str, screenshot: str) -> dict:
     return shown
 
 
-def _tiny_cfg(tiny_qwen_dir):
-    overrides = {
-        "server.port": 0,
-        "model.backend": "qwen-audio",
-        "model.path": str(tiny_qwen_dir),
-        "generation.greedy": True,
-        "generation.max_new_tokens": 8,
-    }
-    return load_config(overrides=overrides)
-
-
 async def test_page_streams_turns_downsamples_and_explains_insecure_origins(
     tiny_qwen_dir, server_tiny_backend, mic_wav
 ) -> None:
     """Protocol level with the tiny random model: capture -> VAD -> user turn -> answer element, stop, errors."""
-    async with running_server(_tiny_cfg(tiny_qwen_dir), backend=server_tiny_backend) as server:
+    async with running_server(tiny_qwen_cfg(tiny_qwen_dir), backend=server_tiny_backend) as server:
         async with chromium(mic_wav) as browser:
             shown = await converse_in_browser(browser, server.http_url, "browser_tiny_model.png")
             assert shown["page_errors"] == [] and shown["error"] == ""
@@ -151,7 +140,7 @@ async def test_page_streams_turns_downsamples_and_explains_insecure_origins(
 @pytest.mark.slow
 async def test_spoken_question_answered_on_the_page_with_the_embedded_model(embedded_backend, mic_wav) -> None:
     """The real thing: the embedded model hears 'What is the capital of France?' and the page shows 'Paris'."""
-    cfg = load_config(overrides={"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": 48})
+    cfg = make_cfg(**{"generation.max_new_tokens": 48})
     async with running_server(cfg, backend=embedded_backend) as server, chromium(mic_wav) as browser:
         shown = await asyncio.wait_for(
             converse_in_browser(browser, server.http_url, "browser_embedded_paris.png"), CLIENT_TIMEOUT_S

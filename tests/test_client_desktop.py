@@ -13,23 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from assistant.config import load_config
 from assistant.server.app import running_server
 from tests.conftest import CLIENT_TIMEOUT_S, free_loopback_port
+from tests.server_util import tiny_qwen_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _cfg(tiny_qwen_dir, port: int = 0, token: str = ""):
-    overrides = {
-        "server.port": port,
-        "server.token": token,
-        "model.backend": "qwen-audio",
-        "model.path": str(tiny_qwen_dir),
-        "generation.greedy": True,
-        "generation.max_new_tokens": 8,
-    }
-    return load_config(overrides=overrides)
+    return tiny_qwen_cfg(tiny_qwen_dir, **{"server.port": port, "server.token": token})
 
 
 async def run_desktop(*args: str) -> tuple[int, str, str]:

@@ -21,11 +21,11 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from assistant.config import load_config
 from assistant.mqtt_bridge import Outbox, Topics, parse_mqtt_url, run_mqtt_bridge
 from assistant.server.app import running_server
 from clients import mqtt as device_client
 from tests.conftest import CLIENT_TIMEOUT_S
+from tests.server_util import make_cfg, tiny_qwen_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,17 +67,7 @@ async def test_outbox_drops_oldest_and_counts_per_device() -> None:
 
 # ---- against a real broker -------------------------------------------------------------------------------------
 def _cfg(tiny_qwen_dir, broker_url: str, **extra: Any):
-    overrides = {
-        "server.port": 0,
-        "model.backend": "qwen-audio",
-        "model.path": str(tiny_qwen_dir),
-        "generation.greedy": True,
-        "generation.max_new_tokens": 8,
-        "mqtt.url": broker_url,
-        "mqtt.reconnect_max_s": 0.5,
-        **extra,
-    }
-    return load_config(overrides=overrides)
+    return tiny_qwen_cfg(tiny_qwen_dir, **{"mqtt.url": broker_url, "mqtt.reconnect_max_s": 0.5, **extra})
 
 
 @contextlib.asynccontextmanager
@@ -246,14 +236,7 @@ async def test_spoken_question_answered_right_with_the_embedded_model(
     mosquitto, embedded_backend, question_wav
 ) -> None:
     """The real model behind the bridge: the device asks 'What is the capital of France?', the answer says Paris."""
-    cfg = load_config(
-        overrides={
-            "server.port": 0,
-            "generation.greedy": True,
-            "generation.max_new_tokens": 48,
-            "mqtt.url": mosquitto.url,
-        }
-    )
+    cfg = make_cfg(**{"generation.max_new_tokens": 48, "mqtt.url": mosquitto.url})
     async with bridge(cfg, embedded_backend), Watcher(mosquitto.url) as w:
         await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
         assert await ask_by_device(mosquitto.url, "speaker", question_wav) == 0

@@ -7,7 +7,6 @@ Every event the SDK receives is validated strictly against the SDK's own pydanti
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 
 import numpy as np
@@ -19,10 +18,9 @@ from openai.types.realtime import RealtimeServerEvent as GAServerEvent
 from pydantic import TypeAdapter, ValidationError
 from websockets.exceptions import InvalidStatus
 
-from assistant.audio.io import load_audio
-from assistant.config import load_config
 from assistant.server.app import running_server
-from tests.server_util import TIMEOUT_S, b64, recv_event, silence, vowel
+from tests.server_util import TIMEOUT_S, b64, recv_event, silence, vowel, wav_pcm16
+from tests.server_util import make_cfg as server_cfg
 
 TOKEN = "test-token"
 _ADAPTERS = {"ga": TypeAdapter(GAServerEvent), "beta": TypeAdapter(BetaServerEvent)}
@@ -45,9 +43,7 @@ def test_strict_validation_can_fail():
 
 
 def make_cfg(**overrides):
-    base = {"server.port": 0, "server.token": TOKEN, "generation.max_new_tokens": 6, "generation.greedy": True}
-    base.update(overrides)
-    return load_config(overrides=base)
+    return server_cfg(**{"server.token": TOKEN, **overrides})
 
 
 @pytest.fixture
@@ -71,10 +67,6 @@ async def events_until(conn, dialect: str, etype: str, log: list) -> dict:
             return event
 
 
-def audio_24k(pcm: np.ndarray) -> str:
-    return base64.b64encode(pcm.astype("<i2").tobytes()).decode()
-
-
 async def test_ga_push_to_talk(server):
     log: list = []
     async with sdk_client(server).realtime.connect(model="qwen-local") as conn:
@@ -90,7 +82,7 @@ async def test_ga_push_to_talk(server):
         updated = await events_until(conn, "ga", "session.updated", log)
         assert updated["session"]["instructions"] == "Answer briefly."
         assert updated["session"]["audio"]["input"]["turn_detection"] is None
-        await conn.input_audio_buffer.append(audio=audio_24k(vowel(700, 24000)))
+        await conn.input_audio_buffer.append(audio=b64(vowel(700, 24000)))
         await conn.input_audio_buffer.commit()
         committed = await events_until(conn, "ga", "input_audio_buffer.committed", log)
         await conn.response.create()
@@ -122,7 +114,7 @@ async def test_ga_server_vad_answers_by_itself(server):
         await events_until(conn, "ga", "session.updated", log)
         audio = np.concatenate([silence(300, 24000), vowel(900, 24000), silence(900, 24000)])
         for i in range(0, len(audio), 2400):  # 100 ms appends, like a microphone
-            await conn.input_audio_buffer.append(audio=audio_24k(audio[i : i + 2400]))
+            await conn.input_audio_buffer.append(audio=b64(audio[i : i + 2400]))
         done = await events_until(conn, "ga", "response.done", log)
     types = [e["type"] for e in log]
     order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
@@ -138,7 +130,7 @@ async def test_ga_cancel(server_tiny_backend):
         async with sdk_client(srv).realtime.connect(model="qwen-local") as conn:
             await events_until(conn, "ga", "session.created", log)
             await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
-            await conn.input_audio_buffer.append(audio=audio_24k(vowel(500, 24000)))
+            await conn.input_audio_buffer.append(audio=b64(vowel(500, 24000)))
             await conn.input_audio_buffer.commit()
             await conn.response.create()
             delta = await events_until(conn, "ga", "response.output_text.delta", log)
@@ -170,7 +162,7 @@ async def test_beta_push_to_talk(server):
         await conn.session.update(session=session)
         updated = await events_until(conn, "beta", "session.updated", log)
         assert updated["session"]["turn_detection"] is None
-        await conn.input_audio_buffer.append(audio=audio_24k(vowel(600, 24000)))
+        await conn.input_audio_buffer.append(audio=b64(vowel(600, 24000)))
         await conn.input_audio_buffer.commit()
         await conn.response.create()
         done = await events_until(conn, "beta", "response.done", log)
@@ -210,8 +202,8 @@ async def test_browser_subprotocol_handshake(server):
 @pytest.mark.slow
 async def test_ga_spoken_question_embedded(embedded_backend, question_wav):
     """One GA turn through the embedded default: espeak-ng asks, the answer names Paris."""
-    cfg = load_config(overrides={"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": 48})
-    pcm16k = np.round(load_audio(question_wav) * 32768.0).clip(-32768, 32767).astype(np.int16)
+    cfg = server_cfg(**{"generation.max_new_tokens": 48})
+    pcm16k = wav_pcm16(question_wav)
     async with running_server(cfg, backend=embedded_backend) as srv:
         log: list = []
         client = AsyncOpenAI(api_key="unused", websocket_base_url=srv.ws_url.removesuffix("/realtime"))

@@ -15,16 +15,20 @@ from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from assistant.config import load_config
 from assistant.server import protocol as P
 from assistant.server.app import AssistantServer, running_server
-from tests.server_util import TIMEOUT_S, b64, chunks, recv_event, recv_until, send_json, silence, vowel
-
-
-def make_cfg(**overrides):
-    base = {"server.port": 0, "generation.max_new_tokens": 6, "generation.greedy": True}
-    base.update(overrides)
-    return load_config(overrides=base)
+from tests.server_util import (
+    TIMEOUT_S,
+    b64,
+    chunks,
+    make_cfg,
+    recv_event,
+    recv_until,
+    send_json,
+    silence,
+    vowel,
+    wav_pcm16,
+)
 
 
 @pytest.fixture
@@ -427,10 +431,8 @@ async def test_tls(server_tiny_backend, tmp_path):
 @pytest.mark.slow
 async def test_spoken_question_end_to_end_embedded(embedded_backend, question_wav):
     """espeak-ng asks "What is the capital of France?" over binary frames at 16 kHz; server VAD; the answer: Paris."""
-    from assistant.audio.io import load_audio
-
-    cfg = load_config(overrides={"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": 48})
-    pcm = np.round(load_audio(question_wav) * 32768.0).clip(-32768, 32767).astype(np.int16)
+    cfg = make_cfg(**{"generation.max_new_tokens": 48})
+    pcm = wav_pcm16(question_wav)
     async with running_server(cfg, backend=embedded_backend) as srv:
         ws = await connect(srv)
         await send_json(ws, {"type": "session.update", "session": {"input_sample_rate": 16000}})
