@@ -118,29 +118,16 @@ def load_plain(embedded_paths, dtype):
     import json
 
     from safetensors.torch import load_file
-    from transformers import GenerationConfig, Qwen2ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+    from transformers import GenerationConfig, Qwen2ForCausalLM, WhisperForConditionalGeneration
 
     from assistant.models.qwen2_lm import Qwen2Dims
+    from assistant.models.whisper import WhisperDims
 
     wdir = embedded_paths.whisper_dir
     dims = json.loads((wdir / "dims.json").read_text())
     ct2 = json.loads((wdir / "config.json").read_text())
-    wcfg = WhisperConfig(
-        vocab_size=dims["vocab_size"],
-        num_mel_bins=dims["n_mels"],
-        d_model=dims["d_model"],
-        encoder_layers=dims["encoder_layers"],
-        decoder_layers=dims["decoder_layers"],
-        encoder_attention_heads=dims["encoder_heads"],
-        decoder_attention_heads=dims["decoder_heads"],
-        encoder_ffn_dim=dims["ffn_dim"],
-        decoder_ffn_dim=dims["ffn_dim"],
-        max_source_positions=dims["max_source_positions"],
-        max_target_positions=dims["max_target_positions"],
-        decoder_start_token_id=50258,
-        eos_token_id=50257,
-        pad_token_id=50257,
-        bos_token_id=50257,
+    wcfg = WhisperDims(**dims).transformers_config(
+        decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257, bos_token_id=50257
     )
     whisper = WhisperForConditionalGeneration(wcfg).eval()
     missing, unexpected = whisper.load_state_dict(load_file(str(wdir / "model.safetensors")), strict=False)

@@ -27,25 +27,9 @@ DIMS = WhisperDims(
 
 
 def _hf_model(d: WhisperDims):
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
 
-    cfg = WhisperConfig(
-        vocab_size=d.vocab_size,
-        num_mel_bins=d.n_mels,
-        d_model=d.d_model,
-        encoder_layers=d.encoder_layers,
-        decoder_layers=d.decoder_layers,
-        encoder_attention_heads=d.encoder_heads,
-        decoder_attention_heads=d.decoder_heads,
-        encoder_ffn_dim=d.ffn_dim,
-        decoder_ffn_dim=d.ffn_dim,
-        max_source_positions=d.max_source_positions,
-        max_target_positions=d.max_target_positions,
-        decoder_start_token_id=1,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
+    cfg = d.transformers_config(decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=2)
     return WhisperForConditionalGeneration(cfg).eval()
 
 

@@ -36,6 +36,26 @@ class WhisperDims:
     max_source_positions: int
     max_target_positions: int
 
+    def transformers_config(self, **token_ids: int):
+        """The same dimensions as a transformers `WhisperConfig` (tests and the benchmark compare against it);
+        `token_ids`: decoder_start/eos/pad/bos token ids, which the dimensions do not carry."""
+        from transformers import WhisperConfig
+
+        return WhisperConfig(
+            vocab_size=self.vocab_size,
+            num_mel_bins=self.n_mels,
+            d_model=self.d_model,
+            encoder_layers=self.encoder_layers,
+            decoder_layers=self.decoder_layers,
+            encoder_attention_heads=self.encoder_heads,
+            decoder_attention_heads=self.decoder_heads,
+            encoder_ffn_dim=self.ffn_dim,
+            decoder_ffn_dim=self.ffn_dim,
+            max_source_positions=self.max_source_positions,
+            max_target_positions=self.max_target_positions,
+            **token_ids,
+        )
+
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None):
     """q [B, Tq, D], k/v [B, Tk, D] -> [B, Tq, D]; mask broadcastable to [B, heads, Tq, Tk] (True = attend)."""
