@@ -89,6 +89,7 @@ class VadConfig:
     silence_duration_ms: int = field(default=600, metadata=_range(100, 5000))
     min_speech_ms: int = field(default=250, metadata=_range(0, 5000))
     max_utterance_ms: int = field(default=30000, metadata=_range(1000, 30000))
+    early_prepare_ms: int = field(default=200, metadata=_range(0, 5000))
 
 
 @dataclass(frozen=True)

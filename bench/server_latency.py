@@ -8,12 +8,18 @@ turn on the client's clock, from the moment the last speech frame was sent:
 - `first_text_ms`: the first `response.output_text.delta`,
 - `done_ms`: `response.done`;
 and whether the answer contains the expected keyword. Prints one JSON line per turn and a summary (medians).
+
+Speculation (`vad.early_prepare_ms`: the turn's audio work starts during the end-of-turn silence): by default both
+modes run in the same process on the same loaded backend, one server each, alternating which goes first per
+question, and the summary has one line per mode; `--no-speculation` / `--speculation-only` run one mode.
+`speculative` in a row says whether the engine reused the speculative audio work for that turn.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import tempfile
@@ -24,6 +30,7 @@ import numpy as np
 import websockets
 
 from assistant.config import load_config
+from assistant.engine import metrics
 from assistant.server.app import running_server
 from bench.embedded_latency import QUESTIONS, synthesize
 
@@ -63,32 +70,66 @@ async def one_turn(ws, pcm: np.ndarray) -> dict:
     return {**marks, "answer": answer}
 
 
-async def main(n_questions: int) -> None:
-    cfg = load_config(overrides={"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": 64})
+def _confirmed() -> float:
+    return metrics.SPECULATIONS.labels(outcome="confirmed")._value.get()
+
+
+async def ask(srv, pcm: np.ndarray) -> dict:
+    confirmed = _confirmed()
+    async with websockets.connect(srv.ws_url) as ws:  # a fresh conversation per question
+        await ws.recv()
+        await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}}))
+        await ws.recv()
+        row = await one_turn(ws, pcm)
+    row["speculative"] = _confirmed() > confirmed
+    return row
+
+
+async def main(n_questions: int, modes: list[str]) -> None:
+    base = {"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": 64}
+    cfgs = {
+        "speculation": load_config(overrides=base),
+        "no_speculation": load_config(overrides={**base, "vad.early_prepare_ms": 0}),
+    }
     from assistant.backends import load_backend
 
-    backend = await asyncio.to_thread(load_backend, cfg)
-    rows = []
+    backend = await asyncio.to_thread(load_backend, cfgs["speculation"])
+    rows: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        async with running_server(cfg, backend=backend) as srv:
+        async with contextlib.AsyncExitStack() as stack:
+            # one engine per mode on the same backend; only one of them works at a time (turns run one by one)
+            servers = {m: await stack.enter_async_context(running_server(cfgs[m], backend=backend)) for m in modes}
             for i, (question, keywords) in enumerate(QUESTIONS[:n_questions]):
                 audio = synthesize(question, Path(tmp) / f"q{i}.wav")
                 pcm = np.round(audio * 32768.0).clip(-32768, 32767).astype("<i2")
-                async with websockets.connect(srv.ws_url) as ws:  # a fresh conversation per question
-                    await ws.recv()
-                    await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}}))
-                    await ws.recv()
-                    row = await one_turn(ws, pcm)
-                row.update(question=question, correct=any(k in row["answer"].lower() for k in keywords))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    summary = {k: round(statistics.median(r[k] for r in rows), 1) for k in ("committed_ms", "first_text_ms", "done_ms")}
-    summary["correct"] = f"{sum(r['correct'] for r in rows)}/{len(rows)}"
-    summary["silence_duration_ms"] = cfg.vad.silence_duration_ms
-    print("median", json.dumps(summary))
+                for mode in modes if i % 2 == 0 else modes[::-1]:  # alternate who goes first (warm caches)
+                    row = await ask(servers[mode], pcm)
+                    row.update(mode=mode, question=question, correct=any(k in row["answer"].lower() for k in keywords))
+                    rows[mode].append(row)
+                    print(json.dumps(row), flush=True)
+    for mode, mode_rows in rows.items():
+        summary = {
+            k: round(statistics.median(r[k] for r in mode_rows), 1)
+            for k in ("committed_ms", "first_text_ms", "done_ms")
+        }
+        summary["correct"] = f"{sum(r['correct'] for r in mode_rows)}/{len(mode_rows)}"
+        summary["speculative_turns"] = f"{sum(r['speculative'] for r in mode_rows)}/{len(mode_rows)}"
+        summary["silence_duration_ms"] = cfgs[mode].vad.silence_duration_ms
+        summary["early_prepare_ms"] = cfgs[mode].vad.early_prepare_ms
+        print("median", mode, json.dumps(summary))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=len(QUESTIONS))
-    asyncio.run(main(ap.parse_args().questions))
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--no-speculation", action="store_true", help="only vad.early_prepare_ms = 0")
+    group.add_argument("--speculation-only", action="store_true", help="only the configured early_prepare_ms")
+    args = ap.parse_args()
+    if args.no_speculation:
+        chosen = ["no_speculation"]
+    elif args.speculation_only:
+        chosen = ["speculation"]
+    else:
+        chosen = ["speculation", "no_speculation"]
+    asyncio.run(main(args.questions, chosen))

@@ -75,3 +75,36 @@ async def recv_until(ws: Any, etype: str, log: list[dict[str, Any]] | None = Non
 
 async def send_json(ws: Any, obj: dict[str, Any]) -> None:
     await ws.send(json.dumps(obj))
+
+
+class RecordingBackend:
+    """The real backend, with every `prepare` call recorded (keys and audio lengths), so tests can count the audio
+    work done per turn and wait (without sleeping) until a given turn's audio work has run."""
+
+    def __init__(self, backend: Any) -> None:
+        import threading
+
+        self._backend = backend
+        self.calls: list[list[tuple[str, int]]] = []  # per prepare call: (key, audio samples or -1 for text)
+        self._cond = threading.Condition()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def prepare(self, utterances: list[Any], audio_numbers: list[int]) -> list[Any]:
+        turns = self._backend.prepare(utterances, audio_numbers)
+        with self._cond:
+            self.calls.append([(u.key, -1 if u.audio is None else len(u.audio)) for u in utterances])
+            self._cond.notify_all()
+        return turns
+
+    def runs(self, key: str) -> list[int]:
+        """Audio lengths (samples) of every prepare that included `key`, in order."""
+        with self._cond:
+            return [n for call in self.calls for k, n in call if k == key]
+
+    def wait_for_runs(self, count: int) -> None:
+        """Block (a worker thread, never the loop) until `count` prepare calls ran in total."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.calls) >= count, TIMEOUT_S):
+                raise TimeoutError(f"expected {count} prepare calls, saw {len(self.calls)}")

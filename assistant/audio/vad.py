@@ -13,6 +13,11 @@ States: idle -> pending -> speech -> idle.
   of unvoiced audio ends the turn: `SpeechStopped(audio_end_ms)` (end of the last voiced frame) and `Committed` with
   the audio from the pre-roll to `prefix_padding_ms` after the last voiced frame. A turn reaching `max_utterance_ms`
   (pre-roll included, <= 30 s: one model audio window) is committed by force (`Committed.forced`).
+- tentative end (speculation): once the trailing silence of a spoken turn reaches `max(early_prepare_ms,
+  prefix_padding_ms)` (still below `silence_duration_ms`), `TentativeEnd` carries exactly the audio the commit will
+  carry if the silence goes on (the padding must be complete for that, hence the max). A voiced frame before the
+  commit voids it (`TentativeVoid`); the silence that follows may produce a new `TentativeEnd` for the same turn.
+  `early_prepare_ms = 0` turns this off. Callers use it to start the turn's audio work during the silence.
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ class VadParams:
     silence_duration_ms: int = 600
     min_speech_ms: int = 250
     max_utterance_ms: int = 30000
+    early_prepare_ms: int = 0  # 0 = no TentativeEnd events
+
+    @property
+    def tentative_ms(self) -> int | None:
+        """Trailing silence after which `TentativeEnd` fires, or None when it never does (off, or not earlier than
+        the commit itself)."""
+        if self.early_prepare_ms <= 0:
+            return None
+        ms = max(self.early_prepare_ms, self.prefix_padding_ms)
+        return ms if ms < self.silence_duration_ms else None
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,6 +70,8 @@ class VadParams:
         if not 1000 <= self.max_utterance_ms <= MAX_UTTERANCE_LIMIT_MS:
             limit = MAX_UTTERANCE_LIMIT_MS
             problems.append(f"max_utterance_ms must be in [1000, {limit}], got {self.max_utterance_ms!r}")
+        if not 0 <= self.early_prepare_ms <= 5000:
+            problems.append(f"early_prepare_ms must be in [0, 5000] (0 = off), got {self.early_prepare_ms!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -77,7 +94,25 @@ class Committed:
     forced: bool  # True when max_utterance_ms cut the turn
 
 
-VadEvent = SpeechStarted | SpeechStopped | Committed
+@dataclass(frozen=True)
+class TentativeEnd:
+    """The open turn's trailing silence reached `VadParams.tentative_ms`: `audio` is what `Committed` will carry
+    unless speech resumes first (then `TentativeVoid` follows). `turn` numbers the segmenter's turns."""
+
+    audio: np.ndarray  # int16 at 16 kHz, exactly the samples of the coming Committed
+    audio_start_ms: int
+    audio_end_ms: int
+    turn: int
+
+
+@dataclass(frozen=True)
+class TentativeVoid:
+    """Speech resumed after a `TentativeEnd` of turn `turn`: that tentative audio will not be committed."""
+
+    turn: int
+
+
+VadEvent = SpeechStarted | SpeechStopped | Committed | TentativeEnd | TentativeVoid
 
 _IDLE, _PENDING, _SPEECH = "idle", "pending", "speech"
 
@@ -94,6 +129,7 @@ class VadSegmenter:
         self._rest = np.zeros(0, dtype=np.int16)  # samples not yet forming a whole frame
         self._ring: deque[np.ndarray] = deque(maxlen=max(1, self.params.prefix_padding_ms // self.params.frame_ms))
         self._state = _IDLE
+        self._turn = 0  # number of turns opened so far (pending candidates included)
         self._reset_segment()
 
     # ---- public -------------------------------------------------------------------------------------------
@@ -151,6 +187,7 @@ class VadSegmenter:
         self._voiced_frames = 0
         self._unvoiced_run_ms = 0
         self._last_voiced_end = self._pos
+        self._tentative = False  # a TentativeEnd was emitted for the current trailing silence
 
     def _step(self, frame: np.ndarray, voiced: bool) -> list[VadEvent]:
         p = self.params
@@ -176,6 +213,7 @@ class VadSegmenter:
             pre = list(self._ring)
             self._ring.clear()
             self._reset_segment()
+            self._turn += 1
             self._frames = [*pre, frame]
             self._seg_start = start - sum(len(f) for f in pre)
             self._onset = start
@@ -184,10 +222,14 @@ class VadSegmenter:
             self._state = _PENDING
             return self._maybe_confirm()
         self._frames.append(frame)
+        resumed: list[VadEvent] = []
         if voiced:
             self._voiced_frames += 1
             self._unvoiced_run_ms = 0
             self._last_voiced_end = self._pos
+            if self._tentative:
+                self._tentative = False
+                resumed.append(TentativeVoid(self._turn))
         else:
             self._unvoiced_run_ms += p.frame_ms
         if self._state == _PENDING:
@@ -201,7 +243,18 @@ class VadSegmenter:
             end = min(self._pos, self._last_voiced_end + pad)
             stopped = SpeechStopped(self._ms(self._last_voiced_end))
             return [stopped, self._commit(end, forced=False)]
-        return []
+        tentative_ms = p.tentative_ms
+        if tentative_ms is not None and not self._tentative and self._unvoiced_run_ms >= tentative_ms:
+            self._tentative = True
+            return [self._tentative_end()]
+        return resumed
+
+    def _tentative_end(self) -> TentativeEnd:
+        """The audio `_commit` would cut if the silence lasts: the trailing padding is complete by now."""
+        pad = self.params.prefix_padding_ms * SAMPLE_RATE_HZ // 1000
+        end = min(self._pos, self._last_voiced_end + pad)
+        audio = np.concatenate(self._frames)[: end - self._seg_start]
+        return TentativeEnd(audio, self._ms(self._seg_start), self._ms(end), self._turn)
 
     def _maybe_confirm(self) -> list[VadEvent]:
         p = self.params

@@ -12,6 +12,19 @@ never runs model code. This module holds only the typed values that cross that b
         ...
     engine.cancel(stream.response_id)                     # or stream.cancel(); ends with ResponseDone(cancelled)
     await engine.stop()
+
+Speculative turns (server VAD starts a turn's audio work during the silence that may end it):
+
+    engine.speculate_user_turn("s1", Utterance(key="item_2", audio=pcm_so_far))   # returns at once
+    turn = await engine.confirm_user_turn("s1", Utterance(key="item_2", audio=pcm_committed))   # -> TurnInfo
+    engine.discard_user_turn("s1", "item_2")              # speech resumed, buffer cleared, ...: no trace left
+
+`speculate_user_turn` runs the backend's audio work on the worker but puts nothing into the conversation (no
+pending turn, no history, no cache, no "Audio k" number taken). `confirm_user_turn` is exactly `add_user_turn`
+(same pending turn, same TurnInfo), except that it reuses the speculative result of the same key when the utterance
+is identical (same samples, same text) and its "Audio k" number is still the next one; otherwise it discards that
+result and does the audio work now. `TurnInfo.speculative` says whether the result was reused. `discard_user_turn`
+forgets a speculation (unknown keys are ignored); `reset_session`/`close_session` forget all of a session's.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ class TurnInfo:
     language: str | None
     audio_s: float
     timings_ms: dict[str, float] = field(default_factory=dict)  # queue, encode
+    speculative: bool = False  # confirm_user_turn reused the audio work of speculate_user_turn
 
 
 @dataclass(frozen=True)

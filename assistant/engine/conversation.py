@@ -13,6 +13,9 @@ Decisions written down here because callers rely on them:
 - Cache reuse: the longest prefix of the new prompt that equals what the cache holds (token ids, and for audio
   placeholder runs the same audio key at the same place) is kept, the rest is truncated and prefilled. A cache whose
   dynamic-NTK alpha differs from the one the new prompt needs is reset, so results equal a fresh prefill.
+- Speculative turns (`speculative`): audio work done before the turn was committed, kept aside by key. They are not
+  part of the conversation (no pending turn, no "Audio k" number taken, nothing in the cache) until confirmed, and
+  a reset or close forgets them. At most `MAX_SPECULATIONS` are kept per session (oldest dropped).
 """
 
 from __future__ import annotations
@@ -20,8 +23,28 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt
+import numpy as np
+
+from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt, Utterance
 from assistant.models.kv_cache import KVCache
+
+MAX_SPECULATIONS = 2  # per session: the server keeps one; a misbehaving caller cannot grow this without bound
+
+
+@dataclass
+class Speculation:
+    """A user turn prepared before its commit: reusable only for an identical utterance and the same audio number."""
+
+    utterance: Utterance
+    audio_number: int  # the "Audio k" number it was rendered with
+    turn: PreparedTurn
+    encode_ms: float
+
+    def matches(self, utt: Utterance) -> bool:
+        mine = self.utterance
+        if mine.key != utt.key or mine.text != utt.text or (mine.audio is None) != (utt.audio is None):
+            return False
+        return mine.audio is None or (mine.audio.shape == utt.audio.shape and np.array_equal(mine.audio, utt.audio))
 
 
 def merge_turns(turns: list[PreparedTurn]) -> PreparedTurn:
@@ -116,6 +139,13 @@ class Conversation:
     last_used_s: float = field(default_factory=time.monotonic)
     busy: bool = False  # a response is queued or running
     closed: bool = False
+    speculative: dict[str, Speculation] = field(default_factory=dict)  # key -> prepared, not yet committed
+
+    def add_speculation(self, spec: Speculation) -> None:
+        self.speculative.pop(spec.utterance.key, None)
+        while len(self.speculative) >= MAX_SPECULATIONS:
+            del self.speculative[next(iter(self.speculative))]
+        self.speculative[spec.utterance.key] = spec
 
     def next_audio_number(self) -> int:
         self.audio_count += 1
@@ -149,6 +179,7 @@ class Conversation:
         self.pending.clear()
         self.pending_encode_ms = 0.0
         self.audio_count = 0
+        self.speculative.clear()
         self.cache.release()
 
     def touch(self) -> None:

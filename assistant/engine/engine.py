@@ -24,7 +24,17 @@ from assistant.engine import metrics
 from assistant.engine.api import ConversationBusy, ResponseOptions, ServerBusy, TurnInfo, UnknownSession
 from assistant.engine.conversation import Conversation
 from assistant.engine.stream import ResponseStream
-from assistant.engine.worker import CancelCmd, Job, PrepareCmd, RespondCmd, SessionCmd, StopCmd, Worker
+from assistant.engine.worker import (
+    CancelCmd,
+    DiscardCmd,
+    Job,
+    PrepareCmd,
+    RespondCmd,
+    SessionCmd,
+    SpeculateCmd,
+    StopCmd,
+    Worker,
+)
 
 _ids = itertools.count(1)
 
@@ -104,10 +114,32 @@ class Engine:
     async def add_user_turn(self, session_id: str, utterance: Utterance) -> TurnInfo:
         """Run the backend's audio work for this turn on the worker (batched with turns arriving meanwhile); the turn
         is then pending and is answered by the next `respond`. Raises what the backend raised for a bad utterance."""
+        return await self._submit_turn(session_id, utterance, confirm=False)
+
+    async def confirm_user_turn(self, session_id: str, utterance: Utterance) -> TurnInfo:
+        """`add_user_turn`, reusing the audio work of `speculate_user_turn` for the same key when `utterance` is
+        identical to the speculated one and its "Audio k" number is unchanged (then `TurnInfo.speculative`)."""
+        return await self._submit_turn(session_id, utterance, confirm=True)
+
+    def speculate_user_turn(self, session_id: str, utterance: Utterance) -> None:
+        """Start this turn's audio work now, before it is committed; returns at once. Nothing enters the
+        conversation until `confirm_user_turn`; `discard_user_turn` (or a reset/close) forgets it."""
+        conv = self._conv(session_id)
+        self._require_started()
+        self._worker.commands.put(SpeculateCmd(conv, utterance, time.monotonic()))
+
+    def discard_user_turn(self, session_id: str, key: str) -> None:
+        """Forget the speculation of `key` (not yet run: it never runs). Unknown sessions and keys are ignored."""
+        with self._lock:
+            conv = self._sessions.get(session_id)
+        if conv is not None and self.ready:
+            self._worker.commands.put(DiscardCmd(conv, key))
+
+    async def _submit_turn(self, session_id: str, utterance: Utterance, confirm: bool) -> TurnInfo:
         conv = self._conv(session_id)
         self._require_started()
         reply: concurrent.futures.Future[TurnInfo] = concurrent.futures.Future()
-        self._worker.commands.put(PrepareCmd(conv, utterance, time.monotonic(), reply))
+        self._worker.commands.put(PrepareCmd(conv, utterance, time.monotonic(), reply, confirm))
         try:
             return await asyncio.wrap_future(reply)
         except asyncio.CancelledError:

@@ -27,6 +27,11 @@ CACHE_EVENTS = Counter(
 ACTIVE = Gauge("assistant_engine_active_responses", "Responses in the decode batch")
 QUEUED = Gauge("assistant_engine_queued_responses", "Responses waiting for a batch slot")
 CACHED_TOKENS = Gauge("assistant_engine_cached_tokens", "KV-cache tokens held across all sessions")
+SPECULATIONS = Counter(
+    "assistant_engine_speculative_turns_total",
+    "Speculative user turns by outcome (prepared, confirmed = reused, missed = redone at confirm, discarded)",
+    ["outcome"],
+)
 BATCH_SIZE = Histogram(
     "assistant_engine_decode_batch_size", "Responses per batched decode step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
 )

@@ -3,7 +3,8 @@
 Loop, one iteration per decode step:
 1. drain the command queue (block only when there is nothing to decode): user turns to prepare, responses to start,
    cancellations, session closes/resets, stop;
-2. run `backend.prepare` once for all user turns that arrived together (audio encoding is batched);
+2. run `backend.prepare` once for all user turns that arrived together (audio encoding is batched), speculative
+   ones included (kept aside in `Conversation.speculative`); a confirmed speculation skips the backend;
 3. apply cancellations (a cancelled response ends before the next step: "within one decode step");
 4. admit waiting responses while fewer than `max_active` decode (all at once when idle, one per step while others
    decode, so a burst of prefills never stalls running answers for long): build the prompt, reuse the session's
@@ -34,7 +35,7 @@ from assistant.backends.base import Backend, DecoderLM, PreparedTurn, Prompt, Ut
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine import metrics
 from assistant.engine.api import ResponseDone, ResponseOptions, TextDelta, TurnInfo
-from assistant.engine.conversation import Conversation, evict_lru, merge_turns, plan_cache
+from assistant.engine.conversation import Conversation, Speculation, evict_lru, merge_turns, plan_cache
 from assistant.engine.decoding import TokenStream, sampling_params
 from assistant.engine.stream import ResponseStream
 from assistant.models.kv_cache import KVCache
@@ -73,6 +74,26 @@ class PrepareCmd:
     utterance: Utterance
     submitted_s: float
     reply: Any  # concurrent.futures.Future[TurnInfo]
+    confirm: bool = False  # reuse a matching speculation of the same key (Engine.confirm_user_turn)
+
+    def live(self) -> bool:
+        return not self.reply.done()
+
+
+@dataclass
+class SpeculateCmd:
+    conv: Conversation
+    utterance: Utterance
+    submitted_s: float
+
+    def live(self) -> bool:
+        return not self.conv.closed
+
+
+@dataclass
+class DiscardCmd:
+    conv: Conversation
+    key: str
 
 
 @dataclass
@@ -175,11 +196,19 @@ class Worker:
                 cmds.append(self.commands.get_nowait())
         except queue.Empty:
             pass
-        prepares: list[PrepareCmd] = []
+        prepares: list[PrepareCmd | SpeculateCmd] = []
         keep_running = True
         for cmd in cmds:
-            if isinstance(cmd, PrepareCmd):
+            if isinstance(cmd, PrepareCmd | SpeculateCmd):
+                if isinstance(cmd, PrepareCmd) and cmd.confirm:
+                    # its speculation has not run yet: no head start left, the confirm does the work itself
+                    self._drop_unrun(prepares, cmd.conv, cmd.utterance.key, "missed")
                 prepares.append(cmd)
+                continue
+            if isinstance(cmd, DiscardCmd):  # needs no flush: it only removes work that is not part of the session
+                if not self._drop_unrun(prepares, cmd.conv, cmd.key, "discarded"):
+                    if cmd.conv.speculative.pop(cmd.key, None) is not None:
+                        metrics.SPECULATIONS.labels(outcome="discarded").inc()
                 continue
             if prepares:  # keep order: a respond after a prepare must see its turn
                 self._prepare(prepares)
@@ -214,34 +243,76 @@ class Worker:
                 conv.closed = True
                 self.conversations.pop(conv.session_id, None)
 
-    def _prepare(self, cmds: list[PrepareCmd]) -> None:
-        """One `backend.prepare` call for all turns that arrived together (audio encoding batched)."""
-        cmds = [c for c in cmds if not c.reply.done()]
+    @staticmethod
+    def _drop_unrun(prepares: list, conv: Conversation, key: str, outcome: str) -> bool:
+        """Remove a not yet run speculation of `key` from this drain's batch; True if there was one."""
+        for i, c in enumerate(prepares):
+            if isinstance(c, SpeculateCmd) and c.conv is conv and c.utterance.key == key:
+                del prepares[i]
+                metrics.SPECULATIONS.labels(outcome=outcome).inc()
+                return True
+        return False
+
+    def _take_speculation(self, cmd: PrepareCmd, number: int) -> Speculation | None:
+        """The confirmed turn's speculation if it is still valid: same utterance, same "Audio k" number."""
+        spec = cmd.conv.speculative.pop(cmd.utterance.key, None)
+        if spec is None:
+            return None
+        if spec.matches(cmd.utterance) and spec.audio_number == number:
+            metrics.SPECULATIONS.labels(outcome="confirmed").inc()
+            return spec
+        metrics.SPECULATIONS.labels(outcome="missed").inc()
+        return None
+
+    def _prepare(self, cmds: list[PrepareCmd | SpeculateCmd]) -> None:
+        """One `backend.prepare` call for all turns that arrived together (audio encoding batched). "Audio k"
+        numbers are taken in command order; a speculation renders with the number it would take, without taking it.
+        """
+        cmds = [c for c in cmds if c.live()]
         if not cmds:
             return
+        counts = {id(c.conv): (c.conv, c.conv.audio_count) for c in cmds}  # to roll back a failed batch
         t0 = time.monotonic()
-        numbers = [c.conv.next_audio_number() if c.utterance.audio is not None else c.conv.audio_count for c in cmds]
-        try:
-            turns = self.backend.prepare([c.utterance for c in cmds], numbers)
-        except Exception as e:  # one bad utterance must not sink the others: retry them one by one
-            if len(cmds) > 1:
-                for c in cmds:
-                    c.conv.audio_count -= 1 if c.utterance.audio is not None else 0
-                for c in cmds:
-                    self._prepare([c])
+        plan: list[tuple[PrepareCmd | SpeculateCmd, int, Speculation | None]] = []
+        for c in cmds:
+            audio = c.utterance.audio is not None
+            if isinstance(c, SpeculateCmd):
+                plan.append((c, c.conv.audio_count + 1 if audio else c.conv.audio_count, None))
+                continue
+            number = c.conv.next_audio_number() if audio else c.conv.audio_count
+            plan.append((c, number, self._take_speculation(c, number) if c.confirm else None))
+        todo = [(c, n) for c, n, hit in plan if hit is None]
+        turns: dict[int, PreparedTurn] = {}
+        if todo:
+            try:
+                out = self.backend.prepare([c.utterance for c, _ in todo], [n for _, n in todo])
+            except Exception as e:  # one bad utterance must not sink the others: retry them one by one
+                for conv, count in counts.values():
+                    conv.audio_count = count
+                for c, _, hit in plan:
+                    if hit is not None:
+                        c.conv.speculative[hit.utterance.key] = hit
+                if len(cmds) > 1:
+                    for c in cmds:
+                        self._prepare([c])
+                    return
+                log.warning("prepare failed for %s: %s", cmds[0].utterance.key, e)
+                if isinstance(cmds[0], PrepareCmd):  # a failed speculation is simply redone (and fails) at confirm
+                    cmds[0].reply.set_exception(e)
                 return
-            log.warning("prepare failed for %s: %s", cmds[0].utterance.key, e)
-            cmds[0].conv.audio_count -= 1 if cmds[0].utterance.audio is not None else 0
-            cmds[0].reply.set_exception(e)
-            return
-        t1 = time.monotonic()
-        encode_ms = _ms(t0, t1)
-        for c, turn in zip(cmds, turns, strict=True):
+            turns = {id(c): t for (c, _), t in zip(todo, out, strict=True)}
+        encode_ms = _ms(t0, time.monotonic())
+        for c, number, hit in plan:
             if c.conv.closed:
                 continue
-            c.conv.add_pending(turn, encode_ms)
-            timings = {"queue": _ms(c.submitted_s, t0), "encode": encode_ms}
-            info = TurnInfo(turn.key, turn.transcript, turn.language, turn.audio_s, timings)
+            if isinstance(c, SpeculateCmd):
+                c.conv.add_speculation(Speculation(c.utterance, number, turns[id(c)], encode_ms))
+                metrics.SPECULATIONS.labels(outcome="prepared").inc()
+                continue
+            turn, turn_encode_ms = (hit.turn, hit.encode_ms) if hit else (turns[id(c)], encode_ms)
+            c.conv.add_pending(turn, turn_encode_ms)
+            timings = {"queue": _ms(c.submitted_s, t0), "encode": turn_encode_ms}
+            info = TurnInfo(turn.key, turn.transcript, turn.language, turn.audio_s, timings, hit is not None)
             if not c.reply.done():
                 c.reply.set_result(info)
 

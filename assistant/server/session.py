@@ -19,12 +19,20 @@ Inside, each session has one worker task (the owner of all model-facing work) fe
 committed turn is prepared (`engine.add_user_turn`), its transcript reported, then answered if the turn detection
 says so; `response.create` queues an answer. Handlers never await model work, so the receive loop stays responsive
 (barge-in and `response.cancel` act at once). Every response that starts ends in exactly one `response.done`.
+
+Speculation (server VAD, `vad.early_prepare_ms` > 0): when the segmenter reports a tentative end (the open turn's
+trailing silence is long enough that its audio is final unless speech resumes), the turn's audio work starts at once
+(`engine.speculate_user_turn`), during the rest of the end-of-turn silence. At the commit, if the committed samples
+equal the speculated ones, the turn is confirmed (`engine.confirm_user_turn`, which reuses that work); otherwise
+(speech resumed, forced or manual commit, clear, reset, new turn detection, close) the speculation is discarded and
+the turn takes the normal path. Either way the turn and its answer are the same; only the wait differs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -34,7 +42,16 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from assistant.audio.resample import StreamResampler
-from assistant.audio.vad import SAMPLE_RATE_HZ, Committed, SpeechStarted, SpeechStopped, VadSegmenter
+from assistant.audio.vad import (
+    SAMPLE_RATE_HZ,
+    Committed,
+    SpeechStarted,
+    SpeechStopped,
+    TentativeEnd,
+    TentativeVoid,
+    VadEvent,
+    VadSegmenter,
+)
 from assistant.backends.base import Utterance
 from assistant.config import Config
 from assistant.engine.api import ConversationBusy, ResponseDone, ResponseOptions, ServerBusy, TextDelta
@@ -141,6 +158,7 @@ class RealtimeSession:
         self._resampler = StreamResampler(self.settings.input_rate_hz)
         self._ptt: list[np.ndarray] = []
         self._vad: VadSegmenter | None = None
+        self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to speculate_user_turn
         self._reset_segmenter()
         self._item_id = P.new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
@@ -173,6 +191,7 @@ class RealtimeSession:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        self._spec = None  # closing the engine conversation forgets its speculations
         if self.started:
             self.engine.close_session(self.id)
         self.hub._release(self)
@@ -268,7 +287,12 @@ class RealtimeSession:
     def _reset_segmenter(self) -> None:
         td = self.settings.turn_detection
         self._ptt = []
-        self._vad = None if td is None else VadSegmenter(td.vad_params(), stream_offset_ms=self._audio_ms)
+        self._discard_speculation()
+        if td is None:
+            self._vad = None
+            return
+        params = dataclasses.replace(td.vad_params(), early_prepare_ms=self.hub.cfg.vad.early_prepare_ms)
+        self._vad = VadSegmenter(params, stream_offset_ms=self._audio_ms)
 
     def _feed_16k(self, pcm16k: np.ndarray) -> None:
         if len(pcm16k) == 0:
@@ -288,9 +312,13 @@ class RealtimeSession:
         if total > limit:
             self._ptt = [np.concatenate(self._ptt)[total - limit :]]
 
-    def _on_vad_event(self, vev: SpeechStarted | SpeechStopped | Committed) -> None:
+    def _on_vad_event(self, vev: VadEvent) -> None:
         td = self.settings.turn_detection
-        if isinstance(vev, SpeechStarted):
+        if isinstance(vev, TentativeEnd):
+            self._speculate(vev.audio)
+        elif isinstance(vev, TentativeVoid):
+            self._discard_speculation()  # speech resumed: that audio will not be the turn
+        elif isinstance(vev, SpeechStarted):
             self._emit(
                 self.events.event(
                     "input_audio_buffer.speech_started", audio_start_ms=vev.audio_start_ms, item_id=self._item_id
@@ -338,13 +366,36 @@ class RealtimeSession:
         self._emit(self.events.event("input_audio_buffer.committed", item_id=item_id, previous_item_id=prev))
         for event in self.events.user_item(item_id, prev, {"type": "input_audio", "transcript": None}):
             self._emit(event)
+        spec, self._spec = self._spec, None
+        speculated = spec is not None and spec[0] == item_id and np.array_equal(spec[1], audio)
+        if spec is not None and not speculated:
+            self.engine.discard_user_turn(self.id, spec[0])
         utt = Utterance(key=item_id, audio=audio.astype(np.float32) / 32768.0)
         if respond:
             self._response_requested = True
             self._committed_at = time.monotonic()
-        self._enqueue(("turn", (utt, respond)), None)
+        self._enqueue(("turn", (utt, respond, speculated)), None)
+
+    def _speculate(self, audio: np.ndarray) -> None:
+        """Start the open turn's audio work now (the silence may still be broken by speech)."""
+        self._discard_speculation()
+        if self.closed:
+            return
+        utt = Utterance(key=self._item_id, audio=audio.astype(np.float32) / 32768.0)
+        try:
+            self.engine.speculate_user_turn(self.id, utt)
+        except Exception as e:  # only a head start: the commit does the work anyway
+            log.debug("session %s: speculation not started: %s", self.id, e)
+            return
+        self._spec = (self._item_id, audio.copy())
+
+    def _discard_speculation(self) -> None:
+        spec, self._spec = self._spec, None
+        if spec is not None:
+            self.engine.discard_user_turn(self.id, spec[0])
 
     def _clear(self) -> None:
+        self._discard_speculation()
         self._resampler.flush()
         if self._vad is not None:
             self._vad.reset()
@@ -355,7 +406,7 @@ class RealtimeSession:
         prev, self._last_item_id = self._last_item_id, item_id
         for event in self.events.user_item(item_id, prev, {"type": "input_text", "text": ev.text}):
             self._emit(event)
-        self._enqueue(("turn", (Utterance(key=item_id, text=ev.text), False)), ev.event_id)
+        self._enqueue(("turn", (Utterance(key=item_id, text=ev.text), False, False)), ev.event_id)
 
     def _request_response(self, ev: P.ResponseCreate) -> None:
         if self._response_requested or self._stream is not None:
@@ -389,6 +440,8 @@ class RealtimeSession:
         except asyncio.QueueFull:
             if job[0] == "respond" or job[1][1]:
                 self._response_requested = False
+            if job[0] == "turn" and job[1][2]:  # a dropped speculated turn: its speculation must not linger
+                self.engine.discard_user_turn(self.id, job[1][0].key)
             msg = f"{JOB_QUEUE_SIZE} turns/responses already queued for this session; wait for them to finish"
             self._error(P.ProtocolError("server_busy", msg, None, event_id))
 
@@ -410,9 +463,12 @@ class RealtimeSession:
             finally:
                 self._busy = False
 
-    async def _do_turn(self, utt: Utterance, respond: bool) -> None:
+    async def _do_turn(self, utt: Utterance, respond: bool, speculated: bool = False) -> None:
         try:
-            info = await self.engine.add_user_turn(self.id, utt)
+            if speculated:
+                info = await self.engine.confirm_user_turn(self.id, utt)
+            else:
+                info = await self.engine.add_user_turn(self.id, utt)
         except asyncio.CancelledError:
             raise
         except Exception as e:
