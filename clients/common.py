@@ -289,6 +289,19 @@ def add_audio_arguments(p: argparse.ArgumentParser, device_flag: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- running a client
+def run_main(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+    argv: list[str] | None,
+) -> int:
+    """A client's `main`: parse `argv`, run the client's `run(args)` to its exit code; Ctrl-C exits with 130."""
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
 AudioSource = bytes | Microphone  # the --wav file's PCM16, or the live microphone
 
 

@@ -10,7 +10,6 @@ The audio sources are in `clients.audio_source`, the conversation loops in `clie
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from typing import Any
@@ -28,6 +27,7 @@ from clients.common import (
     conversation,
     input_rate_hz,
     open_audio_source,
+    run_main,
     run_until_either_ends,
     session_update,
 )
@@ -94,11 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        return 130
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

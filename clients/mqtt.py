@@ -9,7 +9,6 @@ printed as it streams. Reconnects with backoff when the broker goes away.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import ssl
 import sys
@@ -30,6 +29,7 @@ from clients.common import (
     conversation,
     input_rate_hz,
     open_audio_source,
+    run_main,
     run_until_either_ends,
     session_update,
 )
@@ -150,11 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        return 130
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
