@@ -206,9 +206,9 @@ class Worker:
                 prepares.append(cmd)
                 continue
             if isinstance(cmd, DiscardCmd):  # needs no flush: it only removes work that is not part of the session
-                if not self._drop_unrun(prepares, cmd.conv, cmd.key, "discarded"):
-                    if cmd.conv.speculative.pop(cmd.key, None) is not None:
-                        metrics.SPECULATIONS.labels(outcome="discarded").inc()
+                self._drop_unrun(prepares, cmd.conv, cmd.key, "discarded")
+                if cmd.conv.speculative.pop(cmd.key, None) is not None:
+                    metrics.SPECULATIONS.labels(outcome="discarded").inc()
                 continue
             if prepares:  # keep order: a respond after a prepare must see its turn
                 self._prepare(prepares)
