@@ -171,6 +171,7 @@ class RealtimeSession:
         self._emit(self.events.event("session.created", session=self.events.session(self.settings, self.id)))
         self._worker = asyncio.create_task(self._run_jobs(), name=f"session-{self.id}")
         self.started = True
+        log.info("session %s opened (%s dialect, %d open)", self.id, self.events.dialect, len(self.hub.sessions))
 
     async def wait_idle(self) -> None:
         """Return once no job is queued or running (used by graceful shutdown)."""
@@ -194,6 +195,7 @@ class RealtimeSession:
         self._spec = None  # closing the engine conversation forgets its speculations
         if self.started:
             self.engine.close_session(self.id)
+            log.info("session %s closed", self.id)
         self.hub._release(self)
 
     async def wait_idle_stream(self) -> None:
@@ -371,6 +373,13 @@ class RealtimeSession:
         if spec is not None and not speculated:
             self.engine.discard_user_turn(self.id, spec[0])
         utt = Utterance(key=item_id, audio=audio.astype(np.float32) / 32768.0)
+        log.info(
+            "session %s: utterance %s committed (%d ms of audio%s)",
+            self.id,
+            item_id,
+            len(audio) * 1000 // SAMPLE_RATE_HZ,
+            ", prepared during the silence" if speculated else "",
+        )
         if respond:
             self._response_requested = True
             self._committed_at = time.monotonic()
@@ -536,6 +545,18 @@ class RealtimeSession:
             else:
                 done = out
         assert done is not None, "the engine ends every stream with a ResponseDone"
+        timings = " ".join(f"{k}={v:.0f}" for k, v in done.timings_ms.items())
+        log.info(
+            "session %s: response %s %s%s: %d input (%d cached) + %d output tokens; ms: %s",
+            self.id,
+            rid,
+            done.status,
+            f" ({done.reason})" if done.reason else "",
+            done.input_tokens,
+            done.cached_tokens,
+            done.output_tokens,
+            timings,
+        )
         for event in ev.response_end(rid, item_id, done):
             self._emit(event)
 
