@@ -25,6 +25,7 @@ from assistant.backends.base import Utterance
 from assistant.config import load_config
 from assistant.engine.api import ResponseOptions
 from assistant.engine.engine import Engine
+from assistant.engine.fresh_thread import run_in_fresh_thread_sync as fresh
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -168,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(overrides={"generation.greedy": True})
     t0 = time.monotonic()
-    backend = load_backend(cfg)
+    # Every torch call outside the engine worker runs on a thread that then ends (see engine/fresh_thread.py).
+    backend = fresh(load_backend, cfg)
     print(f"embedded backend loaded in {time.monotonic() - t0:.1f} s (dtype {backend.lm.dtype})")
-    hf = None if args.skip_hf else load_hf_model(ensure_prepared(cfg).llm_dir, backend.lm.dtype)
+    hf = None if args.skip_hf else fresh(load_hf_model, ensure_prepared(cfg).llm_dir, backend.lm.dtype)
 
     asyncio.run(ttft_by_turn(backend, cfg, 1, 2, True))  # warm-up (allocations, kernels)
     if hf is not None:
-        hf_generate(hf, [[151644, 872, 198, 9707]], [2], batched=False)
+        fresh(hf_generate, hf, [[151644, 872, 198, 9707]], [2], False)
     if not args.skip_ttft:
         ttft_table(backend, cfg, hf, args)
     throughput_table(backend, cfg, hf, args)
@@ -193,7 +195,7 @@ def ttft_table(backend, cfg, hf, args) -> None:
         reuse_runs.append(asyncio.run(ttft_by_turn(backend, cfg, args.turns, args.turn_tokens, True)))
         fresh_runs.append(asyncio.run(ttft_by_turn(backend, cfg, args.turns, args.turn_tokens, False)))
         if hf is not None:
-            hf_runs.append([hf_ttft(hf, d.prompt_ids) for d in reuse_runs[-1]])
+            hf_runs.append([fresh(hf_ttft, hf, d.prompt_ids) for d in reuse_runs[-1]])
     print("| turn | prompt tokens | from cache | engine, cache reuse | engine, no reuse | transformers generate() |")
     print("|---|---|---|---|---|---|")
     rows = []
@@ -231,10 +233,10 @@ def throughput_table(backend, cfg, hf, args) -> None:
             lens = [max(1, d.output_tokens) for d in dones]
             # one by one is n independent single runs: time each prompt once and add them up
             for d, k in list(zip(dones, lens, strict=True))[len(one_by_one) :]:
-                one_by_one.append((k, hf_generate(hf, [d.prompt_ids], [k], batched=False)))
+                one_by_one.append((k, fresh(hf_generate, hf, [d.prompt_ids], [k], False)))
             toks, secs = map(sum, zip(*one_by_one[:n], strict=True))
             seq = f"{toks / secs:.1f}"
-            bat = f"{n * max(lens) / hf_generate(hf, [d.prompt_ids for d in dones], lens, batched=True):.1f}"
+            bat = f"{n * max(lens) / fresh(hf_generate, hf, [d.prompt_ids for d in dones], lens, True):.1f}"
         print(f"| {n} | {rate:.1f} | {total / wall_s:.1f} | {rate / base:.2f}x | {seq} | {bat} |", flush=True)
 
 

@@ -92,8 +92,9 @@ async def main(n_questions: int, modes: list[str]) -> None:
         "no_speculation": load_config(overrides={**base, "vad.early_prepare_ms": 0}),
     }
     from assistant.backends import load_backend
+    from assistant.engine.fresh_thread import run_in_fresh_thread
 
-    backend = await asyncio.to_thread(load_backend, cfgs["speculation"])
+    backend = await run_in_fresh_thread(load_backend, cfgs["speculation"])  # see engine/fresh_thread.py
     rows: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:
         async with contextlib.AsyncExitStack() as stack:

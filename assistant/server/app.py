@@ -307,6 +307,7 @@ def serve(cfg: Config) -> int:
 async def _serve_main(cfg: Config) -> int:
     from assistant.backends import load_backend
     from assistant.engine.engine import Engine
+    from assistant.engine.fresh_thread import run_in_fresh_thread
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -323,13 +324,14 @@ async def _serve_main(cfg: Config) -> int:
     mqtt_task: asyncio.Task[Any] | None = None
     status = 0
     try:
-        load = asyncio.create_task(asyncio.to_thread(load_backend, cfg))
+        # Not asyncio.to_thread: its pool thread outlives the load and would slow the engine (see fresh_thread.py).
+        load = asyncio.create_task(run_in_fresh_thread(load_backend, cfg))
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
             log.info("stopped while loading the model")
             waiter.cancel()
-            return 0  # the loading thread finishes in the background; asyncio.run waits for it
+            return 0  # the loading thread is a daemon: it does not hold up the exit
         waiter.cancel()
         try:
             backend = load.result()
