@@ -12,7 +12,8 @@ and whether the answer contains the expected keyword. Prints one JSON line per t
 Speculation (`vad.early_prepare_ms`: the turn's audio work starts during the end-of-turn silence): by default both
 modes run in the same process on the same loaded backend, one server each, alternating which goes first per
 question, and the summary has one line per mode; `--no-speculation` / `--speculation-only` run one mode.
-`speculative` in a row says whether the engine reused the speculative audio work for that turn.
+`speculative` in a row says whether the engine reused the speculative audio work for that turn; `prefix_hit` whether
+its prefill started from the shared system-prompt snapshot (the first question of a server has none yet).
 """
 
 from __future__ import annotations
@@ -74,14 +75,19 @@ def _confirmed() -> float:
     return metrics.SPECULATIONS.labels(outcome="confirmed")._value.get()
 
 
+def _prefix_hits() -> float:
+    return metrics.PREFIX_SNAPSHOTS.labels(outcome="hit")._value.get()
+
+
 async def ask(srv, pcm: np.ndarray) -> dict:
-    confirmed = _confirmed()
+    confirmed, prefix_hits = _confirmed(), _prefix_hits()
     async with websockets.connect(srv.ws_url) as ws:  # a fresh conversation per question
         await ws.recv()
         await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}}))
         await ws.recv()
         row = await one_turn(ws, pcm)
     row["speculative"] = _confirmed() > confirmed
+    row["prefix_hit"] = _prefix_hits() > prefix_hits
     return row
 
 
@@ -115,6 +121,7 @@ async def main(n_questions: int, modes: list[str]) -> None:
         }
         summary["correct"] = f"{sum(r['correct'] for r in mode_rows)}/{len(mode_rows)}"
         summary["speculative_turns"] = f"{sum(r['speculative'] for r in mode_rows)}/{len(mode_rows)}"
+        summary["prefix_hits"] = f"{sum(r['prefix_hit'] for r in mode_rows)}/{len(mode_rows)}"
         summary["silence_duration_ms"] = cfgs[mode].vad.silence_duration_ms
         summary["early_prepare_ms"] = cfgs[mode].vad.early_prepare_ms
         print("median", mode, json.dumps(summary))

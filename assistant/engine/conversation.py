@@ -101,7 +101,7 @@ class CachePlan:
 
     reuse: int
     rebuilt: bool  # the cache was reset (NTK alpha change) or nothing was reusable
-    reason: str  # "prefix" | "ntk_alpha" | "empty" | "diverged"
+    reason: str  # "prefix" | "ntk_alpha" | "empty" | "diverged" | "system_prefix" (shared snapshot, worker)
 
 
 def plan_cache(cache: KVCache, prompt: Prompt, rope_alpha: float) -> CachePlan:

@@ -32,6 +32,12 @@ SPECULATIONS = Counter(
     "Speculative user turns by outcome (prepared, confirmed = reused, missed = redone at confirm, discarded)",
     ["outcome"],
 )
+PREFIX_SNAPSHOTS = Counter(
+    "assistant_engine_prefix_snapshots_total",
+    "Shared system-prompt KV snapshots for empty session caches by outcome (hit = copied instead of prefilled, "
+    "miss, stored = harvested after a full prefill, dropped = cache budget)",
+    ["outcome"],
+)
 BATCH_SIZE = Histogram(
     "assistant_engine_decode_batch_size", "Responses per batched decode step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
 )

@@ -9,7 +9,8 @@ Loop, one iteration per decode step:
 4. admit waiting responses while fewer than `max_active` decode (all at once when idle, one per step while others
    decode, so a burst of prefills never stalls running answers for long): build the prompt, reuse the session's
    cache by longest common prefix (`conversation.plan_cache`), prefill only the new tokens with audio embeddings
-   spliced, pick the first token;
+   spliced, pick the first token; a session whose cache is empty (new, evicted, rebuilt) first copies the shared
+   system-prompt snapshot (`prefix_cache.PrefixSnapshots`), so only the part after the system message is prefilled;
 5. one batched `lm.decode` for every active response, pick each next token, stream its text.
 
 What a response leaves in the history (the user heard what was streamed):
@@ -35,8 +36,9 @@ from assistant.backends.base import Backend, DecoderLM, PreparedTurn, Prompt, Ut
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine import metrics
 from assistant.engine.api import ResponseDone, ResponseOptions, TextDelta, TurnInfo
-from assistant.engine.conversation import Conversation, Speculation, evict_lru, merge_turns, plan_cache
+from assistant.engine.conversation import CachePlan, Conversation, Speculation, evict_lru, merge_turns, plan_cache
 from assistant.engine.decoding import TokenStream, sampling_params
+from assistant.engine.prefix_cache import PrefixSnapshots
 from assistant.engine.stream import ResponseStream
 from assistant.models.kv_cache import KVCache
 
@@ -145,6 +147,7 @@ class Worker:
         self.reuse_cache = reuse_cache  # False = every response prefills its whole prompt (benchmark baseline)
         self.lm = backend.lm
         self.window_tokens = engine_cfg.max_window_tokens or backend.max_window_tokens
+        self.prefixes = PrefixSnapshots(backend, self.window_tokens)  # shared system-prompt K/V (worker only)
         # unbounded on purpose: every producer is itself bounded (admission control for responses, one pending
         # prepare per awaiting caller, sessions bounded by the server), so this queue cannot grow without limit
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -358,10 +361,18 @@ class Worker:
         cache = conv.cache
         if not self.reuse_cache:
             cache.reset()
-        plan = plan_cache(cache, prompt, self.lm.rope_alpha_for(len(prompt.ids)))
+        rope_alpha = self.lm.rope_alpha_for(len(prompt.ids))
+        plan = plan_cache(cache, prompt, rope_alpha)
+        if self.reuse_cache and plan.reuse == 0:
+            restored = self.prefixes.restore(conv.system, prompt, rope_alpha, cache)
+            metrics.PREFIX_SNAPSHOTS.labels(outcome="hit" if restored else "miss").inc()
+            if restored:
+                plan = CachePlan(restored, True, "system_prefix")
         metrics.CACHE_EVENTS.labels(event=plan.reason).inc()
         job.cached_tokens = plan.reuse
         logits = prefill_prompt(self.lm, cache, prompt, plan.reuse)
+        if self.reuse_cache and plan.reuse == 0 and self.prefixes.store(conv.system, prompt, rope_alpha, cache):
+            metrics.PREFIX_SNAPSHOTS.labels(outcome="stored").inc()
         job.t["prefilled"] = time.monotonic()
         metrics.TOKENS.labels(kind="prompt").inc(len(prompt.ids))
         metrics.TOKENS.labels(kind="reused").inc(plan.reuse)
@@ -466,10 +477,20 @@ class Worker:
         metrics.TOKENS.labels(kind="output").inc(done.output_tokens)
         metrics.observe_timings(done.timings_ms)
         metrics.ACTIVE.set(len(self.active))
-        evicted = evict_lru(list(self.conversations.values()), self.cfg.cache_budget_tokens)
+        self._enforce_cache_budget()
+
+    def _enforce_cache_budget(self) -> None:
+        """Snapshot tokens count in the budget: idle sessions are evicted first (a snapshot serves every new
+        session), snapshots are dropped only when busy sessions alone still exceed the budget."""
+        budget = self.cfg.cache_budget_tokens
+        convs = list(self.conversations.values())
+        evicted = evict_lru(convs, budget - self.prefixes.tokens)
         if evicted:
             metrics.CACHE_EVENTS.labels(event="evicted").inc(len(evicted))
-        metrics.CACHED_TOKENS.set(sum(c.cache.length for c in self.conversations.values()))
+        held = sum(c.cache.length for c in convs)
+        while held + self.prefixes.tokens > budget and self.prefixes.drop_oldest():
+            metrics.PREFIX_SNAPSHOTS.labels(outcome="dropped").inc()
+        metrics.CACHED_TOKENS.set(held + self.prefixes.tokens)
 
     def _done_event(self, job: Job, status: str, reason: str | None, text: str, error: str | None) -> ResponseDone:
         t, now = job.t, time.monotonic()

@@ -71,6 +71,25 @@ class KVCache:
         del self.token_ids[n:]
         self.segment_keys = [s for s in self.segment_keys if s[1] <= n]
 
+    def copy_prefix_from(self, other: KVCache, n: int) -> None:
+        """Replace this cache's contents with the first `n` positions of `other` (K/V, ids, audio spans, rope alpha);
+        `other` is only read (shared system-prompt snapshots are copied into many sessions)."""
+        dims = (self.n_layers, self.n_kv_heads, self.head_dim, self.dtype)
+        other_dims = (other.n_layers, other.n_kv_heads, other.head_dim, other.dtype)
+        if dims != other_dims:
+            raise ValueError(f"copy_prefix_from: cache shape {dims} differs from the source's {other_dims}")
+        if not 0 <= n <= other.length:
+            raise ValueError(f"copy_prefix_from: n={n} outside the source's 0..{other.length} stored positions")
+        self.length = 0
+        self.reserve(n)
+        for mine, theirs in ((self.k, other.k), (self.v, other.v)):
+            for layer in range(self.n_layers):
+                mine[layer][:, :n] = theirs[layer][:, :n]
+        self.length = n
+        self.token_ids = list(other.token_ids[:n])
+        self.segment_keys = [s for s in other.segment_keys if s[1] <= n]
+        self.rope_alpha = other.rope_alpha
+
     def reset(self) -> None:
         self.truncate(0)
         self.rope_alpha = 1.0
