@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import wave
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +55,19 @@ def wav_pcm16(path: Any) -> np.ndarray:
     from assistant.audio.io import load_audio
 
     return np.round(load_audio(path) * 32768.0).clip(-32768, 32767).astype(np.int16)
+
+
+GOLDEN_DIR = Path(__file__).resolve().parent / "data" / "qwen_golden"  # copies of the reference's golden clips
+
+
+def golden_clips() -> tuple[np.ndarray, np.ndarray]:
+    """The two golden espeak-ng clips (3.2 s and 2.1 s) as float32 samples on the int16 grid, for engine tests."""
+
+    def read(path: Path) -> np.ndarray:
+        with wave.open(str(path)) as w:
+            return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
+
+    return read(GOLDEN_DIR / "tiny.wav"), read(GOLDEN_DIR / "history_audio_2.wav")
 
 
 def b64(pcm: np.ndarray) -> str:

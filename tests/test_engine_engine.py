@@ -12,8 +12,6 @@ import asyncio
 import dataclasses
 import itertools
 import threading
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,17 +25,11 @@ from assistant.engine.decoding import sampling_params
 from assistant.engine.engine import Engine
 from assistant.engine.worker import prefill_prompt
 from assistant.generation import generate_stream
+from tests.server_util import golden_clips
 
 WAIT_S = 120.0  # the one timeout every wait in this file derives from (a hang fails instead of blocking CI)
-# Copies of the golden clips (tests are self-contained; history/audio_1.wav is the same clip as tiny/audio.wav).
-GOLDEN = Path(__file__).resolve().parent / "data" / "qwen_golden"
 GEN = GenerationConfig(greedy=True, max_new_tokens=8)
 GREEDY = ResponseOptions(greedy=True)
-
-
-def _wav(path: Path) -> np.ndarray:
-    with wave.open(str(path)) as w:
-        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +41,7 @@ def qwen_backend(tiny_qwen_dir):
 
 @pytest.fixture(scope="session")
 def clips():
-    return _wav(GOLDEN / "tiny.wav"), _wav(GOLDEN / "history_audio_2.wav")
+    return golden_clips()
 
 
 class Gate:

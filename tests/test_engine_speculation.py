@@ -9,8 +9,6 @@ speculation to have run without sleeping.
 from __future__ import annotations
 
 import asyncio
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,21 +17,15 @@ from assistant.backends.base import Utterance
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine.api import ResponseDone, ResponseOptions
 from assistant.engine.engine import Engine
-from tests.server_util import TIMEOUT_S, RecordingBackend
+from tests.server_util import TIMEOUT_S, RecordingBackend, golden_clips
 
-GOLDEN = Path(__file__).resolve().parent / "data" / "qwen_golden"
 GEN = GenerationConfig(greedy=True, max_new_tokens=8)
 GREEDY = ResponseOptions(greedy=True)
 
 
-def _wav(path: Path) -> np.ndarray:
-    with wave.open(str(path)) as w:
-        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
-
-
 @pytest.fixture(scope="module")
 def clips():
-    return _wav(GOLDEN / "tiny.wav"), _wav(GOLDEN / "history_audio_2.wav")
+    return golden_clips()
 
 
 @pytest.fixture
