@@ -254,11 +254,12 @@ async def test_lru_eviction_keeps_answers_correct(qwen_backend):
             for turn in range(2):
                 for s in ("a", "b", "c"):
                     out[s, turn] = await _ask(eng, s, f"{s}{turn}", text=f"Question {turn} from {s}?")
-        cached = sum(c.cache.length for c in engine._worker.conversations.values())
-        prefix_tokens = engine._worker.prefixes.tokens
     finally:
         await engine.stop()
         await fresh.stop()
+    # Read the worker's state only once it has stopped: it enforces the budget just after pushing response.done.
+    cached = sum(c.cache.length for c in engine._worker.conversations.values())
+    prefix_tokens = engine._worker.prefixes.tokens
     assert {k: d.output_ids for k, d in got.items()} == {k: d.output_ids for k, d in ref.items()}
     # "a" was evicted while "b" and "c" spoke: only the shared system-prompt snapshot serves its next answer
     assert got["a", 1].cached_tokens == prefix_tokens

@@ -166,12 +166,13 @@ async def test_eviction_reset_and_a_tiny_budget_stay_correct(backend):
             got = [await _ask(engine, s, f"{s}{i}", t, ins) for i, (s, t, ins) in enumerate(questions)]
             engine.reset_session("a")
             after_reset = await _ask(engine, "a", "a-reset", "Question 0 from a?")
-            w = engine._worker
-            n = w.prefixes.boundary(backend.default_system_prompt)
-            held = sum(c.cache.length for c in w.conversations.values()) + w.prefixes.tokens
-            snapshots = len(w.prefixes)
         finally:
             await engine.stop()
+        # Read the worker's state only once it has stopped: it enforces the budget just after pushing response.done.
+        w = engine._worker
+        n = w.prefixes.boundary(backend.default_system_prompt)
+        held = sum(c.cache.length for c in w.conversations.values()) + w.prefixes.tokens
+        snapshots = len(w.prefixes)
         ref = await _fresh_answers(backend, questions)
         assert [d.output_ids for d in got] == [d.output_ids for d in ref]
         assert after_reset.output_ids == ref[0].output_ids
