@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from assistant.checkpoint import pick_device, pick_dtype
 from assistant.models.kv_cache import KVCache
 
 
@@ -73,14 +74,13 @@ def cpu_supports_bf16() -> bool:
 
 
 def pick_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Config values (`model.device`, `model.dtype`) -> what to run on: CUDA when present, bf16 where native."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    """Config values (`model.device`, `model.dtype`) -> what to run on: CUDA when present, bf16 where native.
+    Only the "auto" dtype policy differs from the Qwen-Audio loader's (which keeps float32 on CPU for exactness)."""
+    dev = pick_device(device)
     if dtype == "auto":
         native = dev.type == "cuda" or cpu_supports_bf16()
         return dev, torch.bfloat16 if native else torch.float32
-    return dev, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return dev, pick_dtype(dtype, dev)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
