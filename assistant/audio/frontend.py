@@ -16,8 +16,9 @@ import functools
 import numpy as np
 import torch
 
-SAMPLE_RATE_HZ = 16000
-WINDOW_SAMPLES = 30 * SAMPLE_RATE_HZ  # 480000: one encoder window
+from assistant.audio import MODEL_RATE_HZ
+
+WINDOW_SAMPLES = 30 * MODEL_RATE_HZ  # 480000: one encoder window
 N_FFT, HOP, N_MELS = 400, 160, 80
 N_FRAMES = WINDOW_SAMPLES // HOP  # 3000
 MIN_SAMPLES = 480  # 30 ms: shorter clips give fewer than 2 encoder frames
@@ -36,8 +37,8 @@ def mel_filters() -> torch.Tensor:
         num_frequency_bins=N_FFT // 2 + 1,
         num_mel_filters=N_MELS,
         min_frequency=0.0,
-        max_frequency=SAMPLE_RATE_HZ / 2,
-        sampling_rate=SAMPLE_RATE_HZ,
+        max_frequency=MODEL_RATE_HZ / 2,
+        sampling_rate=MODEL_RATE_HZ,
         norm="slaney",
         mel_scale="slaney",
     )  # [201, 80]
@@ -52,7 +53,7 @@ def mel_frames(n_samples: int) -> int:
 def check_length(n_samples: int) -> None:
     if n_samples < MIN_SAMPLES:
         raise AudioTooShort(
-            f"audio is {n_samples} samples ({n_samples / SAMPLE_RATE_HZ * 1000:.1f} ms at 16 kHz); expected at least "
+            f"audio is {n_samples} samples ({n_samples / MODEL_RATE_HZ * 1000:.1f} ms at 16 kHz); expected at least "
             f"{MIN_SAMPLES} samples (30 ms): record a longer clip"
         )
 

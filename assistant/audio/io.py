@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-SAMPLE_RATE_HZ = 16000
+from assistant.audio import MODEL_RATE_HZ
 
 
 def to_pcm16_grid(x: np.ndarray) -> np.ndarray:
@@ -25,8 +25,8 @@ def to_16k_mono(samples: np.ndarray, rate_hz: int) -> np.ndarray:
     x = np.asarray(samples, dtype=np.float64)
     if x.ndim == 2:
         x = x.mean(axis=1)
-    if rate_hz != SAMPLE_RATE_HZ:
-        x = soxr.resample(x, rate_hz, SAMPLE_RATE_HZ, quality="HQ")
+    if rate_hz != MODEL_RATE_HZ:
+        x = soxr.resample(x, rate_hz, MODEL_RATE_HZ, quality="HQ")
     return to_pcm16_grid(x)
 
 
@@ -39,7 +39,7 @@ def load_audio(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"audio file {p} does not exist; pass an existing WAV/FLAC/OGG/MP3 file")
     try:
         info = soundfile.info(str(p))
-        if info.subtype == "PCM_16" and info.samplerate == SAMPLE_RATE_HZ and info.channels == 1:
+        if info.subtype == "PCM_16" and info.samplerate == MODEL_RATE_HZ and info.channels == 1:
             # The common case, exactly: integer samples / 32768, no float round trip.
             return soundfile.read(str(p), dtype="int16")[0].astype(np.float32) / 32768.0
         data, rate = soundfile.read(str(p), dtype="float64", always_2d=True)

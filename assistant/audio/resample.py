@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import soxr
 
-TARGET_RATE_HZ = 16000
+from assistant.audio import MODEL_RATE_HZ
+
 MIN_RATE_HZ = 8000
 MAX_RATE_HZ = 48000
 
@@ -19,7 +20,7 @@ MAX_RATE_HZ = 48000
 class StreamResampler:
     """int16 mono at `in_rate_hz` -> int16 mono at `out_rate_hz`, chunk by chunk."""
 
-    def __init__(self, in_rate_hz: int, out_rate_hz: int = TARGET_RATE_HZ) -> None:
+    def __init__(self, in_rate_hz: int, out_rate_hz: int = MODEL_RATE_HZ) -> None:
         if not MIN_RATE_HZ <= in_rate_hz <= MAX_RATE_HZ:
             raise ValueError(f"input sample rate must be in [{MIN_RATE_HZ}, {MAX_RATE_HZ}] Hz, got {in_rate_hz}")
         self.in_rate_hz = in_rate_hz

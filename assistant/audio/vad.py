@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import webrtcvad
 
-SAMPLE_RATE_HZ = 16000
+from assistant.audio import MODEL_RATE_HZ
+
 FRAME_MS_CHOICES = (10, 20, 30)
 # A candidate (not yet speech) interrupted by this much unvoiced audio is dropped: webrtcvad's own hangover already
 # bridges the short gaps between syllables, while a click or cough followed by a pause must not add up with the next.
@@ -123,8 +124,8 @@ class VadSegmenter:
     def __init__(self, params: VadParams | None = None, stream_offset_ms: int = 0) -> None:
         self.params = params or VadParams()
         self._vad = webrtcvad.Vad(self.params.aggressiveness)
-        self._frame_len = SAMPLE_RATE_HZ * self.params.frame_ms // 1000
-        self._offset_samples = stream_offset_ms * SAMPLE_RATE_HZ // 1000
+        self._frame_len = MODEL_RATE_HZ * self.params.frame_ms // 1000
+        self._offset_samples = stream_offset_ms * MODEL_RATE_HZ // 1000
         self._pos = 0  # samples consumed as whole frames
         self._rest = np.zeros(0, dtype=np.int16)  # samples not yet forming a whole frame
         self._ring: deque[np.ndarray] = deque(maxlen=max(1, self.params.prefix_padding_ms // self.params.frame_ms))
@@ -151,7 +152,7 @@ class VadSegmenter:
         events: list[VadEvent] = []
         for i in range(n_frames):
             frame = data[i * self._frame_len : (i + 1) * self._frame_len]
-            voiced = self._vad.is_speech(frame.tobytes(), SAMPLE_RATE_HZ)
+            voiced = self._vad.is_speech(frame.tobytes(), MODEL_RATE_HZ)
             events.extend(self._step(frame, voiced))
         self._rest = data[n_frames * self._frame_len :].copy()
         return events
@@ -178,7 +179,7 @@ class VadSegmenter:
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _ms(self, samples: int) -> int:
-        return (self._offset_samples + samples) * 1000 // SAMPLE_RATE_HZ
+        return (self._offset_samples + samples) * 1000 // MODEL_RATE_HZ
 
     def _reset_segment(self) -> None:
         self._frames: list[np.ndarray] = []
@@ -192,7 +193,7 @@ class VadSegmenter:
     def _step(self, frame: np.ndarray, voiced: bool) -> list[VadEvent]:
         p = self.params
         forced: list[VadEvent] = []
-        max_samples = p.max_utterance_ms * SAMPLE_RATE_HZ // 1000
+        max_samples = p.max_utterance_ms * MODEL_RATE_HZ // 1000
         if self._state != _IDLE and self._pos + len(frame) - self._seg_start > max_samples:
             # This frame would push the turn past max_utterance_ms: cut before it (the turn fits one audio window);
             # the frame then opens the next turn. A pending candidate this long is dropped, not committed.
@@ -239,7 +240,7 @@ class VadSegmenter:
             return self._maybe_confirm()
         # speech
         if self._unvoiced_run_ms >= p.silence_duration_ms:
-            pad = p.prefix_padding_ms * SAMPLE_RATE_HZ // 1000
+            pad = p.prefix_padding_ms * MODEL_RATE_HZ // 1000
             end = min(self._pos, self._last_voiced_end + pad)
             stopped = SpeechStopped(self._ms(self._last_voiced_end))
             return [stopped, self._commit(end, forced=False)]
@@ -251,7 +252,7 @@ class VadSegmenter:
 
     def _tentative_end(self) -> TentativeEnd:
         """The audio `_commit` would cut if the silence lasts: the trailing padding is complete by now."""
-        pad = self.params.prefix_padding_ms * SAMPLE_RATE_HZ // 1000
+        pad = self.params.prefix_padding_ms * MODEL_RATE_HZ // 1000
         end = min(self._pos, self._last_voiced_end + pad)
         audio = np.concatenate(self._frames)[: end - self._seg_start]
         return TentativeEnd(audio, self._ms(self._seg_start), self._ms(end), self._turn)

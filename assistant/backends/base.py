@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from assistant.audio import MODEL_RATE_HZ
+
 if TYPE_CHECKING:  # the server imports `Utterance` from here and must never import torch
     import torch
 
     from assistant.models.kv_cache import KVCache
-
-SAMPLE_RATE_HZ = 16000
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Utterance:
 
     @property
     def audio_s(self) -> float:
-        return 0.0 if self.audio is None else len(self.audio) / SAMPLE_RATE_HZ
+        return 0.0 if self.audio is None else len(self.audio) / MODEL_RATE_HZ
 
 
 @dataclass

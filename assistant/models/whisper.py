@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from assistant.audio import MODEL_RATE_HZ
 from assistant.audio.frontend import HOP, MIN_SAMPLES, N_FRAMES, log_mel
 
 
@@ -220,7 +221,7 @@ class WhisperTranscriber:
         """[n_mels, frames]: the clip followed by `pad_s` seconds of padding (silence frames of the 30 s window),
         at most the whole window; frames rounded up to even (the second convolution has stride 2)."""
         m = log_mel(audio[: N_FRAMES * HOP])
-        frames = min(N_FRAMES, max(2, -(-len(audio) // HOP) + int(pad_s * 16000) // HOP))
+        frames = min(N_FRAMES, max(2, -(-len(audio) // HOP) + int(pad_s * MODEL_RATE_HZ) // HOP))
         return m[:, : frames + frames % 2]
 
     @torch.inference_mode()
@@ -264,7 +265,7 @@ class WhisperTranscriber:
         prompt = torch.tensor([[self.sot, lang, self.transcribe, self.no_timestamps] for lang in langs])
         logits, kv = m.decode(prompt, cross, None, cross_mask)
         # A cap on tokens per second of audio stops a runaway loop that the repetition check would miss.
-        limits = [min(m.dims.max_target_positions - 8, 16 + int(6 * len(a) / 16000)) for a in audios]
+        limits = [min(m.dims.max_target_positions - 8, 16 + int(6 * len(a) / MODEL_RATE_HZ)) for a in audios]
         if max_tokens is not None:
             limits = [min(x, max_tokens) for x in limits]
         out: list[list[int]] = [[] for _ in range(b)]

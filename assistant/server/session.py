@@ -43,7 +43,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from assistant.audio.resample import StreamResampler
 from assistant.audio.vad import (
-    SAMPLE_RATE_HZ,
+    MODEL_RATE_HZ,
     Committed,
     SpeechStarted,
     SpeechStopped,
@@ -300,7 +300,7 @@ class RealtimeSession:
         if len(pcm16k) == 0:
             return
         self._audio_samples += len(pcm16k)
-        self._audio_ms = self._audio_samples * 1000 // SAMPLE_RATE_HZ
+        self._audio_ms = self._audio_samples * 1000 // MODEL_RATE_HZ
         if self._vad is None:
             self._ptt.append(pcm16k)
             self._trim_ptt()
@@ -309,7 +309,7 @@ class RealtimeSession:
             self._on_vad_event(vev)
 
     def _trim_ptt(self) -> None:
-        limit = MAX_BUFFER_MS * SAMPLE_RATE_HZ // 1000
+        limit = MAX_BUFFER_MS * MODEL_RATE_HZ // 1000
         total = sum(len(c) for c in self._ptt)
         if total > limit:
             self._ptt = [np.concatenate(self._ptt)[total - limit :]]
@@ -346,15 +346,15 @@ class RealtimeSession:
         if self._vad is not None:
             events = self._vad.commit_now()
             committed = [e for e in events if isinstance(e, Committed)]
-            if committed and len(committed[0].audio) * 1000 >= P.MIN_COMMIT_MS * SAMPLE_RATE_HZ:
+            if committed and len(committed[0].audio) * 1000 >= P.MIN_COMMIT_MS * MODEL_RATE_HZ:
                 for vev in events:
                     self._on_vad_event(vev)
                 return
-            audio_ms = len(committed[0].audio) * 1000 // SAMPLE_RATE_HZ if committed else 0
+            audio_ms = len(committed[0].audio) * 1000 // MODEL_RATE_HZ if committed else 0
         else:
             self._feed_16k(self._resampler.flush())
             audio = np.concatenate(self._ptt) if self._ptt else np.zeros(0, dtype=np.int16)
-            audio_ms = len(audio) * 1000 // SAMPLE_RATE_HZ
+            audio_ms = len(audio) * 1000 // MODEL_RATE_HZ
             if audio_ms >= P.MIN_COMMIT_MS:
                 self._ptt = []
                 self._commit_audio(audio, respond=False)
@@ -377,7 +377,7 @@ class RealtimeSession:
             "session %s: utterance %s committed (%d ms of audio%s)",
             self.id,
             item_id,
-            len(audio) * 1000 // SAMPLE_RATE_HZ,
+            len(audio) * 1000 // MODEL_RATE_HZ,
             ", prepared during the silence" if speculated else "",
         )
         if respond:

@@ -1,7 +1,7 @@
 // Browser client: microphone -> AudioWorklet (16 kHz PCM16) -> WebSocket (binary frames, our protocol extension);
 // server events -> the page: VAD state, each user turn, each answer as it streams (elements with class "assistant"),
 // per-turn latency, errors in plain words. No build step: plain ES modules served by the assistant server at GET /.
-import { TARGET_RATE_HZ } from "./downsample.js";
+import { MODEL_RATE_HZ } from "./downsample.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = { start: $("start"), stop: $("stop"), vad: $("vad"), connection: $("connection"), error: $("error"), log: $("log") };
@@ -183,8 +183,8 @@ async function start() {
   ui.connection.textContent = "connecting…";
 
   ws.onopen = () => {
-    ui.connection.textContent = `connected (${context.sampleRate} Hz mic → ${TARGET_RATE_HZ} Hz)`;
-    ws.send(JSON.stringify({ type: "session.update", session: { type: "realtime", output_modalities: ["text"], input_sample_rate: TARGET_RATE_HZ } }));
+    ui.connection.textContent = `connected (${context.sampleRate} Hz mic → ${MODEL_RATE_HZ} Hz)`;
+    ws.send(JSON.stringify({ type: "session.update", session: { type: "realtime", output_modalities: ["text"], input_sample_rate: MODEL_RATE_HZ } }));
     capture.port.onmessage = (e) => {
       if (ws.readyState === WebSocket.OPEN) ws.send(e.data);
     };

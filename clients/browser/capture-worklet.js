@@ -1,13 +1,13 @@
 // AudioWorklet processor: microphone samples (AudioContext rate) -> 16 kHz PCM16 blocks of 20 ms, posted to the page.
 // Runs on the audio rendering thread; it only converts and batches, the page owns the WebSocket.
-import { Downsampler, TARGET_RATE_HZ } from "./downsample.js";
+import { Downsampler, MODEL_RATE_HZ } from "./downsample.js";
 
-const BLOCK_SAMPLES = (TARGET_RATE_HZ * 20) / 1000; // 320 samples = 20 ms at 16 kHz
+const BLOCK_SAMPLES = (MODEL_RATE_HZ * 20) / 1000; // 320 samples = 20 ms at 16 kHz
 
 class Pcm16Capture extends AudioWorkletProcessor {
   constructor() {
     super();
-    this.downsampler = new Downsampler(sampleRate, TARGET_RATE_HZ); // `sampleRate` is the worklet global
+    this.downsampler = new Downsampler(sampleRate, MODEL_RATE_HZ); // `sampleRate` is the worklet global
     this.block = new Int16Array(BLOCK_SAMPLES);
     this.filled = 0;
     this.running = true;

@@ -3,7 +3,7 @@
 // A windowed-sinc low-pass (cutoff 0.45 x the output rate, so nothing above 7.2 kHz aliases into speech) evaluated at
 // the fractional input position of each output sample (linear interpolation between two filtered points).
 
-export const TARGET_RATE_HZ = 16000;
+export const MODEL_RATE_HZ = 16000;
 
 export function lowpassKernel(inRateHz, outRateHz, zeroCrossings = 16) {
   const cutoff = (0.45 * outRateHz) / inRateHz; // cycles per input sample
@@ -23,7 +23,7 @@ export function lowpassKernel(inRateHz, outRateHz, zeroCrossings = 16) {
 }
 
 export class Downsampler {
-  constructor(inRateHz, outRateHz = TARGET_RATE_HZ) {
+  constructor(inRateHz, outRateHz = MODEL_RATE_HZ) {
     if (inRateHz < outRateHz) throw new Error(`cannot downsample ${inRateHz} Hz to ${outRateHz} Hz: input is slower`);
     this.step = inRateHz / outRateHz; // input samples per output sample
     this.passthrough = inRateHz === outRateHz;
