@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.logging.level)
     try:
         if args.command == "serve":
-            from assistant.server.app import serve
+            from assistant.transport.server import serve
 
             return serve(cfg)
         if args.command == "ask":

@@ -32,7 +32,7 @@ import websockets
 
 from assistant.config import load_config
 from assistant.engine import metrics
-from assistant.server.app import running_server
+from assistant.transport.server import running_server
 from bench.embedded_latency import QUESTIONS, synthesize
 
 FRAME_MS = 20

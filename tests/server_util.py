@@ -123,3 +123,9 @@ class RecordingBackend:
         with self._cond:
             if not self._cond.wait_for(lambda: len(self.calls) >= count, TIMEOUT_S):
                 raise TimeoutError(f"expected {count} prepare calls, saw {len(self.calls)}")
+
+
+async def worker_conversation(engine: Any, session_id: str) -> Any:
+    """The engine's `Conversation` of `session_id`, fetched on the worker thread that owns it (after every command
+    sent before this call was handled). Tests read its fields for their assertions only."""
+    return await engine.call(lambda _backend: engine._worker.conversations[session_id])

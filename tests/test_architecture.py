@@ -10,7 +10,8 @@ import pytest
 @pytest.mark.parametrize(
     "modules",
     [
-        ["assistant.server.app", "assistant.server.session", "assistant.server.protocol", "assistant.mqtt_bridge"],
+        ["assistant.transport.server", "assistant.transport.websocket", "assistant.transport.mqtt"],
+        ["assistant.realtime.session", "assistant.realtime.protocol", "assistant.realtime.events"],
         ["assistant.cli", "assistant.config", "assistant.engine.api", "assistant.backends.base"],
     ],
 )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.server.app import running_server
+from assistant.transport.server import running_server
 from tests.conftest import CLIENT_TIMEOUT_S
 from tests.server_util import make_cfg, tiny_qwen_cfg
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.server.app import running_server
+from assistant.transport.server import running_server
 from tests.conftest import CLIENT_TIMEOUT_S, free_loopback_port
 from tests.server_util import tiny_qwen_cfg
 

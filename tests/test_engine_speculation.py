@@ -17,7 +17,7 @@ from assistant.backends.base import Utterance
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine.api import ResponseDone, ResponseOptions
 from assistant.engine.engine import Engine
-from tests.server_util import TIMEOUT_S, RecordingBackend, golden_clips
+from tests.server_util import TIMEOUT_S, RecordingBackend, golden_clips, worker_conversation
 
 GEN = GenerationConfig(greedy=True, max_new_tokens=8)
 GREEDY = ResponseOptions(greedy=True)
@@ -73,7 +73,7 @@ async def test_confirmed_speculation_runs_prepare_once_and_answers_the_same(rec_
     await engine.add_user_turn("s", u1)
     first = await _answer(engine, "s")
     await _speculated(rec, engine, "s", u2)
-    conv = engine._conv("s")
+    conv = await worker_conversation(engine, "s")
     assert not conv.pending and len(conv.history) == 1 and conv.audio_count == 1  # nothing entered yet
     info = await engine.confirm_user_turn("s", Utterance("a2", audio=clips[1].copy()))
     second = await _answer(engine, "s")
@@ -98,7 +98,7 @@ async def test_changed_audio_discards_the_speculation_and_does_the_work_again(re
     assert not info.speculative and info.audio_s == pytest.approx(len(full) / 16000)
     assert rec.runs("x")[-2:] == [len(clips[0]), len(full)]
     _same(done, base)
-    assert not engine._conv("s").speculative
+    assert not (await worker_conversation(engine, "s")).speculative
 
 
 async def test_stale_audio_number_is_not_reused(rec_engine, clips):
@@ -122,7 +122,7 @@ async def test_discard_reset_and_close_leave_no_trace(rec_engine, clips):
     u1, u2 = Utterance("a1", audio=clips[0]), Utterance("a2", audio=clips[1])
     [base1] = await _baseline(engine, "base", [u1])
     engine.open_session("s")
-    conv = engine._conv("s")
+    conv = await worker_conversation(engine, "s")
     # discard: nothing pending, so a response has nothing to answer; history and cache untouched
     await _speculated(rec, engine, "s", u2)
     engine.discard_user_turn("s", "a2")

@@ -21,8 +21,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from assistant.mqtt_bridge import Outbox, Topics, parse_mqtt_url, run_mqtt_bridge
-from assistant.server.app import running_server
+from assistant.transport.mqtt import Outbox, Topics, parse_mqtt_url, run_mqtt_bridge
+from assistant.transport.server import running_server
 from clients import mqtt as device_client
 from tests.conftest import CLIENT_TIMEOUT_S
 from tests.server_util import make_cfg, tiny_qwen_cfg

@@ -18,7 +18,7 @@ from openai.types.realtime import RealtimeServerEvent as GAServerEvent
 from pydantic import TypeAdapter, ValidationError
 from websockets.exceptions import InvalidStatus
 
-from assistant.server.app import running_server
+from assistant.transport.server import running_server
 from tests.server_util import TIMEOUT_S, b64, recv_event, silence, vowel, wav_pcm16
 from tests.server_util import make_cfg as server_cfg
 

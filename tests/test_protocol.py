@@ -10,8 +10,9 @@ from openai.types.beta.realtime import RealtimeServerEvent as BetaServerEvent
 from openai.types.realtime import RealtimeServerEvent as GAServerEvent
 from pydantic import TypeAdapter
 
-from assistant.server import protocol as P
-from assistant.server import settings as S
+from assistant.realtime import protocol as P
+from assistant.realtime import settings as S
+from assistant.realtime.events import EventFactory
 
 GA, BETA = TypeAdapter(GAServerEvent), TypeAdapter(BetaServerEvent)
 
@@ -52,7 +53,7 @@ def test_ga_nested_update():
     assert new.turn_detection.prefix_padding_ms == st.turn_detection.prefix_padding_ms  # untouched keys kept
     new2, _ = S.apply_session_update(new, {"audio": {"input": {"turn_detection": None}}, "input_sample_rate": 16000})
     assert new2.turn_detection is None and new2.input_rate_hz == 16000
-    shown = P.EventFactory("ga").session(new2, "sess_1")
+    shown = EventFactory("ga").session(new2, "sess_1")
     GA.validate_python({"type": "session.updated", "event_id": "e", "session": shown}, strict=True)
     assert "rate" not in shown["audio"]["input"]["format"] and shown["input_sample_rate"] == 16000
 
@@ -70,7 +71,7 @@ def test_beta_flat_update_and_rendering():
     new, warnings = S.apply_session_update(st, session)
     assert {w.code for w in warnings} == {"audio_output_unsupported"} and len(warnings) == 2
     assert new.turn_detection.create_response is False and new.temperature == 0.8
-    shown = P.EventFactory("beta").session(new, "sess_1")
+    shown = EventFactory("beta").session(new, "sess_1")
     BETA.validate_python({"type": "session.created", "event_id": "e", "session": shown}, strict=True)
     assert shown["modalities"] == ["text"]
 
@@ -85,7 +86,7 @@ def test_fatal_update_changes_nothing():
 
 
 def test_event_factory_ids_and_dialects():
-    ga, beta = P.EventFactory("ga"), P.EventFactory("beta")
+    ga, beta = EventFactory("ga"), EventFactory("beta")
     ids = {ga.event("input_audio_buffer.cleared")["event_id"] for _ in range(1000)}
     assert len(ids) == 1000
     where = {"response_id": "r", "item_id": "i", "output_index": 0, "content_index": 0}

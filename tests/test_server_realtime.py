@@ -15,8 +15,9 @@ from openai.types.realtime import RealtimeServerEvent
 from pydantic import TypeAdapter
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from assistant.server import protocol as P
-from assistant.server.app import AssistantServer, running_server
+from assistant.realtime import protocol as P
+from assistant.transport.server import running_server
+from assistant.transport.websocket import AssistantServer
 from tests.server_util import (
     TIMEOUT_S,
     b64,
@@ -249,9 +250,13 @@ async def test_input_audio_buffer_clear(server):
 
 async def test_session_not_ready_before_start(server):
     sent = []
-    session = server.hub.create_session(sent.append, "ga", 16000)
+
+    async def close(code, reason):
+        raise AssertionError("the hub must not close a session that is only being set up")
+
+    session = server.hub.open("websocket", sent.append, close, "ga", 16000)
     try:
-        await session.handle_audio(vowel(100).tobytes())
+        session.receive_audio(vowel(100).tobytes())
         assert sent[0]["type"] == "error" and sent[0]["error"]["code"] == "session_not_ready"
         await session.start()
         assert sent[1]["type"] == "session.created"

@@ -15,8 +15,18 @@ import websockets
 
 from assistant.backends.base import Utterance
 from assistant.config import load_config
-from assistant.server.app import running_server
-from tests.server_util import TIMEOUT_S, RecordingBackend, chunks, recv_event, recv_until, send_json, silence, vowel
+from assistant.transport.server import running_server
+from tests.server_util import (
+    TIMEOUT_S,
+    RecordingBackend,
+    chunks,
+    recv_event,
+    recv_until,
+    send_json,
+    silence,
+    vowel,
+    worker_conversation,
+)
 
 # 450 ms of silence after speech: past the tentative end (300 ms: the prefix padding) plus webrtcvad's ~100 ms
 # hangover, well short of the 600 ms that commits.
@@ -61,10 +71,10 @@ async def gone(srv) -> None:
         await asyncio.sleep(0.01)
 
 
-def conversation(srv):
+async def conversation(srv):
     """The engine conversation of the server's only session."""
     [session] = srv.hub.sessions.values()
-    return srv.engine._conv(session.id)
+    return await worker_conversation(srv.engine, session.id)
 
 
 async def run_script(backend, early_prepare_ms: int, steps: list) -> tuple[dict, list[dict], RecordingBackend, dict]:
@@ -85,7 +95,7 @@ async def run_script(backend, early_prepare_ms: int, steps: list) -> tuple[dict,
             elif early_prepare_ms:
                 await until_prepared(rec, 1)
         done = await recv_until(ws, "response.done", log)
-        conv = conversation(srv)
+        conv = await conversation(srv)
         state = {"speculative": len(conv.speculative), "history": len(conv.history), "audios": conv.audio_count}
         await ws.close()
     return done, log, rec, state
@@ -146,7 +156,7 @@ async def test_close_during_speculation_forgets_it(server_tiny_backend):
     async with running_server(make_cfg(200), backend=rec) as srv:
         ws = await open_session(srv)
         [session] = srv.hub.sessions.values()
-        conv = srv.engine._conv(session.id)
+        conv = await worker_conversation(srv.engine, session.id)
         await send_pcm(ws, np.concatenate([vowel(600), silence(TENTATIVE_SILENCE_MS)]))
         await until_prepared(rec, 1)
         await ws.close()

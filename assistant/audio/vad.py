@@ -23,14 +23,15 @@ States: idle -> pending -> speech -> idle.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import webrtcvad
 
 from assistant.audio import MODEL_RATE_HZ
+from assistant.schema import bounds, check_fields
 
-FRAME_MS_CHOICES = (10, 20, 30)
 # A candidate (not yet speech) interrupted by this much unvoiced audio is dropped: webrtcvad's own hangover already
 # bridges the short gaps between syllables, while a click or cough followed by a pause must not add up with the next.
 PENDING_GAP_MS = 150
@@ -39,13 +40,16 @@ MAX_UTTERANCE_LIMIT_MS = 30000
 
 @dataclass(frozen=True)
 class VadParams:
-    aggressiveness: int = 2
-    frame_ms: int = 30
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 600
-    min_speech_ms: int = 250
-    max_utterance_ms: int = 30000
-    early_prepare_ms: int = 0  # 0 = no TentativeEnd events
+    """The segmenter's knobs. Their types and ranges are declared here once (`assistant.schema`); the config's
+    `[vad]` section and the sessions' `turn_detection` are this dataclass extended (`realtime.settings`)."""
+
+    aggressiveness: int = field(default=2, metadata=bounds(0, 3))  # webrtcvad: 0 keeps most .. 3 drops most
+    frame_ms: Literal[10, 20, 30] = 30  # the frame lengths webrtcvad accepts
+    prefix_padding_ms: int = field(default=300, metadata=bounds(0, 2000))
+    silence_duration_ms: int = field(default=600, metadata=bounds(100, 5000))
+    min_speech_ms: int = field(default=250, metadata=bounds(0, 5000))
+    max_utterance_ms: int = field(default=30000, metadata=bounds(1000, MAX_UTTERANCE_LIMIT_MS))
+    early_prepare_ms: int = field(default=0, metadata=bounds(0, 5000))  # 0 = no TentativeEnd events
 
     @property
     def tentative_ms(self) -> int | None:
@@ -57,24 +61,7 @@ class VadParams:
         return ms if ms < self.silence_duration_ms else None
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.aggressiveness not in (0, 1, 2, 3):
-            problems.append(f"aggressiveness must be 0, 1, 2 or 3, got {self.aggressiveness!r}")
-        if self.frame_ms not in FRAME_MS_CHOICES:
-            problems.append(f"frame_ms must be 10, 20 or 30, got {self.frame_ms!r}")
-        if not 0 <= self.prefix_padding_ms <= 2000:
-            problems.append(f"prefix_padding_ms must be in [0, 2000], got {self.prefix_padding_ms!r}")
-        if not 100 <= self.silence_duration_ms <= 5000:
-            problems.append(f"silence_duration_ms must be in [100, 5000], got {self.silence_duration_ms!r}")
-        if not 0 <= self.min_speech_ms <= 5000:
-            problems.append(f"min_speech_ms must be in [0, 5000], got {self.min_speech_ms!r}")
-        if not 1000 <= self.max_utterance_ms <= MAX_UTTERANCE_LIMIT_MS:
-            limit = MAX_UTTERANCE_LIMIT_MS
-            problems.append(f"max_utterance_ms must be in [1000, {limit}], got {self.max_utterance_ms!r}")
-        if not 0 <= self.early_prepare_ms <= 5000:
-            problems.append(f"early_prepare_ms must be in [0, 5000] (0 = off), got {self.early_prepare_ms!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        check_fields(self)
 
 
 @dataclass(frozen=True)

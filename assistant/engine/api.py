@@ -29,8 +29,16 @@ forgets a speculation (unknown keys are ignored); `reset_session`/`close_session
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+def new_id(prefix: str) -> str:
+    """The one id scheme (`resp_...`, `item_...`, `sess_...`, `event_...`): 80 random bits, unique per process and
+    across restarts. Response ids are made by the caller of `respond` (the session core) or, when it passes none,
+    by the engine, always here."""
+    return f"{prefix}_{secrets.token_hex(10)}"
 
 
 class ServerBusy(Exception):
@@ -85,3 +93,4 @@ class ResponseDone:
     timings_ms: dict[str, float]  # queue, encode, prefill, first_token, decode, total
     error: str | None = None  # status "failed": what went wrong
     cached_tokens: int = 0  # leading prompt tokens served from the session's KV cache (not prefilled again)
+    error_code: str | None = None  # status "failed": the protocol code (None = "response_failed")

@@ -1,64 +1,83 @@
 """`Engine`: the asyncio-facing shell of the inference engine (public surface documented in `api.py`).
 
-Every method here runs on the event loop and only enqueues commands for the worker thread (`worker.py`), which
-owns the backend, the model and every KV cache; the event loop never runs model code. Results come back through
-concurrent futures (user turns) and bounded `ResponseStream`s (responses).
+Every method here runs on the event loop and only sends typed commands (`commands.py`) to the worker thread
+(`worker.py`), which owns the backend, the model, every `Conversation` and every KV cache; the event loop never runs
+model code and never touches model state. Results come back through concurrent futures (user turns, `call`) and
+bounded `ResponseStream`s (responses).
 
-Admission control is decided here, synchronously: at most `max_active` responses decode together and at most
-`max_queued` more wait for a slot; `respond` beyond that raises `ServerBusy` at once (never an unbounded wait).
-One response at a time per session: a second `respond` while one is queued or running raises
-`ConversationBusy` (OpenAI code `conversation_already_has_active_response`).
+    engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)   # weights load on the worker
+    await engine.start()                                   # raises what the load raised
+
+Admission control is decided here, synchronously, from the loop's own bookkeeping (open session ids, outstanding
+response ids): at most `max_active` responses decode together and at most `max_queued` more wait for a slot;
+`respond` beyond that raises `ServerBusy` at once (never an unbounded wait). One response at a time per session: a
+second `respond` while one is outstanding raises `ConversationBusy`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from assistant.backends.base import Backend, Utterance
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine import metrics
-from assistant.engine.api import ConversationBusy, ResponseOptions, ServerBusy, TurnInfo, UnknownSession
-from assistant.engine.conversation import Conversation
-from assistant.engine.stream import ResponseStream
-from assistant.engine.worker import (
+from assistant.engine.api import ConversationBusy, ResponseOptions, ServerBusy, TurnInfo, UnknownSession, new_id
+from assistant.engine.commands import (
+    CallCmd,
     CancelCmd,
+    CloseSessionCmd,
     DiscardCmd,
-    Job,
+    InstructionsCmd,
+    OpenSessionCmd,
     PrepareCmd,
+    ResetSessionCmd,
     RespondCmd,
-    SessionCmd,
     SpeculateCmd,
     StopCmd,
-    Worker,
 )
+from assistant.engine.stream import ResponseStream
+from assistant.engine.worker import Worker
 
-_ids = itertools.count(1)
+T = TypeVar("T")
 
 
 class Engine:
     def __init__(
-        self, backend: Backend, engine_cfg: EngineConfig, gen_cfg: GenerationConfig, *, reuse_cache: bool = True
+        self,
+        backend: Backend | None,
+        engine_cfg: EngineConfig,
+        gen_cfg: GenerationConfig,
+        *,
+        reuse_cache: bool = True,
+        load: Callable[[], Backend] | None = None,
     ):
-        """`reuse_cache=False` makes every response prefill its whole prompt (the benchmark's baseline)."""
-        self.backend = backend
+        """An already loaded `backend`, or `load` to build it on the worker thread at `start`.
+        `reuse_cache=False` makes every response prefill its whole prompt (the benchmark's baseline)."""
         self.cfg = engine_cfg
         self.gen_cfg = gen_cfg
-        self._worker = Worker(backend, engine_cfg, gen_cfg, reuse_cache)
-        self._lock = threading.Lock()  # guards the admission counters and session/response maps below
-        self._sessions: dict[str, Conversation] = {}
+        self._worker = Worker(engine_cfg, gen_cfg, reuse_cache, backend=backend, load=load)
+        self._lock = threading.Lock()  # the worker's on_finish also reads/writes the maps below
+        self._sessions: set[str] = set()
         self._responses: dict[str, ResponseStream] = {}  # response id -> stream, until its ResponseDone
         self._by_session: dict[str, str] = {}  # session id -> its outstanding response id
         self._started = False
 
+    @classmethod
+    def loading(cls, load: Callable[[], Backend], engine_cfg: EngineConfig, gen_cfg: GenerationConfig) -> Engine:
+        return cls(None, engine_cfg, gen_cfg, load=load)
+
     # ---- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start the worker; returns once the backend is loaded (raises the load's error)."""
         if not self._started:
             self._worker.thread.start()
             self._started = True
+        await asyncio.wrap_future(self._worker.loaded)
 
     async def stop(self) -> None:
         """Cancel everything outstanding (each stream still gets its ResponseDone) and join the worker."""
@@ -69,41 +88,50 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self._started and self._worker.thread.is_alive()
+        loaded = self._worker.loaded
+        return self._started and loaded.done() and loaded.exception() is None and self._worker.thread.is_alive()
+
+    @property
+    def backend(self) -> Backend:
+        """The loaded backend (read-only use on the loop: its name, tokenizer facts)."""
+        return self._worker.loaded.result(timeout=0)
+
+    async def call(self, fn: Callable[[Backend], T]) -> T:
+        """Run `fn(backend)` on the worker between two decode steps (benchmarks' baselines, tests)."""
+        self._require_started()
+        reply: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._worker.commands.put(CallCmd(fn, reply))
+        return await asyncio.wrap_future(reply)
 
     # ---- sessions -----------------------------------------------------------------------------------------------
     def open_session(self, session_id: str, instructions: str | None = None) -> None:
-        cache = self.backend.lm.new_cache()
-        cache.release()  # storage grows on the first prefill; an idle session costs nothing
-        system = instructions or self.backend.default_system_prompt
-        conv = Conversation(session_id=session_id, system=system, cache=cache)
         with self._lock:
             if session_id in self._sessions:
                 raise ValueError(f"session {session_id!r} is already open; close it first or use another id")
-            self._sessions[session_id] = conv
-        self._worker.commands.put(SessionCmd(conv, "open"))
+            self._sessions.add(session_id)
+        self._worker.commands.put(OpenSessionCmd(session_id, instructions))
 
     def close_session(self, session_id: str) -> None:
         """Forget the session; its outstanding response ends with ResponseDone(cancelled, "session_closed")."""
         with self._lock:
-            conv = self._sessions.pop(session_id, None)
-        if conv is not None:
-            self._worker.commands.put(SessionCmd(conv, "close"))
+            known = session_id in self._sessions
+            self._sessions.discard(session_id)
+        if known:
+            self._worker.commands.put(CloseSessionCmd(session_id))
 
     def reset_session(self, session_id: str) -> None:
         """`conversation.reset`: history, pending turns and cache are dropped; the outstanding response is cancelled."""
-        self._worker.commands.put(SessionCmd(self._conv(session_id), "reset"))
+        self._worker.commands.put(ResetSessionCmd(self._open(session_id)))
 
     def set_instructions(self, session_id: str, instructions: str | None) -> None:
         """Replace the system text (None or "" = the backend default); applies from the next response."""
-        self._worker.commands.put(SessionCmd(self._conv(session_id), "instructions", instructions))
+        self._worker.commands.put(InstructionsCmd(self._open(session_id), instructions))
 
-    def _conv(self, session_id: str) -> Conversation:
+    def _open(self, session_id: str) -> str:
         with self._lock:
-            conv = self._sessions.get(session_id)
-        if conv is None:
-            raise UnknownSession(session_id)
-        return conv
+            if session_id not in self._sessions:
+                raise UnknownSession(session_id)
+        return session_id
 
     @property
     def session_ids(self) -> list[str]:
@@ -124,40 +152,43 @@ class Engine:
     def speculate_user_turn(self, session_id: str, utterance: Utterance) -> None:
         """Start this turn's audio work now, before it is committed; returns at once. Nothing enters the
         conversation until `confirm_user_turn`; `discard_user_turn` (or a reset/close) forgets it."""
-        conv = self._conv(session_id)
         self._require_started()
-        self._worker.commands.put(SpeculateCmd(conv, utterance, time.monotonic()))
+        self._worker.commands.put(SpeculateCmd(self._open(session_id), utterance, time.monotonic()))
 
     def discard_user_turn(self, session_id: str, key: str) -> None:
         """Forget the speculation of `key` (not yet run: it never runs). Unknown sessions and keys are ignored."""
-        with self._lock:
-            conv = self._sessions.get(session_id)
-        if conv is not None and self.ready:
-            self._worker.commands.put(DiscardCmd(conv, key))
+        if self.ready:
+            self._worker.commands.put(DiscardCmd(session_id, key))
 
     async def _submit_turn(self, session_id: str, utterance: Utterance, confirm: bool) -> TurnInfo:
-        conv = self._conv(session_id)
+        self._open(session_id)
         self._require_started()
         reply: concurrent.futures.Future[TurnInfo] = concurrent.futures.Future()
-        self._worker.commands.put(PrepareCmd(conv, utterance, time.monotonic(), reply, confirm))
+        self._worker.commands.put(PrepareCmd(session_id, utterance, time.monotonic(), reply, confirm))
         try:
             return await asyncio.wrap_future(reply)
         except asyncio.CancelledError:
             reply.cancel()  # the worker skips it if it has not started yet
             raise
 
-    def respond(self, session_id: str, options: ResponseOptions | None = None) -> ResponseStream:
-        """Start answering the session's pending turns. Raises `ServerBusy` over the admission limits and
-        `ConversationBusy` while this session already has a response outstanding."""
-        conv = self._conv(session_id)
+    def respond(
+        self, session_id: str, options: ResponseOptions | None = None, response_id: str | None = None
+    ) -> ResponseStream:
+        """Start answering the session's pending turns under `response_id` (the caller's, e.g. the protocol's; a new
+        one when None). Raises `ServerBusy` over the admission limits and `ConversationBusy` while this session
+        already has a response outstanding."""
+        self._open(session_id)
         self._require_started()
         loop = asyncio.get_running_loop()
+        response_id = response_id or new_id("resp")
         with self._lock:
             if session_id in self._by_session:
                 raise ConversationBusy(
                     f"session {session_id!r} already has response {self._by_session[session_id]} in progress; "
                     "wait for its response.done or cancel it first"
                 )
+            if response_id in self._responses:
+                raise ValueError(f"response id {response_id!r} is already in use; pass a new one")
             limit = self.cfg.max_active + self.cfg.max_queued
             if len(self._responses) >= limit:
                 metrics.ADMISSION_REJECTED.inc()
@@ -165,21 +196,19 @@ class Engine:
                     f"engine at capacity: {len(self._responses)} responses outstanding (max_active "
                     f"{self.cfg.max_active} + max_queued {self.cfg.max_queued}); retry shortly"
                 )
-            response_id = f"resp_{next(_ids):06d}"
             stream = ResponseStream(response_id, session_id, loop, self.cfg.delta_queue_size, self.cancel)
             self._responses[response_id] = stream
             self._by_session[session_id] = response_id
-            conv.busy = True
-        job = Job(response_id, conv, options or ResponseOptions(), stream, time.monotonic(), self._release)
-        self._worker.commands.put(RespondCmd(job))
+        cmd = RespondCmd(response_id, session_id, options or ResponseOptions(), stream, time.monotonic(), self._release)
+        self._worker.commands.put(cmd)
         return stream
 
-    def _release(self, job: Job) -> None:
+    def _release(self, session_id: str, response_id: str) -> None:
         """Worker side, just before the ResponseDone is delivered: the slot is free for new requests."""
         with self._lock:
-            self._responses.pop(job.response_id, None)
-            if self._by_session.get(job.conv.session_id) == job.response_id:
-                del self._by_session[job.conv.session_id]
+            self._responses.pop(response_id, None)
+            if self._by_session.get(session_id) == response_id:
+                del self._by_session[session_id]
 
     def cancel(self, response_id: str, reason: str = "client_cancelled") -> bool:
         """Stop a response within one decode step; False if it is unknown or already finished."""

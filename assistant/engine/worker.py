@@ -23,30 +23,41 @@ What a response leaves in the history (the user heard what was streamed):
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
-from assistant.backends.base import Backend, DecoderLM, PreparedTurn, Prompt, Utterance
+from assistant.backends.base import Backend, DecoderLM, Prompt
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine import metrics
-from assistant.engine.api import ResponseDone, ResponseOptions, TextDelta, TurnInfo
-from assistant.engine.conversation import CachePlan, Conversation, Speculation, evict_lru, merge_turns, plan_cache
+from assistant.engine.api import ResponseDone, TextDelta, UnknownSession
+from assistant.engine.commands import (
+    CallCmd,
+    CancelCmd,
+    CloseSessionCmd,
+    Command,
+    DiscardCmd,
+    InstructionsCmd,
+    Job,
+    OpenSessionCmd,
+    PrepareCmd,
+    ResetSessionCmd,
+    RespondCmd,
+    SpeculateCmd,
+    StopCmd,
+)
+from assistant.engine.conversation import CachePlan, Conversation, evict_lru, merge_turns, plan_cache
 from assistant.engine.decoding import TokenStream, sampling_params
 from assistant.engine.prefix_cache import PrefixSnapshots
-from assistant.engine.stream import ResponseStream
+from assistant.engine.turns import TurnWork, drop_unrun, ms_between, prepare_turns
 from assistant.models.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
-
-
-def _ms(t0: float, t1: float) -> float:
-    return round((t1 - t0) * 1000.0, 3)
 
 
 def prefill_prompt(lm: DecoderLM, cache: KVCache, prompt: Prompt, reuse: int) -> torch.Tensor:
@@ -69,97 +80,51 @@ def prefill_prompt(lm: DecoderLM, cache: KVCache, prompt: Prompt, reuse: int) ->
     return logits
 
 
-# ---- commands from the event loop ---------------------------------------------------------------------------------
-@dataclass
-class PrepareCmd:
-    conv: Conversation
-    utterance: Utterance
-    submitted_s: float
-    reply: Any  # concurrent.futures.Future[TurnInfo]
-    confirm: bool = False  # reuse a matching speculation of the same key (Engine.confirm_user_turn)
-
-    def live(self) -> bool:
-        return not self.reply.done()
-
-
-@dataclass
-class SpeculateCmd:
-    conv: Conversation
-    utterance: Utterance
-    submitted_s: float
-
-    def live(self) -> bool:
-        return not self.conv.closed
-
-
-@dataclass
-class DiscardCmd:
-    conv: Conversation
-    key: str
-
-
-@dataclass
-class RespondCmd:
-    job: Job
-
-
-@dataclass
-class CancelCmd:
-    response_id: str
-    reason: str
-
-
-@dataclass
-class SessionCmd:
-    conv: Conversation
-    action: str  # "close" | "reset" | "instructions"
-    value: str | None = None
-
-
-@dataclass
-class StopCmd:
-    pass
-
-
-@dataclass
-class Job:
-    """One response from admission to `ResponseDone`."""
-
-    response_id: str
-    conv: Conversation
-    options: ResponseOptions
-    stream: ResponseStream
-    submitted_s: float
-    on_finish: Any  # callable(job) run on the worker after ResponseDone (admission bookkeeping)
-    turns: list[PreparedTurn] = field(default_factory=list)
-    encode_ms: float = 0.0
-    prompt: Prompt | None = None
-    cached_tokens: int = 0
-    tokens: TokenStream | None = None
-    next_id: int | None = None  # sampled, streamed, not yet fed to the model
-    cancel_reason: str | None = None
-    t: dict[str, float] = field(default_factory=dict)
-
-
 class Worker:
-    def __init__(self, backend: Backend, engine_cfg: EngineConfig, gen_cfg: GenerationConfig, reuse_cache: bool):
-        self.backend, self.cfg, self.gen_cfg = backend, engine_cfg, gen_cfg
+    """Owns the backend, every `Conversation` and every KV cache; runs on `thread` only (see the module docstring).
+    `load` (when given) builds the backend on this thread first, so every torch call of the process that touches
+    the model runs on one thread: a second OpenMP team (a thread that loaded the weights and lives on) slowed the
+    batched decode by ~40% on a 2-core machine."""
+
+    def __init__(
+        self,
+        engine_cfg: EngineConfig,
+        gen_cfg: GenerationConfig,
+        reuse_cache: bool,
+        backend: Backend | None = None,
+        load: Callable[[], Backend] | None = None,
+    ):
+        if (backend is None) == (load is None):
+            raise ValueError("Worker: pass exactly one of backend= (already loaded) or load= (built on the worker)")
+        self.cfg, self.gen_cfg = engine_cfg, gen_cfg
         self.reuse_cache = reuse_cache  # False = every response prefills its whole prompt (benchmark baseline)
-        self.lm = backend.lm
-        self.window_tokens = engine_cfg.max_window_tokens or backend.max_window_tokens
-        self.prefixes = PrefixSnapshots(backend, self.window_tokens)  # shared system-prompt K/V (worker only)
+        self._load = load or (lambda: backend)
+        self.loaded: concurrent.futures.Future[Backend] = concurrent.futures.Future()
         # unbounded on purpose: every producer is itself bounded (admission control for responses, one pending
-        # prepare per awaiting caller, sessions bounded by the server), so this queue cannot grow without limit
-        self.commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.conversations: dict[str, Conversation] = {}  # every open session; mutated on the worker only
+        # prepare per awaiting caller, sessions bounded by the hub), so this queue cannot grow without limit
+        self.commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self.conversations: dict[str, Conversation] = {}  # every open session, by id
         self.waiting: list[Job] = []
         self.active: list[Job] = []
         self.thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self.steps = 0  # batched decode steps run (tests, bench)
         self.max_batch = 0  # largest decode batch so far
 
+    def _attach(self, backend: Backend) -> None:
+        self.backend = backend
+        self.lm = backend.lm
+        self.window_tokens = self.cfg.max_window_tokens or backend.max_window_tokens
+        self.prefixes = PrefixSnapshots(backend, self.window_tokens)  # shared system-prompt K/V
+
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._attach(self._load())
+        except BaseException as e:  # handed to Engine.start, which raises it on the loop
+            self.loaded.set_exception(e)
+            self._refuse_leftovers()
+            return
+        self.loaded.set_result(self.backend)
         with torch.inference_mode():
             while True:
                 try:
@@ -178,148 +143,110 @@ class Worker:
             self._refuse_leftovers()
 
     def _refuse_leftovers(self) -> None:
-        """After a stop: nothing submitted late may wait forever."""
+        """After a stop (or a failed load): nothing submitted late may wait forever."""
         while True:
             try:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(cmd, PrepareCmd) and not cmd.reply.done():
-                cmd.reply.set_exception(RuntimeError("engine stopped before this turn was prepared"))
+            if isinstance(cmd, PrepareCmd | CallCmd) and not cmd.reply.done():
+                cmd.reply.set_exception(RuntimeError("the engine stopped before this command ran"))
             elif isinstance(cmd, RespondCmd):
-                self._finish(cmd.job, "cancelled", "shutdown")
+                cmd.on_finish(cmd.session_id, cmd.response_id)
+                cmd.stream.push(_refused_done(cmd, "the engine stopped before this response started"))
 
     def _drain_commands(self) -> bool:
         """Handle every queued command; False once a stop was received."""
         block = not self.active and not self.waiting
-        cmds = []
+        cmds: list[Command] = []
         try:
             cmds.append(self.commands.get(block=block))
             while True:
                 cmds.append(self.commands.get_nowait())
         except queue.Empty:
             pass
-        prepares: list[PrepareCmd | SpeculateCmd] = []
+        batch: list[TurnWork] = []
         keep_running = True
         for cmd in cmds:
-            if isinstance(cmd, PrepareCmd | SpeculateCmd):
-                if isinstance(cmd, PrepareCmd) and cmd.confirm:
-                    # its speculation has not run yet: no head start left, the confirm does the work itself
-                    self._drop_unrun(prepares, cmd.conv, cmd.utterance.key, "missed")
-                prepares.append(cmd)
+            if isinstance(cmd, PrepareCmd | SpeculateCmd | DiscardCmd):
+                self._turn_command(cmd, batch)
                 continue
-            if isinstance(cmd, DiscardCmd):  # needs no flush: it only removes work that is not part of the session
-                self._drop_unrun(prepares, cmd.conv, cmd.key, "discarded")
-                if cmd.conv.speculative.pop(cmd.key, None) is not None:
-                    metrics.SPECULATIONS.labels(outcome="discarded").inc()
-                continue
-            if prepares:  # keep order: a respond after a prepare must see its turn
-                self._prepare(prepares)
-                prepares = []
+            if batch:  # keep order: a respond after a prepare must see its turn
+                prepare_turns(self.backend, batch)
+                batch = []
             if isinstance(cmd, RespondCmd):
-                self.waiting.append(cmd.job)
+                self._respond(cmd)
             elif isinstance(cmd, CancelCmd):
                 self._cancel(cmd.response_id, cmd.reason)
-            elif isinstance(cmd, SessionCmd):
-                self._session(cmd)
+            elif isinstance(cmd, CallCmd):
+                self._call(cmd)
             elif isinstance(cmd, StopCmd):
                 keep_running = False
-        if prepares:
-            self._prepare(prepares)
+            else:
+                self._session(cmd)
+        if batch:
+            prepare_turns(self.backend, batch)
         metrics.QUEUED.set(len(self.waiting))
         return keep_running
 
     # ---- sessions and user turns --------------------------------------------------------------------------------
-    def _session(self, cmd: SessionCmd) -> None:
-        conv = cmd.conv
-        if cmd.action == "open":
-            self.conversations[conv.session_id] = conv
-        elif cmd.action == "instructions":
-            conv.system = cmd.value or self.backend.default_system_prompt
-        elif cmd.action in ("close", "reset"):
-            for job in self.waiting + self.active:
-                if job.conv is conv:
-                    job.cancel_reason = "session_closed" if cmd.action == "close" else "conversation_reset"
-            self._reap_cancelled()
-            conv.reset()
-            if cmd.action == "close":
-                conv.closed = True
-                self.conversations.pop(conv.session_id, None)
-
-    @staticmethod
-    def _drop_unrun(prepares: list, conv: Conversation, key: str, outcome: str) -> bool:
-        """Remove a not yet run speculation of `key` from this drain's batch; True if there was one."""
-        for i, c in enumerate(prepares):
-            if isinstance(c, SpeculateCmd) and c.conv is conv and c.utterance.key == key:
-                del prepares[i]
-                metrics.SPECULATIONS.labels(outcome=outcome).inc()
-                return True
-        return False
-
-    def _take_speculation(self, cmd: PrepareCmd, number: int) -> Speculation | None:
-        """The confirmed turn's speculation if it is still valid: same utterance, same "Audio k" number."""
-        spec = cmd.conv.speculative.pop(cmd.utterance.key, None)
-        if spec is None:
-            return None
-        if spec.matches(cmd.utterance) and spec.audio_number == number:
-            metrics.SPECULATIONS.labels(outcome="confirmed").inc()
-            return spec
-        metrics.SPECULATIONS.labels(outcome="missed").inc()
-        return None
-
-    def _prepare(self, cmds: list[PrepareCmd | SpeculateCmd]) -> None:
-        """One `backend.prepare` call for all turns that arrived together (audio encoding batched). "Audio k"
-        numbers are taken in command order; a speculation renders with the number it would take, without taking it.
-        """
-        cmds = [c for c in cmds if c.live()]
-        if not cmds:
+    def _session(self, cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd) -> None:
+        if isinstance(cmd, OpenSessionCmd):
+            cache = self.lm.new_cache()
+            cache.release()  # storage grows on the first prefill; an idle session costs nothing
+            system = cmd.instructions or self.backend.default_system_prompt
+            self.conversations[cmd.session_id] = Conversation(cmd.session_id, system, cache)
             return
-        counts = {id(c.conv): (c.conv, c.conv.audio_count) for c in cmds}  # to roll back a failed batch
-        t0 = time.monotonic()
-        plan: list[tuple[PrepareCmd | SpeculateCmd, int, Speculation | None]] = []
-        for c in cmds:
-            audio = c.utterance.audio is not None
-            if isinstance(c, SpeculateCmd):
-                plan.append((c, c.conv.audio_count + 1 if audio else c.conv.audio_count, None))
-                continue
-            number = c.conv.next_audio_number() if audio else c.conv.audio_count
-            plan.append((c, number, self._take_speculation(c, number) if c.confirm else None))
-        todo = [(c, n) for c, n, hit in plan if hit is None]
-        turns: dict[int, PreparedTurn] = {}
-        if todo:
-            try:
-                out = self.backend.prepare([c.utterance for c, _ in todo], [n for _, n in todo])
-            except Exception as e:  # one bad utterance must not sink the others: retry them one by one
-                for conv, count in counts.values():
-                    conv.audio_count = count
-                for c, _, hit in plan:
-                    if hit is not None:
-                        c.conv.speculative[hit.utterance.key] = hit
-                if len(cmds) > 1:
-                    for c in cmds:
-                        self._prepare([c])
-                    return
-                log.warning("prepare failed for %s: %s", cmds[0].utterance.key, e)
-                if isinstance(cmds[0], PrepareCmd):  # a failed speculation is simply redone (and fails) at confirm
-                    cmds[0].reply.set_exception(e)
-                return
-            turns = {id(c): t for (c, _), t in zip(todo, out, strict=True)}
-        encode_ms = _ms(t0, time.monotonic())
-        for c, number, hit in plan:
-            if c.conv.closed:
-                continue
-            if isinstance(c, SpeculateCmd):
-                c.conv.add_speculation(Speculation(c.utterance, number, turns[id(c)], encode_ms))
-                metrics.SPECULATIONS.labels(outcome="prepared").inc()
-                continue
-            turn, turn_encode_ms = (hit.turn, hit.encode_ms) if hit else (turns[id(c)], encode_ms)
-            c.conv.add_pending(turn, turn_encode_ms)
-            timings = {"queue": _ms(c.submitted_s, t0), "encode": turn_encode_ms}
-            info = TurnInfo(turn.key, turn.transcript, turn.language, turn.audio_s, timings, hit is not None)
-            if not c.reply.done():
-                c.reply.set_result(info)
+        conv = self.conversations.get(cmd.session_id)
+        if conv is None:
+            return
+        if isinstance(cmd, InstructionsCmd):
+            conv.system = cmd.instructions or self.backend.default_system_prompt
+            return
+        closing = isinstance(cmd, CloseSessionCmd)
+        for job in self.waiting + self.active:
+            if job.conv is conv:
+                job.cancel_reason = "session_closed" if closing else "conversation_reset"
+        self._reap_cancelled()
+        conv.reset()
+        if closing:
+            conv.closed = True
+            del self.conversations[cmd.session_id]
+
+    def _turn_command(self, cmd: PrepareCmd | SpeculateCmd | DiscardCmd, batch: list[TurnWork]) -> None:
+        conv = self.conversations.get(cmd.session_id)
+        if conv is None:
+            if isinstance(cmd, PrepareCmd) and not cmd.reply.done():
+                cmd.reply.set_exception(UnknownSession(cmd.session_id))
+            return
+        if isinstance(cmd, DiscardCmd):  # needs no flush: it only removes work that is not part of the session
+            drop_unrun(batch, conv, cmd.key, "discarded")
+            if conv.speculative.pop(cmd.key, None) is not None:
+                metrics.SPECULATIONS.labels(outcome="discarded").inc()
+            return
+        if isinstance(cmd, PrepareCmd) and cmd.confirm:
+            # its speculation has not run yet: no head start left, the confirm does the work itself
+            drop_unrun(batch, conv, cmd.utterance.key, "missed")
+        batch.append(TurnWork(cmd, conv))
+
+    def _call(self, cmd: CallCmd) -> None:
+        if not cmd.reply.set_running_or_notify_cancel():
+            return
+        try:
+            cmd.reply.set_result(cmd.fn(self.backend))
+        except Exception as e:
+            cmd.reply.set_exception(e)
 
     # ---- responses ----------------------------------------------------------------------------------------------
+    def _respond(self, cmd: RespondCmd) -> None:
+        conv = self.conversations.get(cmd.session_id)
+        if conv is None:  # closed between respond() and here: the stream still ends
+            cmd.on_finish(cmd.session_id, cmd.response_id)
+            cmd.stream.push(_refused_done(cmd, f"session {cmd.session_id!r} is closed"))
+            return
+        conv.busy = True
+        self.waiting.append(Job(cmd, conv))
+
     def _cancel(self, response_id: str, reason: str) -> None:
         for job in self.waiting + self.active:
             if job.response_id == response_id and job.cancel_reason is None:
@@ -471,7 +398,7 @@ class Worker:
         done = self._done_event(job, status, reason, text, error)
         conv.busy = False
         conv.touch()
-        job.on_finish(job)
+        job.cmd.on_finish(conv.session_id, job.response_id)
         job.stream.push(done)
         metrics.RESPONSES.labels(status=status).inc()
         metrics.TOKENS.labels(kind="output").inc(done.output_tokens)
@@ -495,13 +422,13 @@ class Worker:
     def _done_event(self, job: Job, status: str, reason: str | None, text: str, error: str | None) -> ResponseDone:
         t, now = job.t, time.monotonic()
         admitted = t.get("admitted", now)
-        timings = {"queue": _ms(job.submitted_s, admitted), "encode": round(job.encode_ms, 3)}
+        timings = {"queue": ms_between(job.submitted_s, admitted), "encode": round(job.encode_ms, 3)}
         if "prefilled" in t:
-            timings["prefill"] = _ms(admitted, t["prefilled"])
+            timings["prefill"] = ms_between(admitted, t["prefilled"])
         if "first_token" in t:
-            timings["first_token"] = _ms(job.submitted_s, t["first_token"])
-            timings["decode"] = _ms(t["first_token"], now)
-        timings["total"] = _ms(job.submitted_s, now)
+            timings["first_token"] = ms_between(job.submitted_s, t["first_token"])
+            timings["decode"] = ms_between(t["first_token"], now)
+        timings["total"] = ms_between(job.submitted_s, now)
         prompt_ids = job.prompt.ids if job.prompt else []
         output_ids = list(job.tokens.output_ids) if job.tokens else []
         return ResponseDone(
@@ -517,3 +444,7 @@ class Worker:
             error=error,
             cached_tokens=job.cached_tokens,
         )
+
+
+def _refused_done(cmd: RespondCmd, error: str) -> ResponseDone:
+    return ResponseDone(cmd.response_id, "failed", None, "", [], [], 0, 0, {}, error=error)

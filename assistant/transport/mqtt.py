@@ -1,6 +1,6 @@
-"""MQTT bridge: smart-speaker devices talk to the assistant through a broker, one realtime session per device id.
+"""The MQTT transport: smart-speaker devices talk to the assistant through a broker, one session per device id.
 
-Owner: engineer E. `serve()` runs `run_mqtt_bridge(cfg, hub, stop_event)` when `mqtt.url` is set. Topics (prefix
+`serve()` runs `run_mqtt_bridge(cfg, hub, stop_event)` when `mqtt.url` is set. Topics (prefix
 `mqtt.topic_prefix`, default `assistant`), the same JSON events as the WebSocket (DESIGN.md):
 
     <prefix>/<device_id>/audio     device -> bridge   raw PCM16 LE mono, 16 kHz unless the device's session.update
@@ -9,10 +9,11 @@ Owner: engineer E. `serve()` runs `run_mqtt_bridge(cfg, hub, stop_event)` when `
     <prefix>/<device_id>/events    bridge -> device   JSON server events, QoS 1
     <prefix>/bridge/status         bridge             "online" / "offline", retained; "offline" is also the last will
 
-The protocol work is done by `assistant.server.session` (the same core as the WebSocket server); this module owns
-only the transport: the broker connection (username/password/TLS from `cfg.mqtt`), reconnecting with exponential
-backoff, keeping device sessions alive across broker outages (conversations resume) and saying in the log what an
-outage lost, the outgoing event queue, and closing device sessions that stay silent for `server.idle_timeout_s`.
+The protocol work is done by the session core through `assistant.transport.connection` (the same as for the
+WebSocket); the hub owns the device sessions (capacity, idle timeout, shutdown). This module owns only the transport:
+the broker connection (username/password/TLS from `cfg.mqtt`), reconnecting with exponential backoff, keeping
+device sessions alive across broker outages (conversations resume) and saying in the log what an outage lost, and
+the outgoing event queue. A device's session is a realtime session at the model's rate (`MODEL_RATE_HZ`).
 """
 
 from __future__ import annotations
@@ -26,24 +27,24 @@ import time
 import uuid
 from collections import Counter as CountBy
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from prometheus_client import Counter, Gauge
 
+from assistant.audio import MODEL_RATE_HZ
 from assistant.config import Config
-from assistant.server.session import RealtimeSession, SessionHub, SessionLimitReached
+from assistant.transport.connection import Connection
+from assistant.transport.hub import SessionHub, SessionLimitReached
 
 log = logging.getLogger("assistant.mqtt")
 
-DEVICE_INPUT_RATE_HZ = 16000  # DESIGN.md: MQTT devices send 16 kHz unless their session.update says otherwise
 AUDIO_QOS = 0  # live audio: a chunk redelivered late is worth nothing
 CONTROL_QOS = 1  # client events must arrive
 EVENTS_QOS = 1  # server events must arrive (at least once)
 MQTT_OP_TIMEOUT_S = 10.0  # one subscribe/publish round trip to the broker
-IDLE_SWEEP_S = 5.0  # how often silent device sessions are looked for
 BUSY_REPLY_INTERVAL_S = 5.0  # a refused device gets one server_busy error per interval, not one per audio chunk
 # Device messages waiting for the receive loop (~3 min of one device's 20 ms audio chunks). When full, aiomqtt
 # discards the NEWEST message and logs "Message queue is full" under assistant.mqtt.client.
@@ -148,8 +149,7 @@ class Device:
     """One device's session and what the bridge knows about its conversation (for outage reports)."""
 
     device_id: str
-    session: RealtimeSession
-    last_seen_s: float = field(default_factory=time.monotonic)
+    conn: Connection
     in_speech: bool = False  # VAD heard speech start, the turn is not committed yet
     active_responses: int = 0
     messages_in: int = 0
@@ -192,7 +192,6 @@ class MqttBridge:
     async def run(self) -> None:
         max_s = self.cfg.mqtt.reconnect_max_s
         delay_s = initial_s = min(0.5, max_s)
-        sweeper = asyncio.create_task(self._sweep_idle(), name="mqtt-idle-sweep")
         try:
             while not self.stop_event.is_set():
                 try:
@@ -212,9 +211,6 @@ class MqttBridge:
                 delay_s = min(max_s, delay_s * 2)
         finally:
             CONNECTED.set(0)
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
             await self._close_all()
 
     def _client(self) -> aiomqtt.Client:
@@ -323,16 +319,15 @@ class MqttBridge:
             device = await self._device(device_id)
             if device is None:
                 continue
-            device.last_seen_s = time.monotonic()
             device.messages_in += 1
             if kind == "audio":
-                await device.session.handle_audio(bytes(payload))
+                device.conn.receive_audio(bytes(payload))
             else:
-                await device.session.handle_text(bytes(payload))
+                device.conn.receive_text(bytes(payload))
 
     async def _device(self, device_id: str) -> Device | None:
         device = self.devices.get(device_id)
-        if device is not None and not device.session.closed:
+        if device is not None and not device.conn.closed:
             return device
         outbox = self.outbox
 
@@ -342,8 +337,12 @@ class MqttBridge:
                 d.observe(event)
             outbox.put(device_id, json.dumps(event).encode())
 
+        async def close(code: int, reason: str) -> None:  # the hub ends the device's session (idle, shutdown)
+            self.devices.pop(device_id, None)
+            log.info("device %s: session closed (%s)", device_id, reason)
+
         try:
-            session = self.hub.create_session(send, dialect="ga", input_rate_hz=DEVICE_INPUT_RATE_HZ)
+            conn = self.hub.open("mqtt", send, close, dialect="ga", input_rate_hz=MODEL_RATE_HZ)
         except SessionLimitReached as e:
             now_s = time.monotonic()
             if now_s - self._refused_at_s.get(device_id, -BUSY_REPLY_INTERVAL_S) >= BUSY_REPLY_INTERVAL_S:
@@ -352,10 +351,10 @@ class MqttBridge:
                 outbox.put(device_id, json.dumps(self.hub.busy_error("ga", str(e))).encode())
             return None
         self._refused_at_s.pop(device_id, None)
-        device = Device(device_id, session)
+        device = Device(device_id, conn)
         self.devices[device_id] = device
-        await session.start()
-        log.info("device %s: session %s opened", device_id, session.id)
+        await conn.start()
+        log.info("device %s: session %s opened", device_id, conn.id)
         return device
 
     # ---- bridge -> device ------------------------------------------------------------------------------------
@@ -370,21 +369,9 @@ class MqttBridge:
                 raise
 
     # ---- housekeeping ----------------------------------------------------------------------------------------
-    async def _sweep_idle(self) -> None:
-        idle_limit_s = self.cfg.server.idle_timeout_s
-        while True:
-            await asyncio.sleep(min(IDLE_SWEEP_S, idle_limit_s))
-            now_s = time.monotonic()
-            for device in list(self.devices.values()):
-                silent_s = now_s - device.last_seen_s
-                if device.session.closed or (silent_s >= idle_limit_s and device.active_responses == 0):
-                    self.devices.pop(device.device_id, None)
-                    await device.session.close()
-                    log.info("device %s: session closed after %.0f s without messages", device.device_id, silent_s)
-
     async def _close_all(self) -> None:
         devices, self.devices = list(self.devices.values()), {}
-        await asyncio.gather(*(d.session.close() for d in devices), return_exceptions=True)
+        await asyncio.gather(*(d.conn.close() for d in devices), return_exceptions=True)
 
 
 async def run_mqtt_bridge(cfg: Config, hub: SessionHub, stop_event: asyncio.Event) -> None:

@@ -1,33 +1,24 @@
-"""The wire protocol (OpenAI Realtime, text output, audio input) in one place: parsing, validation, event building.
+"""Client side of the wire protocol (OpenAI Realtime): parsing and validating client events, and the error codes.
 
-Owner: engineer D. Pure code, no I/O. Two dialects, chosen per connection: `"ga"` (default; `response.output_text.*`,
-nested `session.audio.input...`) and `"beta"` (`OpenAI-Beta: realtime=v1`; `response.text.*`, flat session).
+Pure code, no I/O. Two dialects, chosen per connection: `"ga"` (default; `response.output_text.*`, nested
+`session.audio.input...`) and `"beta"` (`OpenAI-Beta: realtime=v1`; `response.text.*`, flat session).
 
 - `parse_client_event(raw)` turns a JSON text (or a dict) into one typed client event, or raises `ProtocolError`
   carrying a stable `code` (table `ERROR_CODES`, documented in PROTOCOL.md) and the offending `event_id`.
-- `settings.py` holds the effective session (`SessionSettings`) and validates `session.update` payloads.
-- `EventFactory(dialect)` builds every server event as a plain dict with a unique `event_id`; the shapes validate
-  strictly against the `openai` SDK's own pydantic models (tests/test_openai_*.py checks this).
+- `settings.py` holds the effective session (`SessionSettings`) and validates `session.update` payloads;
+  `events.py` builds the server events.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import json
-import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from assistant.engine.api import ResponseDone
-    from assistant.server.settings import SessionSettings
-
+from typing import Any, Literal
 
 Dialect = Literal["ga", "beta"]
 OPENAI_RATE_HZ = 24000  # the OpenAI formats' PCM16 rate: the default input rate in both dialects
-_OPENAI_REASONS = {"turn_detected", "client_cancelled", "max_output_tokens", "content_filter"}
 MIN_COMMIT_MS = 100  # OpenAI refuses commits holding less audio than this (input_audio_buffer_commit_empty)
 
 # code -> (error type, when it is sent). PROTOCOL.md lists the same table; tests check every code is documented.
@@ -231,153 +222,3 @@ def _parse_item_create(obj: dict[str, Any], eid: str | None) -> TextMessage:
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ProtocolError("unsupported_event", "only input_text content can be created", "item.content", eid)
     return TextMessage(eid, "\n".join(texts))
-
-
-# ---- server events ---------------------------------------------------------------------------------------------
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
-
-
-class EventFactory:
-    """Builds server events (dicts) for one connection's dialect; every event gets a fresh unique `event_id`."""
-
-    def __init__(self, dialect: Dialect = "ga") -> None:
-        if dialect not in ("ga", "beta"):
-            raise ValueError(f"dialect must be 'ga' or 'beta', got {dialect!r}")
-        self.dialect = dialect
-
-    def event(self, etype: str, **fields: Any) -> dict[str, Any]:
-        return {"type": etype, "event_id": new_id("event"), **fields}
-
-    def session(self, st: SessionSettings, session_id: str) -> dict[str, Any]:
-        """The effective session in this dialect's shape (our extensions ride along as extra keys)."""
-        td = None
-        if st.turn_detection is not None:
-            td = {"type": "server_vad", **dataclasses.asdict(st.turn_detection)}
-        max_tokens: int | str = "inf" if st.max_output_tokens is None else st.max_output_tokens
-        if self.dialect == "beta":
-            out: dict[str, Any] = {
-                "id": session_id,
-                "object": "realtime.session",
-                "modalities": ["text"],
-                "instructions": st.instructions,
-                "input_audio_format": "pcm16",
-                "turn_detection": td,
-                "max_response_output_tokens": max_tokens,
-                "input_sample_rate": st.input_rate_hz,
-            }
-            if st.temperature is not None:
-                out["temperature"] = st.temperature
-            return out
-        # The SDK's GA format only admits rate 24000: other rates are stated by our `input_sample_rate` extension.
-        fmt: dict[str, Any] = {"type": "audio/pcm"}
-        if st.input_rate_hz == OPENAI_RATE_HZ:
-            fmt["rate"] = OPENAI_RATE_HZ
-        return {
-            "type": "realtime",
-            "id": session_id,
-            "object": "realtime.session",
-            "model": st.model,
-            "output_modalities": ["text"],
-            "instructions": st.instructions,
-            "max_output_tokens": max_tokens,
-            "audio": {"input": {"format": fmt, "turn_detection": td}},
-            "input_sample_rate": st.input_rate_hz,
-        }
-
-    def error(self, err: ProtocolError) -> dict[str, Any]:
-        body = {"type": err.type, "code": err.code, "message": err.message, "param": err.param}
-        body["event_id"] = err.event_id
-        return self.event("error", error=body)
-
-    def text_event(self, suffix: str, **fields: Any) -> dict[str, Any]:
-        """`response.output_text.<suffix>` (GA) or `response.text.<suffix>` (beta)."""
-        prefix = "response.output_text." if self.dialect == "ga" else "response.text."
-        return self.event(prefix + suffix, **fields)
-
-    def assistant_item(self, item_id: str, text: str | None, status: str) -> dict[str, Any]:
-        content = [] if text is None else [{"type": "output_text" if self.dialect == "ga" else "text", "text": text}]
-        return {
-            "id": item_id,
-            "object": "realtime.item",
-            "type": "message",
-            "role": "assistant",
-            "status": status,
-            "content": content,
-        }
-
-    def response(
-        self,
-        response_id: str,
-        status: str,
-        output: list[dict[str, Any]],
-        status_details: dict[str, Any] | None = None,
-        usage: dict[str, int] | None = None,
-        timings_ms: dict[str, float] | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"id": response_id, "object": "realtime.response", "status": status, "output": output}
-        body["status_details"] = status_details
-        if self.dialect == "ga":
-            body["output_modalities"] = ["text"]
-        else:
-            body["modalities"] = ["text"]
-        if usage is not None:
-            body["usage"] = usage
-        if timings_ms is not None:
-            body["timings_ms"] = timings_ms
-        return body
-
-    def response_start(self, rid: str, item_id: str) -> list[dict[str, Any]]:
-        """response.created, then the assistant item and its text part being opened."""
-        where = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
-        item = self.assistant_item(item_id, None, "in_progress")
-        return [
-            self.event("response.created", response=self.response(rid, "in_progress", [])),
-            self.event("response.output_item.added", response_id=rid, output_index=0, item=item),
-            self.event("response.content_part.added", **where, part={"type": "text", "text": ""}),
-        ]
-
-    def text_delta(self, rid: str, item_id: str, delta: str) -> dict[str, Any]:
-        return self.text_event("delta", response_id=rid, item_id=item_id, output_index=0, content_index=0, delta=delta)
-
-    def response_end(self, rid: str, item_id: str, done: ResponseDone) -> list[dict[str, Any]]:
-        """Text done, part done, item done, and the one response.done (status, details, output, usage, timings)."""
-        where = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
-        text = done.text
-        item = self.assistant_item(item_id, text, "completed" if done.status == "completed" else "incomplete")
-        details: dict[str, Any] | None = None
-        if done.status in ("cancelled", "incomplete"):
-            # OpenAI's reasons only: others (session_closed, conversation_reset) leave `reason` empty
-            details = {"type": done.status, "reason": done.reason if done.reason in _OPENAI_REASONS else None}
-        elif done.status == "failed":
-            error = {"type": "server_error", "code": "response_failed", "message": done.error or "model failure"}
-            details = {"type": "failed", "error": error}
-        usage = {
-            "total_tokens": done.input_tokens + done.output_tokens,
-            "input_tokens": done.input_tokens,
-            "output_tokens": done.output_tokens,
-        }
-        body = self.response(rid, done.status, [item], details, usage, dict(done.timings_ms))
-        return [
-            self.text_event("done", **where, text=text),
-            self.event("response.content_part.done", **where, part={"type": "text", "text": text}),
-            self.event("response.output_item.done", response_id=rid, output_index=0, item=item),
-            self.event("response.done", response=body),
-        ]
-
-    def user_item(self, item_id: str, previous_item_id: str | None, part: dict[str, Any]) -> list[dict[str, Any]]:
-        """A user item entering the conversation: GA `conversation.item.added` + `.done`, beta `.created`."""
-        item = {
-            "id": item_id,
-            "object": "realtime.item",
-            "type": "message",
-            "role": "user",
-            "status": "completed",
-            "content": [part],
-        }
-        if self.dialect == "beta":
-            return [self.event("conversation.item.created", item=item, previous_item_id=previous_item_id)]
-        return [
-            self.event("conversation.item.added", item=item, previous_item_id=previous_item_id),
-            self.event("conversation.item.done", item=item, previous_item_id=previous_item_id),
-        ]

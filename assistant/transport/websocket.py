@@ -1,20 +1,13 @@
-"""The asyncio server on one port: `/v1/realtime` WebSocket, `GET /` browser files, `/healthz`, `/metrics`.
-
-Owner: engineer D. `serve(cfg)` is the `python -m assistant serve` entry point: it starts listening at once (health
-says 503), loads the backend on a thread (never on the loop), starts the engine, optionally the MQTT bridge, and
-shuts down gracefully on SIGINT/SIGTERM. `running_server(cfg, backend=...)` starts the same server for tests on an
-already-loaded backend (use `server.port = 0`):
-
-    async with running_server(cfg.replace(**{"server.port": 0}), backend=backend) as srv:
-        srv.ws_url      # "ws://127.0.0.1:PORT/v1/realtime"
-        srv.http_url    # "http://127.0.0.1:PORT"
-        srv.hub         # the SessionHub (also what the MQTT bridge uses)
+"""The WebSocket + HTTP transport on one port: `/v1/realtime` (the OpenAI Realtime protocol), `GET /` (the browser
+client's files), `/healthz`, `/metrics`. A thin shell: frames go to a `Connection` (the session core's driver),
+server events come back through a bounded queue.
 
 Per connection: the receive loop and the send loop run together and the survivor is cancelled. Outgoing events go
 through a bounded queue (`server.send_queue_events`); a client that falls that far behind is closed with 1008.
 Handshake: auth (Bearer / ?token= / `openai-insecure-api-key.<key>` subprotocol, constant-time compare, else HTTP
 401), allowed origins (else 403), 503 while the model loads; the dialect is beta with `OpenAI-Beta: realtime=v1` or
-the `openai-beta.realtime-v1` subprotocol, else GA.
+the `openai-beta.realtime-v1` subprotocol, else GA. Close codes: 1000 idle timeout (the hub's sweep), 1001 server
+shutdown, 1008 client too slow, 1009 message far over the size limit, 1013 no session slot free.
 """
 
 from __future__ import annotations
@@ -25,10 +18,7 @@ import hmac
 import json
 import logging
 import mimetypes
-import signal
 import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -40,7 +30,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from assistant.config import Config
-from assistant.server.session import SessionHub, SessionLimitReached
+from assistant.transport.connection import Connection
+from assistant.transport.hub import SessionHub, SessionLimitReached
 
 log = logging.getLogger("assistant.server")
 
@@ -53,17 +44,7 @@ _CONTENT_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "
 CLOSE_SLOW_CLIENT = 1008  # policy violation: the client does not read its events
 CLOSE_BUSY = 1013  # try again later
 CLOSE_GOING_AWAY = 1001
-
-
-@dataclass
-class RunningServer:
-    host: str
-    port: int
-    ws_url: str
-    http_url: str
-    hub: SessionHub
-    engine: Any
-    app: AssistantServer
+CLOSE_INTERNAL_ERROR = 1011
 
 
 def _beta_requested(request: Request) -> bool:
@@ -193,6 +174,7 @@ class AssistantServer:
         dialect = "beta" if _beta_requested(ws.request) else "ga"
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(self.cfg.server.send_queue_events)
         overflow = asyncio.Event()
+        stop = asyncio.Event()
 
         def send(event: dict[str, Any]) -> None:
             if overflow.is_set():
@@ -202,38 +184,46 @@ class AssistantServer:
             except asyncio.QueueFull:
                 overflow.set()
 
+        async def close(code: int, reason: str) -> None:
+            await self._close(ws, code, reason)
+
         try:
-            session = self.hub.create_session(send, dialect)
+            conn = self.hub.open("websocket", send, close, dialect)
         except SessionLimitReached as e:
             await ws.send(json.dumps(self.hub.busy_error(dialect, str(e))))
             await ws.close(CLOSE_BUSY, "server busy: too many sessions")
             return
-        stop = asyncio.Event()
         self._connections.add(stop)
         tasks = [
             asyncio.create_task(self._send_loop(ws, queue)),
-            asyncio.create_task(self._recv_loop(ws, session)),
+            asyncio.create_task(self._recv_loop(ws, conn)),
             asyncio.create_task(overflow.wait()),
             asyncio.create_task(stop.wait()),
         ]
         try:
-            await session.start()
+            await conn.start()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if tasks[2] in done:
                 limit = self.cfg.server.send_queue_events
-                log.warning("session %s: client too slow (%d events unread), closing", session.id, limit)
+                log.warning("session %s: client too slow (%d events unread), closing", conn.id, limit)
                 await self._close(ws, CLOSE_SLOW_CLIENT, f"client too slow: {limit} events unread")
             elif tasks[3] in done:
-                await session.close()  # emits the last response.done, then the queue is flushed
+                await conn.close()  # emits the last response.done, then the queue is flushed
                 with contextlib.suppress(TimeoutError, ConnectionClosed):
                     await asyncio.wait_for(self._drain(ws, queue), CLOSE_TIMEOUT_S)
                 await self._close(ws, CLOSE_GOING_AWAY, "server shutting down")
+            else:
+                for t in done:
+                    t.result()  # an unexpected error in a loop: logged below, closed with 1011
+        except Exception:
+            log.exception("session %s: unexpected error; closing with 1011", conn.id)
+            await self._close(ws, CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._connections.discard(stop)
-            await session.close()
+            await conn.close()
 
     async def _close(self, ws: ServerConnection, code: int, reason: str) -> None:
         try:
@@ -251,112 +241,13 @@ class AssistantServer:
                 event = await queue.get()
                 await ws.send(json.dumps(event))
 
-    async def _recv_loop(self, ws: ServerConnection, session: Any) -> None:
-        idle_s = self.cfg.server.idle_timeout_s
+    async def _recv_loop(self, ws: ServerConnection, conn: Connection) -> None:
         limit = self.cfg.server.max_message_bytes
         with contextlib.suppress(ConnectionClosed):
-            while True:
-                try:
-                    message = await asyncio.wait_for(ws.recv(), idle_s)
-                except TimeoutError:
-                    await self._close(ws, 1000, f"idle timeout: nothing received for {idle_s:g} s")
-                    return
+            async for message in ws:
                 if len(message) > limit:
-                    session.reject_oversized(len(message))
+                    conn.reject_oversized(len(message))
                 elif isinstance(message, bytes):
-                    await session.handle_audio(message)
+                    conn.receive_audio(message)
                 else:
-                    await session.handle_text(message)
-
-
-@contextlib.asynccontextmanager
-async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -> AsyncIterator[RunningServer]:
-    """A real server on `cfg.server.host:port` around an already-loaded `backend` (or a started `engine`)."""
-    from assistant.engine.engine import Engine
-
-    own_engine = engine is None
-    if own_engine:
-        engine = Engine(backend, cfg.engine, cfg.generation)
-        await engine.start()
-    app = AssistantServer(cfg)
-    await app.start()
-    hub = app.attach(engine)
-    scheme = "wss" if cfg.server.tls_cert else "ws"
-    host = cfg.server.host
-    try:
-        yield RunningServer(
-            host=host,
-            port=app.port,
-            ws_url=f"{scheme}://{host}:{app.port}{REALTIME_PATH}",
-            http_url=f"{'https' if scheme == 'wss' else 'http'}://{host}:{app.port}",
-            hub=hub,
-            engine=engine,
-            app=app,
-        )
-    finally:
-        await app.shutdown()
-        if own_engine:
-            await engine.stop()
-
-
-def serve(cfg: Config) -> int:
-    """`python -m assistant serve`: run until SIGINT/SIGTERM; 0 on a clean stop, 1 if the model failed to load."""
-    return asyncio.run(_serve_main(cfg))
-
-
-async def _serve_main(cfg: Config) -> int:
-    from assistant.backends import load_backend
-    from assistant.engine.engine import Engine
-    from assistant.engine.fresh_thread import run_in_fresh_thread
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    app = AssistantServer(cfg)
-    await app.start()
-    scheme = "https" if cfg.server.tls_cert else "http"
-    shown_host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "") else cfg.server.host
-    base = f"{scheme}://{shown_host}:{app.port}"
-    print(f"Voice assistant: open {base}/ in a browser (WebSocket {base.replace('http', 'ws', 1)}{REALTIME_PATH})")
-    print(f"Loading the {cfg.model.backend} model; {base}/healthz answers 200 once it is ready.", flush=True)
-    engine = None
-    mqtt_task: asyncio.Task[Any] | None = None
-    status = 0
-    try:
-        # Not asyncio.to_thread: its pool thread outlives the load and would slow the engine (see fresh_thread.py).
-        load = asyncio.create_task(run_in_fresh_thread(load_backend, cfg))
-        waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
-        if not load.done():
-            log.info("stopped while loading the model")
-            waiter.cancel()
-            return 0  # the loading thread is a daemon: it does not hold up the exit
-        waiter.cancel()
-        try:
-            backend = load.result()
-        except Exception as e:
-            log.error("could not load the %s model: %s", cfg.model.backend, e)
-            print(f"error: could not load the model: {e}", flush=True)
-            return 1
-        engine = Engine(backend, cfg.engine, cfg.generation)
-        await engine.start()
-        hub = app.attach(engine, model_name=cfg.model.backend)
-        if cfg.mqtt.url:
-            from assistant.mqtt_bridge import run_mqtt_bridge
-
-            mqtt_task = asyncio.create_task(run_mqtt_bridge(cfg, hub, stop))
-        print(f"Ready: {base}/", flush=True)
-        await stop.wait()
-    finally:
-        log.info("shutting down")
-        await app.shutdown()
-        if mqtt_task is not None:
-            stop.set()
-            try:
-                await asyncio.wait_for(mqtt_task, cfg.server.shutdown_grace_s + CLOSE_TIMEOUT_S)
-            except Exception as e:  # the bridge's failure must not hide a clean server stop
-                log.warning("MQTT bridge ended with %r", e)
-        if engine is not None:
-            await engine.stop()
-    return status
+                    conn.receive_text(message)

@@ -1,0 +1,138 @@
+"""The typed commands the event loop sends to the engine's worker thread, and `Job`, one response on the worker.
+
+Commands name sessions by id: the worker alone owns the `Conversation`s (history, KV cache, busy flags), creates
+them on `OpenSessionCmd` and looks them up for every later command. A command for a session that is gone is
+answered (a turn's reply gets `UnknownSession`) or ignored, never applied to stale state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from assistant.backends.base import PreparedTurn, Prompt, Utterance
+from assistant.engine.api import ResponseOptions
+from assistant.engine.conversation import Conversation
+from assistant.engine.decoding import TokenStream
+from assistant.engine.stream import ResponseStream
+
+
+@dataclass(frozen=True)
+class OpenSessionCmd:
+    session_id: str
+    instructions: str | None  # None = the backend's default system prompt
+
+
+@dataclass(frozen=True)
+class CloseSessionCmd:
+    session_id: str  # its outstanding response ends cancelled ("session_closed")
+
+
+@dataclass(frozen=True)
+class ResetSessionCmd:
+    session_id: str  # history, pending turns, speculations and cache are dropped; the response is cancelled
+
+
+@dataclass(frozen=True)
+class InstructionsCmd:
+    session_id: str
+    instructions: str | None
+
+
+@dataclass(frozen=True)
+class PrepareCmd:
+    session_id: str
+    utterance: Utterance
+    submitted_s: float
+    reply: Any  # concurrent.futures.Future[TurnInfo]
+    confirm: bool = False  # reuse a matching speculation of the same key (Engine.confirm_user_turn)
+
+
+@dataclass(frozen=True)
+class SpeculateCmd:
+    session_id: str
+    utterance: Utterance
+    submitted_s: float
+
+
+@dataclass(frozen=True)
+class DiscardCmd:
+    session_id: str
+    key: str
+
+
+@dataclass(frozen=True)
+class RespondCmd:
+    response_id: str
+    session_id: str
+    options: ResponseOptions
+    stream: ResponseStream
+    submitted_s: float
+    on_finish: Callable[[str, str], None]  # (session id, response id), run on the worker before the ResponseDone
+
+
+@dataclass(frozen=True)
+class CancelCmd:
+    response_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CallCmd:
+    """Run `fn(backend)` on the worker between two decode steps (model work that must share the worker's thread)."""
+
+    fn: Callable[[Any], Any]
+    reply: Any  # concurrent.futures.Future
+
+
+@dataclass(frozen=True)
+class StopCmd:
+    pass
+
+
+Command = (
+    OpenSessionCmd
+    | CloseSessionCmd
+    | ResetSessionCmd
+    | InstructionsCmd
+    | PrepareCmd
+    | SpeculateCmd
+    | DiscardCmd
+    | RespondCmd
+    | CancelCmd
+    | CallCmd
+    | StopCmd
+)
+
+
+@dataclass
+class Job:
+    """One response on the worker, from admission to `ResponseDone`."""
+
+    cmd: RespondCmd
+    conv: Conversation
+    turns: list[PreparedTurn] = field(default_factory=list)
+    encode_ms: float = 0.0
+    prompt: Prompt | None = None
+    cached_tokens: int = 0
+    tokens: TokenStream | None = None
+    next_id: int | None = None  # sampled, streamed, not yet fed to the model
+    cancel_reason: str | None = None
+    t: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def response_id(self) -> str:
+        return self.cmd.response_id
+
+    @property
+    def stream(self) -> ResponseStream:
+        return self.cmd.stream
+
+    @property
+    def options(self) -> ResponseOptions:
+        return self.cmd.options
+
+    @property
+    def submitted_s(self) -> float:
+        return self.cmd.submitted_s

@@ -1,0 +1,125 @@
+"""What the session core asks of the engine, and what the engine's answers look like when they come back.
+
+The core (`session.Session`) never calls the engine: it returns these commands among its outputs, and the
+transport's driver (`assistant.transport.connection`) carries them out and feeds the results back in as the
+`EngineOutput` values below. All are plain frozen dataclasses; nothing here runs anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from assistant.backends.base import Utterance
+from assistant.engine.api import ResponseDone, ResponseOptions, TurnInfo
+
+
+# ---- core -> engine ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpenConversation:
+    instructions: str | None
+
+
+@dataclass(frozen=True)
+class CloseConversation:
+    pass
+
+
+@dataclass(frozen=True)
+class ResetConversation:
+    """Forget history, pending turns and cache; an outstanding response still ends with its ResponseFinished."""
+
+
+@dataclass(frozen=True)
+class SetInstructions:
+    instructions: str | None  # None = the backend's default system prompt
+
+
+@dataclass(frozen=True)
+class AddTurn:
+    """Prepare a committed user turn; `confirm`: reuse the speculation of the same key when it matches."""
+
+    utterance: Utterance
+    confirm: bool = False
+
+
+@dataclass(frozen=True)
+class Speculate:
+    """Start the audio work of a turn that is not committed yet (fire and forget)."""
+
+    utterance: Utterance
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Forget the speculation of `key`."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class StartResponse:
+    response_id: str
+    options: ResponseOptions
+
+
+@dataclass(frozen=True)
+class CancelResponse:
+    response_id: str
+    reason: str  # "client_cancelled" | "turn_detected"
+
+
+EngineCommand = (
+    OpenConversation
+    | CloseConversation
+    | ResetConversation
+    | SetInstructions
+    | AddTurn
+    | Speculate
+    | Discard
+    | StartResponse
+    | CancelResponse
+)
+
+
+# ---- engine -> core ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TurnPrepared:
+    key: str
+    info: TurnInfo
+
+
+@dataclass(frozen=True)
+class TurnFailed:
+    key: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ResponseRefused:
+    """`respond` refused at once (admission control); the core still ends the response it announced."""
+
+    response_id: str
+    code: str  # "server_busy" | "conversation_already_has_active_response"
+    message: str
+
+
+@dataclass(frozen=True)
+class ResponseDelta:
+    response_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ResponseFinished:
+    done: ResponseDone
+
+
+EngineOutput = TurnPrepared | TurnFailed | ResponseRefused | ResponseDelta | ResponseFinished
+
+
+# ---- core -> driver (facts worth a metric) -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FirstText:
+    """The first answer text of a response left the core `latency_s` after the turn ended (commit or create)."""
+
+    latency_s: float

@@ -1,0 +1,541 @@
+"""The sans-I/O realtime session: client events, audio, engine outputs and the time in; server events and engine
+commands out. No asyncio, no sockets, no clock, no torch: every transport (WebSocket, MQTT, Wyoming) drives the same
+core through `assistant.transport.connection`, and tests drive it directly.
+
+    s = Session("sess_1", SessionSettings(input_rate_hz=16000), "ga", default_td=cfg.vad, limits=SessionLimits())
+    out = s.start(now_s)                    # [session.created event, OpenConversation]
+    out = s.receive_text(frame, now_s)      # one JSON client event (str/bytes); or receive_event(dict, now_s)
+    out = s.receive_audio(pcm, now_s)       # PCM16 LE mono at the session's input rate
+    out = s.engine_output(TurnPrepared(...) | ResponseDelta(...) | ResponseFinished(...) | ..., now_s)
+    out = s.close()                         # [CancelResponse?, CloseConversation]
+
+Each call returns a list of outputs in order: a `dict` is a server event for the client, an `EngineCommand`
+(`commands.py`) is work for the engine whose results must come back through `engine_output`, and `FirstText` is
+a latency fact for the metrics.
+
+What the core owns:
+- Turn segmentation: server VAD (`VadSegmenter`, stream time in ms of 16 kHz audio, so results do not depend on how
+  fast audio arrives) or push-to-talk (`turn_detection: null`: `commit` ends the turn, `response.create` answers;
+  the buffer keeps the newest `max_buffer_ms`).
+- Model-facing work runs one job at a time, in order, from a bounded queue (`max_jobs`; overflow -> `server_busy`):
+  a committed turn is prepared (`AddTurn`), its transcript reported, then answered if turn detection says so; a
+  `response.create` queues an answer. Handlers never wait, so barge-in and `response.cancel` act at once.
+- The response life cycle: the core makes the response id, sends `response.created` when it asks the engine to
+  start (`StartResponse`) and exactly one `response.done` when the engine's `ResponseFinished` or `ResponseRefused`
+  for that id comes back. A turn whose audio work failed still gets `response.created` + `response.done(failed)`.
+- Barge-in: speech over an answer (with `interrupt_response`) cancels it (`turn_detected`); speech before the
+  requested answer started makes it start cancelled, so the turn still ends in one `response.done`.
+- Speculation (`early_prepare_ms` > 0): when the VAD reports a tentative end, the turn's audio work starts at once
+  (`Speculate`); at the commit, identical samples confirm it (`AddTurn(confirm=True)`), anything else discards it.
+- Item ids, error codes (`protocol.ERROR_CODES`) and limits (`SessionLimits`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from assistant.audio import MODEL_RATE_HZ
+from assistant.audio.resample import StreamResampler
+from assistant.audio.vad import (
+    Committed,
+    SpeechStarted,
+    SpeechStopped,
+    TentativeEnd,
+    TentativeVoid,
+    VadEvent,
+    VadSegmenter,
+)
+from assistant.backends.base import Utterance
+from assistant.engine.api import ResponseDone, ResponseOptions, new_id
+from assistant.realtime import commands as C
+from assistant.realtime import protocol as P
+from assistant.realtime.events import EventFactory
+from assistant.realtime.settings import SessionSettings, TurnDetection, apply_session_update
+
+log = logging.getLogger("assistant.session")
+
+Output = dict[str, Any] | C.EngineCommand | C.FirstText
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    max_message_bytes: int = 16 * 1024 * 1024  # larger client messages are refused (`message_too_large`)
+    max_jobs: int = 16  # committed turns + response requests waiting per session; overflow -> `server_busy`
+    max_buffer_ms: int = 30000  # push-to-talk keeps the newest 30 s: one model audio window
+
+
+@dataclass
+class _Job:
+    """Model-facing work of the session, run one at a time in order."""
+
+    utterance: Utterance | None  # a user turn to prepare (None: only answer)
+    respond: bool  # answer after the turn (or: this job is only an answer)
+    speculated: bool = False  # the turn's audio work was started during the silence
+    max_output_tokens: int | None = None
+    event_id: str | None = None
+
+
+@dataclass
+class _Response:
+    response_id: str
+    item_id: str
+    cancelling: bool = False
+
+
+class Session:
+    def __init__(
+        self,
+        session_id: str,
+        settings: SessionSettings,
+        dialect: P.Dialect = "ga",
+        *,
+        default_td: TurnDetection | None = None,
+        limits: SessionLimits | None = None,
+    ) -> None:
+        self.id = session_id
+        self.events = EventFactory(dialect)
+        self.settings = settings
+        self.default_td = default_td or TurnDetection()
+        self.limits = limits or SessionLimits()
+        self.started = False
+        self.closed = False
+        self.accepting = True  # False during shutdown: new input is ignored
+        self.last_input_s: float | None = None
+        self._out: list[Output] = []
+        self._jobs: deque[_Job] = deque()
+        self._current: _Job | None = None  # the job waiting for the engine
+        self._response: _Response | None = None  # announced (response.created), not yet done
+        self._response_requested = False  # an answer is queued or running
+        self._cancel_on_start = False  # barge-in arrived before the requested answer started
+        self._committed_at_s: float | None = None  # when the turn now being answered ended (latency)
+        self._audio_samples = 0  # 16 kHz samples received: the stream clock
+        self._resampler = StreamResampler(settings.input_rate_hz)
+        self._ptt: list[np.ndarray] = []
+        self._vad: VadSegmenter | None = None
+        self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to Speculate
+        self._item_id = new_id("item")  # the user item the audio being received will become
+        self._last_item_id: str | None = None
+        self._reset_segmenter()
+
+    # ---- queries (for the driver and the hub) ------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, waiting for the engine or being answered."""
+        return not self._jobs and self._current is None and self._response is None
+
+    @property
+    def response_id(self) -> str | None:
+        return self._response.response_id if self._response else None
+
+    @property
+    def _audio_ms(self) -> int:
+        return self._audio_samples * 1000 // MODEL_RATE_HZ
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self, now_s: float) -> list[Output]:
+        self.started = True
+        self.last_input_s = now_s
+        self._out.append(C.OpenConversation(self.settings.instructions or None))
+        self._emit("session.created", session=self.events.session(self.settings, self.id))
+        return self._take()
+
+    def stop_accepting(self) -> None:
+        """Graceful shutdown: ignore new input, let the work in flight finish."""
+        self.accepting = False
+
+    def close(self) -> list[Output]:
+        """Cancel the answer in flight (its response.done still comes through `engine_output`) and end the
+        engine conversation. Later client input is ignored."""
+        if self.closed:
+            return []
+        self.closed = True
+        self.accepting = False
+        self._jobs.clear()
+        if self._current is not None and self._current.utterance is not None:
+            self._current = None  # a turn being prepared: nothing to answer any more
+        if self._response is not None and not self._response.cancelling:
+            self._response.cancelling = True
+            self._out.append(C.CancelResponse(self._response.response_id, "client_cancelled"))
+        self._spec = None  # closing the engine conversation forgets its speculations
+        if self.started:
+            self._out.append(C.CloseConversation())
+        return self._take()
+
+    # ---- client input ------------------------------------------------------------------------------------------
+    def receive_text(self, data: str | bytes, now_s: float) -> list[Output]:
+        return self.receive_event(data, now_s)
+
+    def receive_event(self, raw: str | bytes | dict[str, Any], now_s: float) -> list[Output]:
+        try:
+            event = P.parse_client_event(raw)
+        except P.ProtocolError as e:
+            self._error(e)
+            return self._take()
+        if self._ready(event.event_id, now_s):
+            self._dispatch(event)
+        return self._take()
+
+    def receive_audio(self, pcm: bytes, now_s: float, event_id: str | None = None) -> list[Output]:
+        """Raw PCM16 LE mono at the session's input rate (binary frame or decoded `input_audio_buffer.append`)."""
+        if self._ready(event_id, now_s):
+            self._audio(pcm, event_id)
+        return self._take()
+
+    def reject_oversized(self, n_bytes: int) -> list[Output]:
+        limit = self.limits.max_message_bytes
+        msg = f"message of {n_bytes} bytes exceeds server.max_message_bytes={limit}; send smaller chunks"
+        self._error(P.ProtocolError("message_too_large", msg))
+        return self._take()
+
+    def _ready(self, event_id: str | None, now_s: float) -> bool:
+        if self.closed or not self.accepting:
+            return False
+        if not self.started:
+            msg = "the session is not set up yet: wait for session.created before sending events"
+            self._error(P.ProtocolError("session_not_ready", msg, None, event_id))
+            return False
+        self.last_input_s = now_s
+        self._now_s = now_s
+        return True
+
+    def _dispatch(self, ev: P.ClientEvent) -> None:
+        if isinstance(ev, P.AudioAppend):
+            self._audio(ev.pcm, ev.event_id)
+        elif isinstance(ev, P.SessionUpdate):
+            self._session_update(ev)
+        elif isinstance(ev, P.AudioCommit):
+            self._commit(ev.event_id)
+        elif isinstance(ev, P.AudioClear):
+            self._clear()
+            self._emit("input_audio_buffer.cleared")
+        elif isinstance(ev, P.ResponseCreate):
+            self._request_response(ev)
+        elif isinstance(ev, P.ResponseCancel):
+            self._cancel(ev)
+        elif isinstance(ev, P.ConversationReset):
+            self._reset_conversation()
+        elif isinstance(ev, P.TextMessage):
+            self._text_message(ev)
+
+    def _audio(self, pcm: bytes, event_id: str | None) -> None:
+        if len(pcm) % 2:
+            msg = f"PCM16 audio needs an even number of bytes, got {len(pcm)}; the chunk was dropped"
+            self._error(P.ProtocolError("invalid_audio", msg, "audio", event_id))
+            return
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.int16, copy=False)
+        self._feed_16k(self._resampler.process(samples))
+
+    def _session_update(self, ev: P.SessionUpdate) -> None:
+        old = self.settings
+        try:
+            new, warnings = apply_session_update(old, ev.session, ev.event_id, self.default_td)
+        except P.ProtocolError as e:
+            self._error(e)
+            return
+        for w in warnings:
+            self._error(w)
+        if new.input_rate_hz != old.input_rate_hz:
+            # Audio already received was at the old rate: finish it through the old filter first.
+            self._feed_16k(self._resampler.flush())
+            self._resampler = StreamResampler(new.input_rate_hz)
+        self.settings = new
+        if new.turn_detection != old.turn_detection:
+            self._reset_segmenter()  # an open turn under the old settings is dropped
+        if new.instructions != old.instructions:
+            self._out.append(C.SetInstructions(new.instructions or None))
+        self._emit("session.updated", session=self.events.session(new, self.id))
+
+    # ---- turns -------------------------------------------------------------------------------------------------
+    def _reset_segmenter(self) -> None:
+        td = self.settings.turn_detection
+        self._ptt = []
+        self._discard_speculation()
+        self._vad = None if td is None else VadSegmenter(td.vad_params(), stream_offset_ms=self._audio_ms)
+
+    def _feed_16k(self, pcm16k: np.ndarray) -> None:
+        if len(pcm16k) == 0:
+            return
+        self._audio_samples += len(pcm16k)
+        if self._vad is None:
+            self._ptt.append(pcm16k)
+            self._trim_ptt()
+            return
+        for vev in self._vad.feed(pcm16k):
+            self._on_vad_event(vev)
+
+    def _trim_ptt(self) -> None:
+        limit = self.limits.max_buffer_ms * MODEL_RATE_HZ // 1000
+        total = sum(len(c) for c in self._ptt)
+        if total > limit:
+            self._ptt = [np.concatenate(self._ptt)[total - limit :]]
+
+    def _on_vad_event(self, vev: VadEvent) -> None:
+        td = self.settings.turn_detection
+        if isinstance(vev, TentativeEnd):
+            self._speculate(vev.audio)
+        elif isinstance(vev, TentativeVoid):
+            self._discard_speculation()  # speech resumed: that audio will not be the turn
+        elif isinstance(vev, SpeechStarted):
+            self._emit("input_audio_buffer.speech_started", audio_start_ms=vev.audio_start_ms, item_id=self._item_id)
+            if td is not None and td.interrupt_response:
+                self._barge_in()
+        elif isinstance(vev, SpeechStopped):
+            self._emit("input_audio_buffer.speech_stopped", audio_end_ms=vev.audio_end_ms, item_id=self._item_id)
+        else:
+            self._commit_audio(vev.audio, respond=td is not None and td.create_response)
+
+    def _barge_in(self) -> None:
+        if self._response is not None:
+            if not self._response.cancelling:
+                self._response.cancelling = True
+                self._out.append(C.CancelResponse(self._response.response_id, "turn_detected"))
+        elif self._response_requested:
+            # The answer still waits for its turn's audio work: it starts cancelled, so the committed turn still
+            # ends in exactly one response.done.
+            self._cancel_on_start = True
+
+    def _commit(self, event_id: str | None) -> None:
+        if self._vad is not None:
+            events = self._vad.commit_now()
+            committed = [e for e in events if isinstance(e, Committed)]
+            if committed and len(committed[0].audio) * 1000 >= P.MIN_COMMIT_MS * MODEL_RATE_HZ:
+                for vev in events:
+                    self._on_vad_event(vev)
+                return
+            audio_ms = len(committed[0].audio) * 1000 // MODEL_RATE_HZ if committed else 0
+        else:
+            self._feed_16k(self._resampler.flush())
+            audio = np.concatenate(self._ptt) if self._ptt else np.zeros(0, dtype=np.int16)
+            audio_ms = len(audio) * 1000 // MODEL_RATE_HZ
+            if audio_ms >= P.MIN_COMMIT_MS:
+                self._ptt = []
+                self._commit_audio(audio, respond=False)
+                return
+        msg = f"buffer too small: expected at least {P.MIN_COMMIT_MS} ms of audio, have {audio_ms} ms"
+        self._error(P.ProtocolError("input_audio_buffer_commit_empty", msg, None, event_id))
+
+    def _new_user_item(self, part: dict[str, Any]) -> str:
+        item_id, self._item_id = self._item_id, new_id("item")
+        prev, self._last_item_id = self._last_item_id, item_id
+        if part["type"] == "input_audio":
+            self._emit("input_audio_buffer.committed", item_id=item_id, previous_item_id=prev)
+        self._out.extend(self.events.user_item(item_id, prev, part))
+        return item_id
+
+    def _commit_audio(self, audio: np.ndarray, respond: bool) -> None:
+        item_id = self._new_user_item({"type": "input_audio", "transcript": None})
+        spec, self._spec = self._spec, None
+        speculated = spec is not None and spec[0] == item_id and np.array_equal(spec[1], audio)
+        if spec is not None and not speculated:
+            self._out.append(C.Discard(spec[0]))
+        utt = Utterance(key=item_id, audio=audio.astype(np.float32) / 32768.0)
+        audio_ms = len(audio) * 1000 // MODEL_RATE_HZ
+        extra = ", prepared during the silence" if speculated else ""
+        log.info("session %s: utterance %s committed (%d ms of audio%s)", self.id, item_id, audio_ms, extra)
+        self._enqueue(_Job(utt, respond, speculated))
+
+    def _speculate(self, audio: np.ndarray) -> None:
+        """Start the open turn's audio work now (the silence may still be broken by speech)."""
+        self._discard_speculation()
+        self._out.append(C.Speculate(Utterance(key=self._item_id, audio=audio.astype(np.float32) / 32768.0)))
+        self._spec = (self._item_id, audio.copy())
+
+    def _discard_speculation(self) -> None:
+        spec, self._spec = self._spec, None
+        if spec is not None:
+            self._out.append(C.Discard(spec[0]))
+
+    def _clear(self) -> None:
+        self._discard_speculation()
+        self._resampler.flush()
+        if self._vad is not None:
+            self._vad.reset()
+        self._ptt = []
+
+    def _text_message(self, ev: P.TextMessage) -> None:
+        item_id = self._new_user_item({"type": "input_text", "text": ev.text})
+        self._enqueue(_Job(Utterance(key=item_id, text=ev.text), respond=False, event_id=ev.event_id))
+
+    def _reset_conversation(self) -> None:
+        for job in self._jobs:
+            if job.speculated and job.utterance is not None:
+                self._out.append(C.Discard(job.utterance.key))
+        self._jobs.clear()
+        if self._current is not None and self._current.utterance is not None:
+            self._current.respond = False  # its turn is forgotten by the reset: nothing left to answer
+        if self._response is None:
+            self._response_requested = False
+        self._cancel_on_start = False
+        self._clear()
+        self._last_item_id = None
+        self._out.append(C.ResetConversation())  # also cancels the answer in flight (it still gets response.done)
+
+    # ---- responses ---------------------------------------------------------------------------------------------
+    def _request_response(self, ev: P.ResponseCreate) -> None:
+        if self._response_requested or self._response is not None:
+            msg = "a response is already in progress: wait for its response.done or send response.cancel"
+            self._error(P.ProtocolError("conversation_already_has_active_response", msg, None, ev.event_id))
+            return
+        self._enqueue(_Job(None, respond=True, max_output_tokens=ev.max_output_tokens, event_id=ev.event_id))
+
+    def _cancel(self, ev: P.ResponseCancel) -> None:
+        r = self._response
+        if r is None or (ev.response_id is not None and ev.response_id != r.response_id):
+            msg = "no response in progress to cancel" if r is None else f"response {ev.response_id} is not active"
+            self._error(P.ProtocolError("response_cancel_not_active", msg, "response_id", ev.event_id))
+            return
+        if not r.cancelling:
+            r.cancelling = True
+            self._out.append(C.CancelResponse(r.response_id, "client_cancelled"))
+
+    def _enqueue(self, job: _Job) -> None:
+        if len(self._jobs) >= self.limits.max_jobs:
+            if job.speculated and job.utterance is not None:  # its speculation must not linger
+                self._out.append(C.Discard(job.utterance.key))
+            n = self.limits.max_jobs
+            msg = f"{n} turns/responses already queued for this session; wait for them to finish"
+            self._error(P.ProtocolError("server_busy", msg, None, job.event_id))
+            return
+        if job.respond:
+            self._response_requested = True
+            self._committed_at_s = self._now_s
+        self._jobs.append(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start the next job when none is waiting for the engine."""
+        while self._current is None and self._jobs and not self.closed:
+            job = self._jobs.popleft()
+            self._current = job
+            if job.utterance is not None:
+                self._out.append(C.AddTurn(job.utterance, confirm=job.speculated))
+            else:
+                self._start_response(job.max_output_tokens)
+
+    def _start_response(self, max_output_tokens: int | None) -> None:
+        limit = max_output_tokens or self.settings.max_output_tokens
+        opts = ResponseOptions(max_new_tokens=limit, temperature=self.settings.temperature)
+        r = self._response = _Response(new_id("resp"), new_id("item"))
+        self._out.extend(self.events.response_start(r.response_id, r.item_id))
+        self._out.append(C.StartResponse(r.response_id, opts))
+        if self._cancel_on_start:
+            self._cancel_on_start = False
+            r.cancelling = True
+            self._out.append(C.CancelResponse(r.response_id, "turn_detected"))
+
+    def _failed_response(self, code: str, message: str) -> None:
+        """An answer that could not start still gets response.created + response.done(failed)."""
+        rid = new_id("resp")
+        details = {"type": "failed", "error": {"type": P.ERROR_CODES[code][0], "code": code, "message": message}}
+        self._emit("response.created", response=self.events.response(rid, "in_progress", []))
+        self._emit("response.done", response=self.events.response(rid, "failed", [], details))
+
+    # ---- engine output -----------------------------------------------------------------------------------------
+    def engine_output(self, out: C.EngineOutput, now_s: float) -> list[Output]:
+        self._now_s = now_s
+        if isinstance(out, C.TurnPrepared | C.TurnFailed):
+            self._turn_done(out)
+        elif isinstance(out, C.ResponseDelta):
+            r = self._response
+            if r is not None and out.response_id == r.response_id and out.text:
+                if self._committed_at_s is not None:
+                    self._out.append(C.FirstText(max(0.0, now_s - self._committed_at_s)))
+                    self._committed_at_s = None
+                self._out.append(self.events.text_delta(r.response_id, r.item_id, out.text))
+        elif isinstance(out, C.ResponseRefused):
+            self._error(P.ProtocolError(out.code, out.message))
+            self._response_done(_refused(out))
+        elif isinstance(out, C.ResponseFinished):
+            self._response_done(out.done)
+        return self._take()
+
+    def _turn_done(self, out: C.TurnPrepared | C.TurnFailed) -> None:
+        job = self._current
+        if job is None or job.utterance is None or job.utterance.key != out.key:
+            return  # a turn the session let go of (close)
+        if isinstance(out, C.TurnFailed):
+            log.warning("session %s: turn %s failed: %s", self.id, out.key, out.message)
+            self._error(P.ProtocolError("turn_failed", f"could not process the user turn {out.key}: {out.message}"))
+            if job.respond:
+                self._failed_response("turn_failed", out.message)
+                self._response_requested = False
+                self._cancel_on_start = False
+                self._committed_at_s = None
+            self._current = None
+        else:
+            info = out.info
+            if info.transcript is not None and job.utterance.audio is not None:
+                usage = {"type": "duration", "seconds": round(info.audio_s, 3)}
+                self._emit(
+                    "conversation.item.input_audio_transcription.completed",
+                    item_id=out.key,
+                    content_index=0,
+                    transcript=info.transcript,
+                    usage=usage,
+                )
+            if job.respond and not self.closed:
+                job.utterance = None  # the same job goes on as the answer
+                self._start_response(job.max_output_tokens)
+                return
+            if job.respond:
+                self._response_requested = False
+            self._current = None
+        self._pump()
+
+    def _response_done(self, done: ResponseDone) -> None:
+        r = self._response
+        if r is None or done.response_id != r.response_id:
+            return
+        timings = " ".join(f"{k}={v:.0f}" for k, v in done.timings_ms.items())
+        log.info(
+            "session %s: response %s %s%s: %d input (%d cached) + %d output tokens; ms: %s",
+            self.id,
+            r.response_id,
+            done.status,
+            f" ({done.reason})" if done.reason else "",
+            done.input_tokens,
+            done.cached_tokens,
+            done.output_tokens,
+            timings,
+        )
+        self._out.extend(self.events.response_end(r.response_id, r.item_id, done))
+        self._response = None
+        self._current = None
+        self._response_requested = False
+        self._committed_at_s = None
+        self._pump()
+
+    # ---- output ------------------------------------------------------------------------------------------------
+    def _emit(self, etype: str, **fields: Any) -> None:
+        self._out.append(self.events.event(etype, **fields))
+
+    def _error(self, err: P.ProtocolError) -> None:
+        self._out.append(self.events.error(err))
+
+    def _take(self) -> list[Output]:
+        out, self._out = self._out, []
+        return out
+
+    _now_s: float = 0.0
+
+
+def _refused(out: C.ResponseRefused) -> ResponseDone:
+    """The response.done of an answer the engine refused to start."""
+    return ResponseDone(
+        response_id=out.response_id,
+        status="failed",
+        reason=None,
+        text="",
+        prompt_ids=[],
+        output_ids=[],
+        input_tokens=0,
+        output_tokens=0,
+        timings_ms={},
+        error=out.message,
+        error_code=out.code,
+    )

@@ -1,0 +1,200 @@
+"""`Connection`: the asyncio driver of one sans-I/O `Session` for any transport. This is the transport interface.
+
+A transport (WebSocket, MQTT, Wyoming) turns its bytes into calls on a `Connection` and gets server events back
+through its `send` callback; it never sees the engine or the protocol's state:
+
+    conn = hub.open("websocket", send=queue_event, close=close_socket, dialect="ga", input_rate_hz=None)
+    await conn.start()                      # session.created is sent; raises SessionLimitReached (then: error+close)
+    conn.receive_text(frame)                # one JSON client event (str/bytes); or conn.receive_event(dict)
+    conn.receive_audio(pcm)                 # PCM16 LE mono at the session's input rate
+    conn.reject_oversized(n_bytes)          # the transport dropped a message over server.max_message_bytes
+    await conn.close()                      # the answer in flight is cancelled (its response.done is sent first)
+
+`send(event: dict) -> None` must never block: the transport owns a bounded queue and its overflow policy.
+`close(code: int, reason: str) -> Awaitable` is how the hub ends the connection (idle timeout, shutdown).
+The receive calls are synchronous and return at once: every engine command the core returns is carried out here
+(turns and responses as tasks owned by this connection; their results are fed back into the core), so a client's
+next event (barge-in, response.cancel) is handled while the model works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from assistant.engine.api import ConversationBusy, ServerBusy, TextDelta
+from assistant.realtime import commands as C
+from assistant.realtime.session import Output, Session
+
+log = logging.getLogger("assistant.session")
+
+FIRST_TEXT_SECONDS = Histogram(
+    "assistant_server_commit_to_first_text_seconds",
+    "Latency seen by the client: end of speech detected (server VAD) or response.create -> first answer text sent",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+)
+CLIENT_ERRORS = Counter("assistant_server_client_errors_total", "Error events sent to clients, by code", ["code"])
+
+SendFn = Callable[[dict[str, Any]], None]
+CloseFn = Callable[[int, str], Awaitable[None]]
+
+
+class Connection:
+    """One session of one transport: the core plus the tasks that carry out its engine commands."""
+
+    def __init__(self, hub: Any, transport: str, session: Session, send: SendFn, close: CloseFn) -> None:
+        self.hub = hub
+        self.engine = hub.engine
+        self.transport = transport
+        self.session = session
+        self.id = session.id
+        self._send = send
+        self._close_transport = close
+        self._tasks: set[asyncio.Task[None]] = set()  # turn preparations and response relays in flight
+        self._relays: dict[str, asyncio.Task[None]] = {}  # response id -> relay task
+        self.closed = False
+        self._idle = asyncio.Event()  # set whenever the core has nothing queued or in flight
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._run(self.session.start(time.monotonic()))
+        log.info("session %s opened (%s, %s dialect)", self.id, self.transport, self.session.events.dialect)
+
+    async def close(self, grace_s: float | None = None) -> None:
+        """Cancel the answer in flight, wait (up to `grace_s`) for its response.done, end the engine conversation."""
+        if self.closed:
+            return
+        self.closed = True
+        self._run(self.session.close())
+        relays = list(self._relays.values())
+        if relays:
+            wait_s = self.hub.cfg.server.shutdown_grace_s + 1 if grace_s is None else grace_s
+            await asyncio.wait(relays, timeout=wait_s)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.hub.release(self)
+        log.info("session %s closed", self.id)
+
+    async def end(self, code: int, reason: str) -> None:
+        """The hub ends this connection (idle, shutdown): the transport closes, then the session."""
+        with contextlib.suppress(Exception):
+            await self._close_transport(code, reason)
+        await self.close()
+
+    @property
+    def idle(self) -> bool:
+        return self.session.idle
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    @property
+    def last_input_s(self) -> float:
+        return self.session.last_input_s or 0.0
+
+    # ---- client input (synchronous: never waits for the model) ------------------------------------------------
+    def receive_text(self, data: str | bytes) -> None:
+        self._run(self.session.receive_text(data, time.monotonic()))
+
+    def receive_event(self, obj: dict[str, Any]) -> None:
+        self._run(self.session.receive_event(obj, time.monotonic()))
+
+    def receive_audio(self, pcm: bytes) -> None:
+        self._run(self.session.receive_audio(pcm, time.monotonic()))
+
+    def reject_oversized(self, n_bytes: int) -> None:
+        self._run(self.session.reject_oversized(n_bytes))
+
+    # ---- outputs of the core -------------------------------------------------------------------------------------
+    def _run(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, dict):
+                self._emit(out)
+            elif isinstance(out, C.FirstText):
+                FIRST_TEXT_SECONDS.observe(out.latency_s)
+            else:
+                self._command(out)
+        if self.session.idle:
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "error":
+            CLIENT_ERRORS.labels(code=event["error"]["code"]).inc()
+        try:
+            self._send(event)
+        except Exception:  # the transport is gone; its own loop notices and closes the connection
+            log.debug("session %s: send failed for %s", self.id, event.get("type"), exc_info=True)
+
+    def _feed(self, out: C.EngineOutput) -> None:
+        self._run(self.session.engine_output(out, time.monotonic()))
+
+    def _command(self, cmd: C.EngineCommand) -> None:
+        e, sid = self.engine, self.id
+        if isinstance(cmd, C.OpenConversation):
+            e.open_session(sid, cmd.instructions)
+        elif isinstance(cmd, C.CloseConversation):
+            e.close_session(sid)
+        elif isinstance(cmd, C.ResetConversation):
+            e.reset_session(sid)
+        elif isinstance(cmd, C.SetInstructions):
+            e.set_instructions(sid, cmd.instructions)
+        elif isinstance(cmd, C.Speculate):
+            try:
+                e.speculate_user_turn(sid, cmd.utterance)
+            except Exception as err:  # only a head start: the commit does the work anyway
+                log.debug("session %s: speculation not started: %s", sid, err)
+        elif isinstance(cmd, C.Discard):
+            e.discard_user_turn(sid, cmd.key)
+        elif isinstance(cmd, C.AddTurn):
+            self._spawn(self._add_turn(cmd))
+        elif isinstance(cmd, C.StartResponse):
+            self._start_response(cmd)
+        elif isinstance(cmd, C.CancelResponse):
+            e.cancel(cmd.response_id, cmd.reason)
+
+    def _spawn(self, coro: Any, response_id: str | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"session-{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if response_id is not None:
+            self._relays[response_id] = task
+            task.add_done_callback(lambda _t: self._relays.pop(response_id, None))
+
+    async def _add_turn(self, cmd: C.AddTurn) -> None:
+        utt = cmd.utterance
+        try:
+            if cmd.confirm:
+                info = await self.engine.confirm_user_turn(self.id, utt)
+            else:
+                info = await self.engine.add_user_turn(self.id, utt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._feed(C.TurnFailed(utt.key, str(err)))
+            return
+        self._feed(C.TurnPrepared(utt.key, info))
+
+    def _start_response(self, cmd: C.StartResponse) -> None:
+        try:
+            stream = self.engine.respond(self.id, cmd.options, response_id=cmd.response_id)
+        except (ServerBusy, ConversationBusy) as err:
+            self._feed(C.ResponseRefused(cmd.response_id, err.code, str(err)))
+            return
+        self._spawn(self._relay(stream), cmd.response_id)
+
+    async def _relay(self, stream: Any) -> None:
+        rid = stream.response_id
+        async for out in stream:
+            if isinstance(out, TextDelta):
+                self._feed(C.ResponseDelta(rid, out.text))
+            else:
+                self._feed(C.ResponseFinished(out))

@@ -1,0 +1,123 @@
+"""`SessionHub`: the one owner of the open sessions of every transport: admission (capacity), ids, the idle sweep
+and graceful shutdown. Transports ask it for a `Connection` (`open`) and never keep sessions of their own.
+
+    hub = SessionHub(cfg, engine)
+    conn = hub.open("mqtt", send, close, dialect="ga", input_rate_hz=16000)   # raises SessionLimitReached
+    await hub.shutdown(grace_s)                                                # refuse new, finish, close all
+
+Capacity: `server.max_sessions` in all. Idle sweep: a session with no client input for `server.idle_timeout_s` and
+nothing in flight is ended by the hub (`Connection.end`, the transport's close code 1000 "idle timeout").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from prometheus_client import Gauge
+
+from assistant.config import Config
+from assistant.engine.api import new_id
+from assistant.realtime.events import EventFactory
+from assistant.realtime.protocol import Dialect, ProtocolError
+from assistant.realtime.session import Session, SessionLimits
+from assistant.realtime.settings import SessionSettings
+from assistant.transport.connection import CloseFn, Connection, SendFn
+
+log = logging.getLogger("assistant.server")
+
+SESSIONS = Gauge("assistant_server_sessions", "Open realtime sessions (all transports)", ["transport"])
+IDLE_SWEEP_MAX_S = 5.0  # how often the hub looks for idle sessions (at most; sooner for short timeouts)
+CLOSE_IDLE = 1000
+
+
+class SessionLimitReached(Exception):
+    """No session slot is free (or the server is shutting down); the transport sends `error` `server_busy`."""
+
+    code = "server_busy"
+
+
+class SessionHub:
+    def __init__(self, cfg: Config, engine: Any, model_name: str = "local") -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.model_name = model_name
+        self.connections: dict[str, Connection] = {}
+        self.closing = False
+        s = cfg.server
+        self.limits = SessionLimits(max_message_bytes=s.max_message_bytes)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def sessions(self) -> dict[str, Connection]:
+        return self.connections
+
+    def open(
+        self, transport: str, send: SendFn, close: CloseFn, dialect: Dialect = "ga", input_rate_hz: int | None = None
+    ) -> Connection:
+        if self.closing:
+            raise SessionLimitReached("the server is shutting down; reconnect later")
+        limit = self.cfg.server.max_sessions
+        if len(self.connections) >= limit:
+            raise SessionLimitReached(
+                f"{len(self.connections)} sessions open, the limit is server.max_sessions={limit}; retry later"
+            )
+        rate = {} if input_rate_hz is None else {"input_rate_hz": input_rate_hz}  # None: the dialect's default
+        settings = SessionSettings(model=self.model_name, turn_detection=self.cfg.vad, **rate)
+        session = Session(new_id("sess"), settings, dialect, default_td=self.cfg.vad, limits=self.limits)
+        conn = Connection(self, transport, session, send, close)
+        self.connections[conn.id] = conn
+        self._count()
+        self._ensure_sweeper()
+        return conn
+
+    def busy_error(self, dialect: Dialect, message: str) -> dict[str, Any]:
+        """The `error` event a transport sends before closing a connection refused by `open`."""
+        return EventFactory(dialect).error(ProtocolError("server_busy", message))
+
+    def release(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+        self._count()
+
+    def _count(self) -> None:
+        by: dict[str, int] = {}
+        for c in self.connections.values():
+            by[c.transport] = by.get(c.transport, 0) + 1
+        for transport in ("websocket", "mqtt", *by):
+            SESSIONS.labels(transport=transport).set(by.get(transport, 0))
+
+    # ---- idle sweep ----------------------------------------------------------------------------------------------
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="session-idle-sweep")
+
+    async def _sweep(self) -> None:
+        idle_s = self.cfg.server.idle_timeout_s
+        while self.connections:
+            await asyncio.sleep(min(IDLE_SWEEP_MAX_S, idle_s / 4))
+            now_s = time.monotonic()
+            for conn in list(self.connections.values()):
+                silent_s = now_s - conn.last_input_s
+                if silent_s >= idle_s and conn.idle and not conn.closed:
+                    log.info(
+                        "session %s (%s): closing after %.0f s without client input", conn.id, conn.transport, silent_s
+                    )
+                    await conn.end(CLOSE_IDLE, f"idle timeout: nothing received for {idle_s:g} s")
+
+    # ---- shutdown ------------------------------------------------------------------------------------------------
+    async def shutdown(self, grace_s: float) -> None:
+        """Refuse new sessions, let in-flight work finish for up to `grace_s`, then cancel and close all."""
+        self.closing = True
+        conns = list(self.connections.values())
+        for c in conns:
+            c.session.stop_accepting()
+        if conns and grace_s > 0:
+            await asyncio.wait([asyncio.create_task(c.wait_idle()) for c in conns], timeout=grace_s)
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper

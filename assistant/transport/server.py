@@ -1,0 +1,127 @@
+"""The process: `serve(cfg)` is `python -m assistant serve`; `running_server(...)` starts the same server in tests.
+
+`serve` starts listening at once (`/healthz` says 503), loads the backend on the engine's worker thread (never on
+the loop, and on the one thread that will run the model), attaches the session hub, optionally runs the MQTT
+bridge, and shuts down gracefully on SIGINT/SIGTERM: stop accepting, let answers finish for `shutdown_grace_s`,
+cancel the rest, close every socket with 1001.
+
+    async with running_server(cfg.replace(**{"server.port": 0}), backend=backend) as srv:
+        srv.ws_url      # "ws://127.0.0.1:PORT/v1/realtime"
+        srv.http_url    # "http://127.0.0.1:PORT"
+        srv.hub         # the SessionHub every transport shares
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from assistant.config import Config
+from assistant.transport.hub import SessionHub
+from assistant.transport.websocket import CLOSE_TIMEOUT_S, REALTIME_PATH, AssistantServer
+
+log = logging.getLogger("assistant.server")
+
+
+@dataclass
+class RunningServer:
+    host: str
+    port: int
+    ws_url: str
+    http_url: str
+    hub: SessionHub
+    engine: Any
+    app: AssistantServer
+
+
+@contextlib.asynccontextmanager
+async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -> AsyncIterator[RunningServer]:
+    """A real server on `cfg.server.host:port` around an already-loaded `backend` (or a started `engine`)."""
+    from assistant.engine.engine import Engine
+
+    own_engine = engine is None
+    if own_engine:
+        engine = Engine(backend, cfg.engine, cfg.generation)
+        await engine.start()
+    app = AssistantServer(cfg)
+    await app.start()
+    hub = app.attach(engine)
+    scheme = "wss" if cfg.server.tls_cert else "ws"
+    host = cfg.server.host
+    try:
+        yield RunningServer(
+            host=host,
+            port=app.port,
+            ws_url=f"{scheme}://{host}:{app.port}{REALTIME_PATH}",
+            http_url=f"{'https' if scheme == 'wss' else 'http'}://{host}:{app.port}",
+            hub=hub,
+            engine=engine,
+            app=app,
+        )
+    finally:
+        await app.shutdown()
+        if own_engine:
+            await engine.stop()
+
+
+def serve(cfg: Config) -> int:
+    """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 if the model failed to load."""
+    return asyncio.run(_serve_main(cfg))
+
+
+async def _serve_main(cfg: Config) -> int:
+    from assistant.backends import load_backend
+    from assistant.engine.engine import Engine
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    app = AssistantServer(cfg)
+    await app.start()
+    scheme = "https" if cfg.server.tls_cert else "http"
+    shown_host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "") else cfg.server.host
+    base = f"{scheme}://{shown_host}:{app.port}"
+    print(f"Voice assistant: open {base}/ in a browser (WebSocket {base.replace('http', 'ws', 1)}{REALTIME_PATH})")
+    print(f"Loading the {cfg.model.backend} model; {base}/healthz answers 200 once it is ready.", flush=True)
+    engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
+    mqtt_task: asyncio.Task[Any] | None = None
+    try:
+        load = asyncio.create_task(engine.start())
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not load.done():
+            log.info("stopped while loading the model")
+            load.cancel()
+            return 0  # the worker is a daemon thread: it does not hold up the exit
+        try:
+            load.result()
+        except Exception as e:
+            log.error("could not load the %s model: %s", cfg.model.backend, e)
+            print(f"error: could not load the model: {e}", flush=True)
+            return 1
+        hub = app.attach(engine, model_name=cfg.model.backend)
+        if cfg.mqtt.url:
+            from assistant.transport.mqtt import run_mqtt_bridge
+
+            mqtt_task = asyncio.create_task(run_mqtt_bridge(cfg, hub, stop))
+        print(f"Ready: {base}/", flush=True)
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await app.shutdown()
+        if mqtt_task is not None:
+            stop.set()
+            try:
+                await asyncio.wait_for(mqtt_task, cfg.server.shutdown_grace_s + CLOSE_TIMEOUT_S)
+            except Exception as e:  # the bridge's failure must not hide a clean server stop
+                log.warning("MQTT bridge ended with %r", e)
+        if engine.ready:  # a load still running is abandoned with its daemon thread
+            await engine.stop()
+    return 0
