@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from assistant.engine.fresh_thread import run_in_fresh_thread_sync as fresh
 
 from assistant.backends.base import Utterance
 from assistant.config import load_config
 from assistant.engine.api import ResponseOptions
 from assistant.engine.engine import Engine
-from assistant.engine.fresh_thread import run_in_fresh_thread_sync as fresh
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -97,8 +97,9 @@ async def main(n_questions: int, modes: list[str]) -> None:
         "speculation": load_config(overrides=base),
         "no_speculation": load_config(overrides={**base, "vad.early_prepare_ms": 0}),
     }
-    from assistant.backends import load_backend
     from assistant.engine.fresh_thread import run_in_fresh_thread
+
+    from assistant.backends import load_backend
 
     backend = await run_in_fresh_thread(load_backend, cfgs["speculation"])  # see engine/fresh_thread.py
     rows: dict[str, list[dict]] = {m: [] for m in modes}

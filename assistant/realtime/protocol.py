@@ -160,7 +160,8 @@ def parse_client_event(raw: str | bytes | dict[str, Any]) -> ClientEvent:
     else:
         try:
             obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # ValueError: an integer of thousands of digits; RecursionError: arrays nested thousands deep.
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ProtocolError("invalid_json", f"expected a JSON object, could not parse it: {e}") from None
         if not isinstance(obj, dict):
             raise ProtocolError("invalid_json", f"expected a JSON object, got a JSON {type(obj).__name__}")
