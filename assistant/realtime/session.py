@@ -40,20 +40,12 @@ from typing import Any
 import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
-from assistant.audio.resample import StreamResampler
-from assistant.audio.vad import (
-    Committed,
-    SpeechStarted,
-    SpeechStopped,
-    TentativeEnd,
-    TentativeVoid,
-    VadEvent,
-    VadSegmenter,
-)
+from assistant.audio.vad import SpeechStarted, SpeechStopped, TentativeEnd, TentativeVoid, VadEvent
 from assistant.backends.base import Utterance
 from assistant.engine.api import ResponseDone, ResponseOptions, new_id
 from assistant.realtime import commands as C
 from assistant.realtime import protocol as P
+from assistant.realtime.audio_in import AudioIn, committed_ms
 from assistant.realtime.events import EventFactory
 from assistant.realtime.settings import SessionSettings, TurnDetection, apply_session_update
 
@@ -113,14 +105,11 @@ class Session:
         self._response_requested = False  # an answer is queued or running
         self._cancel_on_start = False  # barge-in arrived before the requested answer started
         self._committed_at_s: float | None = None  # when the turn now being answered ended (latency)
-        self._audio_samples = 0  # 16 kHz samples received: the stream clock
-        self._resampler = StreamResampler(settings.input_rate_hz)
-        self._ptt: list[np.ndarray] = []
-        self._vad: VadSegmenter | None = None
+        td = settings.turn_detection
+        self._audio = AudioIn(settings.input_rate_hz, td and td.vad_params(), self.limits.max_buffer_ms)
         self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to Speculate
         self._item_id = new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
-        self._reset_segmenter()
 
     # ---- queries (for the driver and the hub) ------------------------------------------------------------------
     @property
@@ -131,10 +120,6 @@ class Session:
     @property
     def response_id(self) -> str | None:
         return self._response.response_id if self._response else None
-
-    @property
-    def _audio_ms(self) -> int:
-        return self._audio_samples * 1000 // MODEL_RATE_HZ
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def start(self, now_s: float) -> list[Output]:
@@ -183,7 +168,7 @@ class Session:
     def receive_audio(self, pcm: bytes, now_s: float, event_id: str | None = None) -> list[Output]:
         """Raw PCM16 LE mono at the session's input rate (binary frame or decoded `input_audio_buffer.append`)."""
         if self._ready(event_id, now_s):
-            self._audio(pcm, event_id)
+            self._receive_pcm(pcm, event_id)
         return self._take()
 
     def reject_oversized(self, n_bytes: int) -> list[Output]:
@@ -205,7 +190,7 @@ class Session:
 
     def _dispatch(self, ev: P.ClientEvent) -> None:
         if isinstance(ev, P.AudioAppend):
-            self._audio(ev.pcm, ev.event_id)
+            self._receive_pcm(ev.pcm, ev.event_id)
         elif isinstance(ev, P.SessionUpdate):
             self._session_update(ev)
         elif isinstance(ev, P.AudioCommit):
@@ -222,13 +207,12 @@ class Session:
         elif isinstance(ev, P.TextMessage):
             self._text_message(ev)
 
-    def _audio(self, pcm: bytes, event_id: str | None) -> None:
+    def _receive_pcm(self, pcm: bytes, event_id: str | None) -> None:
         if len(pcm) % 2:
             msg = f"PCM16 audio needs an even number of bytes, got {len(pcm)}; the chunk was dropped"
             self._error(P.ProtocolError("invalid_audio", msg, "audio", event_id))
             return
-        samples = np.frombuffer(pcm, dtype="<i2").astype(np.int16, copy=False)
-        self._feed_16k(self._resampler.process(samples))
+        self._on_vad_events(self._audio.feed(pcm))
 
     def _session_update(self, ev: P.SessionUpdate) -> None:
         old = self.settings
@@ -240,39 +224,19 @@ class Session:
         for w in warnings:
             self._error(w)
         if new.input_rate_hz != old.input_rate_hz:
-            # Audio already received was at the old rate: finish it through the old filter first.
-            self._feed_16k(self._resampler.flush())
-            self._resampler = StreamResampler(new.input_rate_hz)
+            self._on_vad_events(self._audio.set_rate(new.input_rate_hz))
         self.settings = new
-        if new.turn_detection != old.turn_detection:
-            self._reset_segmenter()  # an open turn under the old settings is dropped
+        if new.turn_detection != old.turn_detection:  # an open turn under the old settings is dropped
+            self._discard_speculation()
+            self._audio.reconfigure(new.turn_detection and new.turn_detection.vad_params())
         if new.instructions != old.instructions:
             self._out.append(C.SetInstructions(new.instructions or None))
         self._emit("session.updated", session=self.events.session(new, self.id))
 
     # ---- turns -------------------------------------------------------------------------------------------------
-    def _reset_segmenter(self) -> None:
-        td = self.settings.turn_detection
-        self._ptt = []
-        self._discard_speculation()
-        self._vad = None if td is None else VadSegmenter(td.vad_params(), stream_offset_ms=self._audio_ms)
-
-    def _feed_16k(self, pcm16k: np.ndarray) -> None:
-        if len(pcm16k) == 0:
-            return
-        self._audio_samples += len(pcm16k)
-        if self._vad is None:
-            self._ptt.append(pcm16k)
-            self._trim_ptt()
-            return
-        for vev in self._vad.feed(pcm16k):
+    def _on_vad_events(self, events: list[VadEvent]) -> None:
+        for vev in events:
             self._on_vad_event(vev)
-
-    def _trim_ptt(self) -> None:
-        limit = self.limits.max_buffer_ms * MODEL_RATE_HZ // 1000
-        total = sum(len(c) for c in self._ptt)
-        if total > limit:
-            self._ptt = [np.concatenate(self._ptt)[total - limit :]]
 
     def _on_vad_event(self, vev: VadEvent) -> None:
         td = self.settings.turn_detection
@@ -300,21 +264,18 @@ class Session:
             self._cancel_on_start = True
 
     def _commit(self, event_id: str | None) -> None:
-        if self._vad is not None:
-            events = self._vad.commit_now()
-            committed = [e for e in events if isinstance(e, Committed)]
-            if committed and len(committed[0].audio) * 1000 >= P.MIN_COMMIT_MS * MODEL_RATE_HZ:
-                for vev in events:
-                    self._on_vad_event(vev)
-                return
-            audio_ms = len(committed[0].audio) * 1000 // MODEL_RATE_HZ if committed else 0
-        else:
-            self._feed_16k(self._resampler.flush())
-            audio = np.concatenate(self._ptt) if self._ptt else np.zeros(0, dtype=np.int16)
+        if self._audio.push_to_talk:
+            audio = self._audio.take_buffer()
             audio_ms = len(audio) * 1000 // MODEL_RATE_HZ
             if audio_ms >= P.MIN_COMMIT_MS:
-                self._ptt = []
                 self._commit_audio(audio, respond=False)
+                return
+            self._audio.restore_buffer(audio)
+        else:
+            events = self._audio.commit_vad()
+            audio_ms = committed_ms(events)
+            if audio_ms >= P.MIN_COMMIT_MS:
+                self._on_vad_events(events)
                 return
         msg = f"buffer too small: expected at least {P.MIN_COMMIT_MS} ms of audio, have {audio_ms} ms"
         self._error(P.ProtocolError("input_audio_buffer_commit_empty", msg, None, event_id))
@@ -352,10 +313,7 @@ class Session:
 
     def _clear(self) -> None:
         self._discard_speculation()
-        self._resampler.flush()
-        if self._vad is not None:
-            self._vad.reset()
-        self._ptt = []
+        self._audio.clear()
 
     def _text_message(self, ev: P.TextMessage) -> None:
         item_id = self._new_user_item({"type": "input_text", "text": ev.text})

@@ -1,0 +1,89 @@
+"""A session's incoming audio: client PCM16 at the session's rate -> 16 kHz -> VAD events, or the push-to-talk
+buffer when turn detection is off. Pure and synchronous, like the VAD it wraps.
+
+Time is stream time: milliseconds of 16 kHz audio received since the session started, so segmentation does not
+depend on how fast audio arrives. Push-to-talk keeps the newest `max_buffer_ms` (one model audio window); the session
+core says so to the client when a commit had to drop older audio.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from assistant.audio import MODEL_RATE_HZ
+from assistant.audio.resample import StreamResampler
+from assistant.audio.vad import Committed, VadEvent, VadParams, VadSegmenter
+
+
+class AudioIn:
+    def __init__(self, input_rate_hz: int, vad: VadParams | None, max_buffer_ms: int) -> None:
+        self.max_buffer_ms = max_buffer_ms
+        self._samples = 0  # 16 kHz samples received: the stream clock
+        self._resampler = StreamResampler(input_rate_hz)
+        self._ptt: list[np.ndarray] = []
+        self._vad: VadSegmenter | None = None
+        self.reconfigure(vad)
+
+    @property
+    def position_ms(self) -> int:
+        return self._samples * 1000 // MODEL_RATE_HZ
+
+    @property
+    def push_to_talk(self) -> bool:
+        return self._vad is None
+
+    def feed(self, pcm: bytes) -> list[VadEvent]:
+        """PCM16 LE mono (even length) at the input rate; the VAD events it caused (none in push-to-talk)."""
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.int16, copy=False)
+        return self._feed_16k(self._resampler.process(samples))
+
+    def set_rate(self, input_rate_hz: int) -> list[VadEvent]:
+        """Audio already received was at the old rate: it goes through the old filter first."""
+        events = self._feed_16k(self._resampler.flush())
+        self._resampler = StreamResampler(input_rate_hz)
+        return events
+
+    def reconfigure(self, vad: VadParams | None) -> None:
+        """New turn detection (None = push-to-talk): an open turn or buffer under the old settings is dropped."""
+        self._ptt = []
+        self._vad = None if vad is None else VadSegmenter(vad, stream_offset_ms=self.position_ms)
+
+    def commit_vad(self) -> list[VadEvent]:
+        """Server VAD, manual commit: the open turn as VAD events (a `Committed` among them if any audio)."""
+        assert self._vad is not None
+        return self._vad.commit_now()
+
+    def take_buffer(self) -> np.ndarray:
+        """Push-to-talk commit: the buffered audio (int16, 16 kHz), emptied."""
+        self._feed_16k(self._resampler.flush())
+        audio = np.concatenate(self._ptt) if self._ptt else np.zeros(0, dtype=np.int16)
+        self._ptt = []
+        return audio
+
+    def restore_buffer(self, audio: np.ndarray) -> None:
+        """A commit refused as too short keeps what was buffered."""
+        self._ptt = [audio] if len(audio) else []
+
+    def clear(self) -> None:
+        self._resampler.flush()
+        if self._vad is not None:
+            self._vad.reset()
+        self._ptt = []
+
+    def _feed_16k(self, pcm16k: np.ndarray) -> list[VadEvent]:
+        if len(pcm16k) == 0:
+            return []
+        self._samples += len(pcm16k)
+        if self._vad is None:
+            self._ptt.append(pcm16k)
+            limit = self.max_buffer_ms * MODEL_RATE_HZ // 1000
+            total = sum(len(c) for c in self._ptt)
+            if total > limit:
+                self._ptt = [np.concatenate(self._ptt)[total - limit :]]
+            return []
+        return self._vad.feed(pcm16k)
+
+
+def committed_ms(events: list[VadEvent]) -> int:
+    """Milliseconds of audio in the `Committed` among `events` (0 when none)."""
+    return next((len(e.audio) * 1000 // MODEL_RATE_HZ for e in events if isinstance(e, Committed)), 0)
