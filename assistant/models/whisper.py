@@ -7,7 +7,7 @@ the token embedding), and `WhisperTranscriber`, which turns a batch of 16 kHz cl
 Latency: the reference encoder always runs a 30 s window (1500 positions) whatever the clip length. Here the encoder
 can run on the clip's own frames (`pad_to_30s=False`, positions sliced to the clip length); which mode the backend
 uses is a config choice backed by the accuracy measured in tests/bench. Weights: transformers' Whisper names, as
-written by `assistant/prepare.py` from the CTranslate2 package.
+written by `assistant/weights/convert.py` from the CTranslate2 package.
 """
 
 from __future__ import annotations

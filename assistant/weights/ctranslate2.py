@@ -2,7 +2,7 @@
 
 Layout facts (../shared/MODELS.md): self-attention q|k|v fused in `linear_0` (rows in that order, k bias zero),
 cross-attention k|v fused in `attention/linear_1`, LayerNorm gamma/beta, the output projection tied to the decoder
-embedding. Raises ValueError on a file that is not a CTranslate2 Whisper model; `assistant.prepare_convert` reports it.
+embedding. Raises ValueError on a file that is not a CTranslate2 Whisper model; `weights.convert` reports it.
 """
 
 from __future__ import annotations

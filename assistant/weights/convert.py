@@ -2,7 +2,7 @@
 
 Owns the two conversions: GGUF (Qwen2.5) -> bf16 `model.safetensors` in transformers' Qwen2 names + `config.json` +
 `qwen2.tiktoken` ranks; CTranslate2 Whisper -> float16 `model.safetensors` in transformers' Whisper layout +
-`dims.json`. Called by `assistant.prepare` on a temporary directory; errors are `PrepareError`.
+`dims.json`. Called by `weights.cache` on a temporary directory; errors are `PrepareError`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from assistant.prepare_sources import PrepareError, reporting_full_disk
+from assistant.weights.sources import PrepareError, reporting_full_disk
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -105,7 +105,7 @@ def convert_ctranslate2_whisper(model_bin: Path, out_dir: Path) -> None:
     """CTranslate2 Whisper -> model.safetensors (float16, transformers' Whisper names; proj_out tied) + dims.json."""
     from safetensors.torch import save_file
 
-    from assistant.models.whisper_ct2 import ctranslate2_to_transformers, read_ctranslate2
+    from assistant.weights.ctranslate2 import ctranslate2_to_transformers, read_ctranslate2
 
     try:
         tensors, dims = ctranslate2_to_transformers(read_ctranslate2(model_bin))
