@@ -17,7 +17,7 @@ import torch
 
 from assistant.backends.base import Exchange, PreparedTurn, Prompt, Utterance
 from assistant.models.qwen2_lm import Qwen2LM
-from assistant.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
+from assistant.models.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
 from assistant.models.whisper import Whisper, WhisperTranscriber
 
 log = logging.getLogger("assistant.embedded")

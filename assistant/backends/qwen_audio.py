@@ -26,7 +26,7 @@ from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt, U
 from assistant.generation import SamplingParams
 from assistant.models.qwen_audio_encoder import AudioEncoderConfig, QwenAudioEncoder
 from assistant.models.qwen_lm import QWenConfig, QWenLM
-from assistant.tokenizer import QwenTokenizer
+from assistant.models.tokenizer import QwenTokenizer
 from assistant.weights.checkpoint import CheckpointError, load_weights, pick_device, pick_dtype, read_json
 
 log = logging.getLogger(__name__)
