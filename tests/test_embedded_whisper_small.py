@@ -25,7 +25,7 @@ def small_installed():
 
 
 def test_small_wheels_assemble_to_the_pinned_truncated_file(small_installed, tmp_path):
-    from assistant.weights.ctranslate2 import read_ctranslate2
+    from assistant.weights.convert import read_ctranslate2
 
     model_bin = tmp_path / "model.bin"
     assert assemble(SMALL, model_bin) == SMALL.sha256  # assemble also refuses any other hash
