@@ -13,9 +13,8 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from assistant.backends.base import Exchange, PreparedTurn, Prompt, Utterance
+from assistant.models.device import resolve_dtype
 from assistant.models.qwen2_lm import Qwen2LM
 from assistant.models.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
 from assistant.models.whisper import Whisper, WhisperTranscriber
@@ -59,9 +58,7 @@ class EmbeddedBackend:
         paths = ensure_prepared(cfg)
         t0 = time.perf_counter()
         lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype)
-        # Whisper stays float32 on CPU: it is small, and bf16 changed transcripts of the test questions.
-        w_dtype = torch.float16 if lm.device.type == "cuda" else torch.float32
-        whisper = Whisper.load(paths.whisper_dir, w_dtype, str(lm.device))
+        whisper = Whisper.load(paths.whisper_dir, resolve_dtype("auto", lm.device, "whisper"), str(lm.device))
         transcriber = WhisperTranscriber(
             whisper, paths.whisper_dir / "tokenizer.json", paths.whisper_dir / "config.json", pad_s=WHISPER_PAD_S
         )

@@ -24,10 +24,11 @@ import torch
 from assistant.audio.frontend import log_mel, mel_frames, split_windows
 from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt, Utterance
 from assistant.generation import SamplingParams
+from assistant.models.device import resolve_device, resolve_dtype
 from assistant.models.qwen_audio_encoder import AudioEncoderConfig, QwenAudioEncoder
 from assistant.models.qwen_lm import QWenConfig, QWenLM
 from assistant.models.tokenizer import QwenTokenizer
-from assistant.weights.checkpoint import CheckpointError, load_weights, pick_device, pick_dtype, read_json
+from assistant.weights.checkpoint import CheckpointError, load_weights, read_json
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class QwenAudioBackend:
         gen = read_json(gen_path, "generation config") if gen_path.is_file() else {}
         if not gen:
             log.warning("%s has no generation_config.json: using the Qwen-Audio-Chat defaults", root)
-        dev = pick_device(device)
-        dt = pick_dtype(dtype, dev)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, "qwen-audio")
         with torch.device("meta"):
             lm = QWenLM(QWenConfig.from_json(config))
             encoder = QwenAudioEncoder(AudioEncoderConfig.from_json(config["audio"]))

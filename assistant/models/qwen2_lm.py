@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from assistant.models.device import resolve_device, resolve_dtype
 from assistant.models.kv_cache import KVCache
-from assistant.weights.checkpoint import pick_device, pick_dtype
 
 
 @dataclass(frozen=True)
@@ -59,28 +59,6 @@ class Qwen2Dims:
     def from_json(cls, path: Path) -> Qwen2Dims:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower
-    than float32, so float32 is used."""
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def pick_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Config values (`model.device`, `model.dtype`) -> what to run on: CUDA when present, bf16 where native.
-    Only the "auto" dtype policy differs from the Qwen-Audio loader's (which keeps float32 on CPU for exactness)."""
-    dev = pick_device(device)
-    if dtype == "auto":
-        native = dev.type == "cuda" or cpu_supports_bf16()
-        return dev, torch.bfloat16 if native else torch.float32
-    return dev, pick_dtype(dtype, dev)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -147,7 +125,8 @@ class Qwen2LM:
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
-        dev, dt = pick_device_dtype(device, dtype)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, "qwen2")
         weights = load_file(str(model_dir / "model.safetensors"))
         return cls(Qwen2Dims.from_json(model_dir / "config.json"), weights, dev, dt)
 
