@@ -2,11 +2,10 @@
 
 Owns the network: token embedding, N blocks of (RMSNorm -> grouped-query attention with q/k/v biases and rotary
 positions -> residual, RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, LM head (tied to the embedding when the
-checkpoint has no separate head). Weights come from the safetensors `assistant/weights/convert.py` writes (transformers'
-Qwen2 names); q/k/v and gate/up are fused at load so a decode step runs few, large matmuls.
-
-Grouped-query attention without copying K/V: the `group = n_heads / n_kv_heads` query heads that share a KV head
-are laid out as extra query rows of that KV head ([n_kv, group*T, hd]), so SDPA sees K/V exactly as cached.
+checkpoint has no separate head). Weights come from the safetensors `assistant/weights/convert.py` writes
+(transformers' Qwen2 names); q/k/v and gate/up are fused at load so a decode step runs few, large matmuls. Rotary
+runs in the model dtype from a cos/sin table. The forward passes and the (grouped-query) attention over the cache
+are `layers.CachedDecoder`'s, shared with QWen.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from assistant.models.device import resolve_device, resolve_dtype
 from assistant.models.kv_cache import KVCache
+from assistant.models.layers import CachedDecoder, apply_rotary, rms_norm, split_qkv, swiglu
 
 
 @dataclass(frozen=True)
@@ -61,26 +61,14 @@ class Qwen2Dims:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Statistics in float32: bf16 sums over 896 channels lose the small-variance rows.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return xf.to(x.dtype) * weight
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the split-halves layout: x [..., T, hd], cos/sin [T, hd] (broadcast)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-class Qwen2LM:
-    """Weights + forward passes. Not an nn.Module: there is no training here, and plain tensors keep it light."""
+class Qwen2LM(CachedDecoder):
+    """Weights + the CachedDecoder hooks. Not an nn.Module: there is no training here, and plain tensors keep it
+    light."""
 
     def __init__(self, dims: Qwen2Dims, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
         self.dims, self.device, self.dtype = dims, device, dtype
         self.vocab_size, self.hidden_size = dims.vocab_size, dims.hidden_size
+        self.kv_group = dims.n_heads // dims.n_kv_heads
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         expected = self.expected_keys(dims)
         missing, unexpected = sorted(expected - set(w)), sorted(set(w) - expected - {"lm_head.weight"})
@@ -150,69 +138,23 @@ class Qwen2LM:
         angles = torch.cat([angles, angles], dim=-1)  # [n, hd]: the same frequency on both halves
         self._cos, self._sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
-    @torch.inference_mode()
-    def prefill(self, x: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+    def _rotary(self, positions: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, hd] in the model dtype for absolute `positions` [N] (plain rotary: alpha is always 1)."""
+        self._grow_rope(int(positions.max()) + 1)
+        return self._cos[positions][:, None, :], self._sin[positions][:, None, :]
+
+    def _blocks(self, x: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor], attend) -> torch.Tensor:
+        """x [N, hidden] through every block; q and k are rotated in the model dtype."""
         d = self.dims
-        n_new, start = x.shape[0], cache.length
-        end = start + n_new
-        group = d.n_heads // d.n_kv_heads
-        cache.reserve(n_new)
-        self._grow_rope(end)
-        cos, sin = self._cos[start:end], self._sin[start:end]  # [T, hd]
-        # Causal mask over [group*T query rows, end keys]; query row r is token r % T (see module docstring).
-        rows = torch.arange(start, end, device=self.device).repeat(group)
-        mask = torch.arange(end, device=self.device)[None, :] <= rows[:, None]
+        cos, sin = terms
         h = x.to(self.dtype)
         for li, lw in enumerate(self.layers):
-            a = _rms_norm(h, lw["ln1"], d.rms_norm_eps)
-            qkv = F.linear(a, lw["qkv_w"], lw["qkv_b"])  # [T, (nh+2nkv)*hd]
-            q, k, v = qkv.split([d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.n_kv_heads * d.head_dim], -1)
-            q = _rotate(q.view(n_new, d.n_heads, d.head_dim).transpose(0, 1), cos, sin)  # [nh, T, hd]
-            k = _rotate(k.view(n_new, d.n_kv_heads, d.head_dim).transpose(0, 1), cos, sin)  # [nkv, T, hd]
-            v = v.view(n_new, d.n_kv_heads, d.head_dim).transpose(0, 1)
-            keys, values = cache.write(li, k, v)  # [nkv, end, hd]
-            q = q.reshape(d.n_kv_heads, group * n_new, d.head_dim)  # head h = kv*group + g -> row g*T + t
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [nkv, group*T, hd]
-            o = o.reshape(d.n_heads, n_new, d.head_dim).transpose(0, 1).reshape(n_new, d.hidden_size)
-            h = h + F.linear(o, lw["o_w"])
-            h = h + self._mlp(_rms_norm(h, lw["ln2"], d.rms_norm_eps), lw)
-        cache.commit(n_new)
-        h = h if all_logits else h[-1:]
-        return F.linear(_rms_norm(h, self.norm_w, d.rms_norm_eps), self.head_w).float()
+            qkv = F.linear(rms_norm(h, lw["ln1"], d.rms_norm_eps), lw["qkv_w"], lw["qkv_b"])  # [N, (nh+2nkv)*hd]
+            q, k, v = split_qkv(qkv, d.n_heads, d.n_kv_heads, d.head_dim)  # [N, nh, hd], [N, nkv, hd] x2
+            h = h + F.linear(attend(li, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v), lw["o_w"])
+            gate, up = F.linear(rms_norm(h, lw["ln2"], d.rms_norm_eps), lw["gate_up_w"]).chunk(2, dim=-1)
+            h = h + F.linear(swiglu(gate, up), lw["down_w"])
+        return h
 
-    @torch.inference_mode()
-    def decode(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """One token for each of B conversations. Matmuls run batched; attention runs per conversation on its own
-        cache view, which is exact for caches of different lengths and avoids copying K/V into a padded batch."""
-        d = self.dims
-        b = x.shape[0]
-        group = d.n_heads // d.n_kv_heads
-        pos = [c.length for c in caches]
-        for c in caches:
-            c.reserve(1)
-        self._grow_rope(max(pos) + 1)
-        pos_t = torch.tensor(pos, device=self.device)
-        cos, sin = self._cos[pos_t][:, None, :], self._sin[pos_t][:, None, :]  # [B, 1, hd]
-        h = x.to(self.dtype)
-        for li, lw in enumerate(self.layers):
-            a = _rms_norm(h, lw["ln1"], d.rms_norm_eps)
-            qkv = F.linear(a, lw["qkv_w"], lw["qkv_b"])  # [B, (nh+2nkv)*hd]
-            q, k, v = qkv.split([d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.n_kv_heads * d.head_dim], -1)
-            q = _rotate(q.view(b, d.n_heads, d.head_dim), cos, sin)  # [B, nh, hd]
-            k = _rotate(k.view(b, d.n_kv_heads, d.head_dim), cos, sin)  # [B, nkv, hd]
-            v = v.view(b, d.n_kv_heads, d.head_dim)
-            outs = []
-            for i, c in enumerate(caches):
-                keys, values = c.write(li, k[i, :, None], v[i, :, None])  # [nkv, len+1, hd]
-                qi = q[i].view(d.n_kv_heads, group, d.head_dim)  # the group's query heads share one KV head
-                outs.append(F.scaled_dot_product_attention(qi, keys, values))  # [nkv, group, hd]
-            o = torch.stack(outs).reshape(b, d.hidden_size)
-            h = h + F.linear(o, lw["o_w"])
-            h = h + self._mlp(_rms_norm(h, lw["ln2"], d.rms_norm_eps), lw)
-        for c in caches:
-            c.commit(1)
-        return F.linear(_rms_norm(h, self.norm_w, d.rms_norm_eps), self.head_w).float()
-
-    def _mlp(self, a: torch.Tensor, lw: dict[str, torch.Tensor]) -> torch.Tensor:
-        gate, up = F.linear(a, lw["gate_up_w"]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, lw["down_w"])
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.norm_w, self.dims.rms_norm_eps), self.head_w).float()
