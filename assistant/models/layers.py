@@ -44,6 +44,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def rotary_inv_freq(base: float, head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[head_dim / 2] rotary frequencies base ** (-2i / head_dim), computed in `dtype`."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim))
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, head_dim] for absolute `positions` [N], in inv_freq's dtype (the same frequency on both halves)."""
+    angles = torch.outer(positions.to(inv_freq.dtype), inv_freq)  # [N, D/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [N, D]
+    return angles.cos(), angles.sin()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary positions: x [..., D] with cos/sin broadcastable to it (the same frequency on both halves)."""
     return x * cos + rotate_half(x) * sin

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 
 from assistant.models.device import resolve_device, resolve_dtype
 from assistant.models.kv_cache import KVCache
-from assistant.models.layers import CachedDecoder, apply_rotary, rms_norm, split_qkv, swiglu
+from assistant.models.layers import (
+    CachedDecoder,
+    apply_rotary,
+    rms_norm,
+    rotary_cos_sin,
+    rotary_inv_freq,
+    split_qkv,
+    swiglu,
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ class Qwen2LM(CachedDecoder):
                 }
             )
         hd = dims.head_dim
-        self.inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+        self.inv_freq = rotary_inv_freq(dims.rope_theta, hd, torch.float64, device)  # table built in float64
         self._cos = self._sin = torch.empty(0, hd, device=device, dtype=dtype)
         self._grow_rope(4096)
 
@@ -134,9 +142,8 @@ class Qwen2LM(CachedDecoder):
         if n_positions <= self._cos.shape[0]:
             return
         n = max(n_positions, 2 * self._cos.shape[0])
-        angles = torch.outer(torch.arange(n, dtype=torch.float64, device=self.device), self.inv_freq)  # [n, hd/2]
-        angles = torch.cat([angles, angles], dim=-1)  # [n, hd]: the same frequency on both halves
-        self._cos, self._sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        cos, sin = rotary_cos_sin(torch.arange(n, device=self.device), self.inv_freq)  # [n, hd] float64
+        self._cos, self._sin = cos.to(self.dtype), sin.to(self.dtype)
 
     def _rotary(self, positions: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, 1, hd] in the model dtype for absolute `positions` [N] (plain rotary: alpha is always 1)."""

@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from assistant.models.kv_cache import KVCache
-from assistant.models.layers import CachedDecoder, RMSNorm, apply_rotary, split_qkv, swiglu
+from assistant.models.layers import (
+    CachedDecoder,
+    RMSNorm,
+    apply_rotary,
+    rotary_cos_sin,
+    rotary_inv_freq,
+    split_qkv,
+    swiglu,
+)
 
 MAX_POSITIONS = 32767  # hard context limit of the reference (its logn table)
 
@@ -140,16 +148,13 @@ class QWenLM(CachedDecoder, nn.Module):
     def _inv_freq_for(self, alpha: float) -> torch.Tensor:
         if alpha not in self._inv_freq:
             d = self.cfg.head_dim
-            base = self.cfg.rotary_base * alpha ** (d / (d - 2))
-            inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device=self.device) / d))
-            self._inv_freq[alpha] = inv
+            base = self.cfg.rotary_base * alpha ** (d / (d - 2))  # dynamic NTK
+            self._inv_freq[alpha] = rotary_inv_freq(base, d, torch.float32, self.device)
         return self._inv_freq[alpha]
 
     def _cos_sin(self, positions: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, head_dim] float32 for absolute `positions` [N] with NTK `alpha`."""
-        freqs = torch.outer(positions.to(torch.float32), self._inv_freq_for(alpha))  # [N, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
-        return emb.cos(), emb.sin()
+        return rotary_cos_sin(positions, self._inv_freq_for(alpha))
 
     def _rotary(
         self, positions: torch.Tensor, alphas: list[float]
