@@ -1,6 +1,7 @@
-"""Building blocks shared by the decoder LLMs (`qwen_lm.QWenLM` of Qwen-Audio, `qwen2_lm.Qwen2LM` of the embedded
-backend): RMSNorm, rotate-half rotary, SwiGLU, the fused q|k|v split, and attention over `KVCache`s (one prefill,
-one per-conversation batched decode step).
+"""Building blocks shared by the networks. The decoder LLMs (`qwen_lm.QWenLM` of Qwen-Audio, `qwen2_lm.Qwen2LM` of
+the embedded backend) share RMSNorm, rotate-half rotary, SwiGLU, the fused q|k|v split, attention over `KVCache`s
+(one prefill, one per-conversation batched decode step) and `CachedDecoder`, their forward passes. The
+Whisper-style encoders and decoder (`whisper.py`, `qwen_audio_encoder.py`) share `multi_head_attention`.
 
 Numerics stay each model's own: the functions compute in the dtype they are given (`rms_norm` alone always takes
 its statistics in float32), so QWen rotates float32 copies of q and k while Qwen2 rotates in the model dtype.
@@ -64,6 +65,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The SwiGLU MLP's inner activation: silu(gate) * up (before the down projection)."""
     return F.silu(gate) * up
+
+
+def multi_head_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention without a cache (the Whisper-style encoders and decoder): q [B, Tq, S], k/v [B, Tk, S] ->
+    [B, Tq, S]; mask broadcastable to [B, heads, Tq, Tk] (True = attend); scale None = 1/sqrt(head_dim)."""
+    b, tq, s = q.shape
+    hd = s // heads
+    q = q.view(b, tq, heads, hd).transpose(1, 2)  # [B, H, Tq, hd]
+    k = k.view(b, k.shape[1], heads, hd).transpose(1, 2)
+    v = v.view(b, v.shape[1], heads, hd).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, H, Tq, hd]
+    return o.transpose(1, 2).reshape(b, tq, s)
 
 
 def split_qkv(
