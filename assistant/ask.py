@@ -36,7 +36,7 @@ def run_ask(cfg: Config, audio: str | None = None, text: str | None = None, as_j
     from assistant.backends import load_backend
     from assistant.backends.base import Utterance
     from assistant.generation import generate_stream, params_for, response_text
-    from assistant.prepare import PrepareError
+    from assistant.weights.sources import PrepareError
 
     try:
         backend = load_backend(cfg)

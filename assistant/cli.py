@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             from assistant.ask import run_ask
 
             return run_ask(cfg, audio=args.audio, text=args.text, as_json=args.json)
-        from assistant.prepare import run_prepare
+        from assistant.weights.cache import run_prepare
 
         return run_prepare(cfg, force=args.force)
     except KeyboardInterrupt:

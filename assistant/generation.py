@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from assistant.backends.base import Backend, DecoderLM, Prompt, Tokenizer
+from assistant.models.splice import splice_audio
 
 CHAT_DEFAULTS = {"do_sample": True, "top_p": 0.5, "top_k": 0, "temperature": 1.0, "repetition_penalty": 1.0}
 
@@ -147,12 +148,7 @@ def response_text(tokenizer: Tokenizer, ids: list[int]) -> str:
 def prompt_embeddings(lm: DecoderLM, prompt: Prompt) -> torch.Tensor:
     """[T, hidden]: embeddings of prompt.ids with every audio span's rows written over its placeholder run."""
     x = lm.embed(torch.tensor(prompt.ids, dtype=torch.long, device=lm.device))
-    for span in prompt.audio:
-        n = span.embeds.shape[0]
-        if span.start < 0 or span.start + n > x.shape[0]:
-            where = f"[{span.start}, {span.start + n})"
-            raise ValueError(f"audio span {span.key!r} at {where} lies outside the {x.shape[0]}-id prompt")
-        x[span.start : span.start + n] = span.embeds.to(device=x.device, dtype=x.dtype)
+    splice_audio(x, prompt.audio)
     return x
 
 

@@ -196,7 +196,7 @@ def main() -> int:
 
     from assistant.backends.embedded import EmbeddedBackend
     from assistant.config import load_config
-    from assistant.prepare import ensure_prepared
+    from assistant.weights.cache import ensure_prepared
 
     if args.threads:
         torch.set_num_threads(args.threads)

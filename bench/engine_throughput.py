@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from assistant.backends import load_backend
-    from assistant.prepare import ensure_prepared
+    from assistant.weights.cache import ensure_prepared
 
     cfg = load_config(overrides={"generation.greedy": True})
     t0 = time.monotonic()

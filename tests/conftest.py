@@ -152,7 +152,7 @@ def server_tiny_backend(tiny_qwen_dir):
 def embedded_paths():
     """Converted weights of the embedded backend (prepared into the configured cache on first use)."""
     from assistant.config import load_config
-    from assistant.prepare import ensure_prepared
+    from assistant.weights.cache import ensure_prepared
 
     return ensure_prepared(load_config())
 

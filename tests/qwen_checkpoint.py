@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from assistant.tokenizer import find_tiktoken_file
+from assistant.models.tokenizer import find_tiktoken_file
 
 TINY_SHA256 = "190d1eef53e75d5ea2a572ca7b6808feb694d4aecc873e9041b229cb9ba180ac"
 

@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 
-from assistant.prepare import WHISPER_SOURCES, assemble, locate
+from assistant.weights.sources import WHISPER_SOURCES, assemble, locate
 
 SMALL = WHISPER_SOURCES["small"]
 pytestmark = pytest.mark.slow  # reads ~190 MB of real weight packages
@@ -25,7 +25,7 @@ def small_installed():
 
 
 def test_small_wheels_assemble_to_the_pinned_truncated_file(small_installed, tmp_path):
-    from assistant.models.whisper_ct2 import read_ctranslate2
+    from assistant.weights.convert import read_ctranslate2
 
     model_bin = tmp_path / "model.bin"
     assert assemble(SMALL, model_bin) == SMALL.sha256  # assemble also refuses any other hash

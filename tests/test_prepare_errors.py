@@ -1,6 +1,6 @@
-"""`assistant.prepare`: real hash checks on corrupted copies, missing packages, a full disk (/dev/full), and a cache
-that is half-written, truncated or stale is never used (it is rebuilt). Uses the installed Whisper base packages and
-a temporary cache directory; fake package directories stand in for a broken installation.
+"""`assistant.weights` (what `prepare` runs): real hash checks on corrupted copies, missing packages, a full disk
+(/dev/full), and a cache that is half-written, truncated or stale is never used (it is rebuilt). Uses the installed
+Whisper base packages and a temporary cache directory; fake package directories stand in for a broken installation.
 """
 
 from __future__ import annotations
@@ -12,16 +12,8 @@ import shutil
 import pytest
 
 from assistant.config import load_config
-from assistant.prepare import (
-    FORMAT_VERSION,
-    QWEN_SOURCE,
-    WHISPER_SOURCES,
-    PrepareError,
-    copy_parts,
-    locate,
-    prepare_source,
-    run_prepare,
-)
+from assistant.weights.cache import FORMAT_VERSION, prepare_source, run_prepare
+from assistant.weights.sources import QWEN_SOURCE, WHISPER_SOURCES, PrepareError, copy_parts, locate
 
 WHISPER = WHISPER_SOURCES["base"]
 pytestmark = pytest.mark.slow  # needs the real weight packages installed
@@ -140,7 +132,7 @@ def test_cache_is_built_once_then_reused_and_rebuilt_when_damaged(tmp_path):
 def test_a_file_that_is_not_ctranslate2_whisper_is_refused(tmp_path):
     import struct
 
-    from assistant.prepare import convert_ctranslate2_whisper
+    from assistant.weights.convert import convert_ctranslate2_whisper
 
     def string(s: str) -> bytes:
         raw = s.encode() + b"\0"

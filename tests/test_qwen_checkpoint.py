@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from assistant.backends.qwen_audio import QwenAudioBackend
-from assistant.checkpoint import CheckpointError
+from assistant.weights.checkpoint import CheckpointError
 from tests.qwen_checkpoint import TINY_SHA256, config_for, make_weights, write_checkpoint
 
 

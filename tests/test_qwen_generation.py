@@ -17,7 +17,7 @@ from assistant.generation import (
     params_for,
     response_text,
 )
-from assistant.tokenizer import QwenTokenizer
+from assistant.models.tokenizer import QwenTokenizer
 
 DATA = Path(__file__).parent / "data" / "qwen_golden"
 ASK_TIMEOUT_S = 300  # generous: the machine is shared; the tiny model needs a few seconds

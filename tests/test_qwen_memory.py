@@ -14,7 +14,7 @@ LOAD_TIMEOUT_S = 600
 
 MEASURE = r"""
 import json, sys, torch
-from assistant.checkpoint import load_weights
+from assistant.weights.checkpoint import load_weights
 from assistant.models.qwen_audio_encoder import AudioEncoderConfig, QwenAudioEncoder
 from assistant.models.qwen_lm import QWenConfig, QWenLM
 cfg = json.load(open(sys.argv[1] + "/config.json"))

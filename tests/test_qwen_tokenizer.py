@@ -3,7 +3,7 @@ specials decoded as their text, reuse with another special list (Qwen2.5 style),
 
 import pytest
 
-from assistant.tokenizer import (
+from assistant.models.tokenizer import (
     QwenTokenizer,
     find_tiktoken_file,
     load_ranks,

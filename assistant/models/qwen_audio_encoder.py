@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from assistant.models.layers import multi_head_attention
+
 
 @dataclass(frozen=True)
 class AudioEncoderConfig:
@@ -72,16 +74,10 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(n_state, n_state)
 
     def forward(self, x: torch.Tensor, key_ok: torch.Tensor | None) -> torch.Tensor:
-        b, t, s = x.shape
-        d = s // self.n_head
-        scale = d**-0.25
-        # [B, T, S] -> [B, T, H, D] -> [B, H, T, D]
-        q = (self.query(x) * scale).view(b, t, self.n_head, d).transpose(1, 2)
-        k = (self.key(x) * scale).view(b, t, self.n_head, d).transpose(1, 2)
-        v = self.value(x).view(b, t, self.n_head, d).transpose(1, 2)
+        scale = (x.shape[-1] // self.n_head) ** -0.25  # on q and k each, as the reference does
         mask = None if key_ok is None else key_ok[:, None, None, :]  # [B, 1, 1, T], True = attend
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [B, H, T, D]
-        return self.out(a.transpose(1, 2).reshape(b, t, s))
+        a = multi_head_attention(self.query(x) * scale, self.key(x) * scale, self.value(x), self.n_head, mask, 1.0)
+        return self.out(a)  # [B, T, S]
 
 
 class EncoderBlock(nn.Module):

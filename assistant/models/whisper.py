@@ -7,7 +7,7 @@ the token embedding), and `WhisperTranscriber`, which turns a batch of 16 kHz cl
 Latency: the reference encoder always runs a 30 s window (1500 positions) whatever the clip length. Here the encoder
 can run on the clip's own frames (`pad_to_30s=False`, positions sliced to the clip length); which mode the backend
 uses is a config choice backed by the accuracy measured in tests/bench. Weights: transformers' Whisper names, as
-written by `assistant/prepare.py` from the CTranslate2 package.
+written by `assistant/weights/convert.py` from the CTranslate2 package.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from assistant.audio import MODEL_RATE_HZ
 from assistant.audio.frontend import HOP, MIN_SAMPLES, N_FRAMES, log_mel
+from assistant.models.layers import multi_head_attention
 
 
 @dataclass(frozen=True)
@@ -56,17 +57,6 @@ class WhisperDims:
             max_target_positions=self.max_target_positions,
             **token_ids,
         )
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None):
-    """q [B, Tq, D], k/v [B, Tk, D] -> [B, Tq, D]; mask broadcastable to [B, heads, Tq, Tk] (True = attend)."""
-    b, tq, d = q.shape
-    hd = d // heads
-    q = q.view(b, tq, heads, hd).transpose(1, 2)  # [B, H, Tq, hd]
-    k = k.view(b, k.shape[1], heads, hd).transpose(1, 2)
-    v = v.view(b, v.shape[1], heads, hd).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return o.transpose(1, 2).reshape(b, tq, d)
 
 
 class Whisper:
@@ -122,7 +112,7 @@ class Whisper:
             p = f"model.encoder.layers.{i}."
             a = self._ln(x, p + "self_attn_layer_norm")
             q, k, v = (self._lin(a, p + f"self_attn.{n}_proj") for n in "qkv")
-            x = x + self._lin(_attention(q, k, v, heads), p + "self_attn.out_proj")
+            x = x + self._lin(multi_head_attention(q, k, v, heads), p + "self_attn.out_proj")
             x = x + self._mlp(x, p)
         return self._ln(x, "model.encoder.layer_norm")
 
@@ -162,10 +152,10 @@ class Whisper:
             if self_kv is not None:
                 k, v = torch.cat([self_kv[i][0], k], 1), torch.cat([self_kv[i][1], v], 1)
             new_kv.append((k, v))
-            x = x + self._lin(_attention(q, k, v, heads, causal), p + "self_attn.out_proj")
+            x = x + self._lin(multi_head_attention(q, k, v, heads, causal), p + "self_attn.out_proj")
             a = self._ln(x, p + "encoder_attn_layer_norm")
             q = self._lin(a, p + "encoder_attn.q_proj")
-            x = x + self._lin(_attention(q, *cross[i], heads, cross_mask), p + "encoder_attn.out_proj")
+            x = x + self._lin(multi_head_attention(q, *cross[i], heads, cross_mask), p + "encoder_attn.out_proj")
             x = x + self._mlp(x, p)
         x = self._ln(x, "model.decoder.layer_norm")
         return F.linear(x, self.w["model.decoder.embed_tokens.weight"]).float(), new_kv

