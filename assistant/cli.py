@@ -1,16 +1,23 @@
-"""Command line: `python -m assistant {serve,ask,prepare}`. Parses flags, loads the config, dispatches.
+"""Command line: `python -m assistant {serve,ask,prepare}`. Parses flags, loads the config, sets up logging,
+dispatches. `serve` is `assistant.transport.server.serve`, `prepare` is `assistant.weights.cache.run_prepare`, and
+`ask` is here: one spoken (or typed) question offline, on either backend, through the same `prepare` ->
+`build_prompt` path as the server and the plain single-sequence loop (`engine.decoding.generate_stream`: no engine
+thread). It streams the answer to stdout, or with `--json` prints one object: `prompt_token_ids`,
+`output_token_ids` (generated ids before the first stop id), `text` (the response text rule of QWEN_AUDIO.md §6),
+`finish_reason` ("stop" or "length") and `backend`.
 
 Heavy imports (torch, transformers, the server) happen inside the subcommand that needs them, so `--help` is fast.
+Logging: one line per event that matters (session opened/closed, utterance committed, response done).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
-from assistant.config import ConfigError, load_config
-from assistant.log import setup_logging
+from assistant.config import Config, ConfigError, load_config
 
 log = logging.getLogger("assistant")
 
@@ -75,11 +82,86 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(cfg)
         if args.command == "ask":
-            from assistant.ask import run_ask
-
             return run_ask(cfg, audio=args.audio, text=args.text, as_json=args.json)
         from assistant.weights.cache import run_prepare
 
         return run_prepare(cfg, force=args.force)
     except KeyboardInterrupt:
         return 130
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Third-party libraries are chatty at debug/info; keep them at warning unless we debug.
+    for noisy in ("websockets", "urllib3", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+
+
+def run_ask(cfg: Config, audio: str | None = None, text: str | None = None, as_json: bool = False) -> int:
+    if not audio and not text:
+        print("error: ask needs --audio FILE, --text TEXT, or both", file=sys.stderr)
+        return 2
+    samples = None
+    if audio:
+        from assistant.audio.io import load_audio
+
+        try:
+            samples = load_audio(audio)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    from assistant.backends import load_backend
+    from assistant.backends.base import Utterance
+    from assistant.engine.decoding import generate_stream, response_text
+    from assistant.engine.sampling import params_for
+    from assistant.weights.sources import PrepareError
+
+    try:
+        backend = load_backend(cfg)
+    # CheckpointError is a ValueError (bad checkpoint dir); PrepareError: embedded weights missing or corrupt.
+    except (OSError, ValueError, PrepareError) as e:
+        print(f"error: cannot load the {cfg.model.backend} model: {e}", file=sys.stderr)
+        return 2
+    try:
+        # The file path names the audio span, as in the reference web demo (`Audio 1: <audio>{path}</audio>`).
+        key = audio if audio and not any(c in audio for c in "<>") else "ask_1"
+        [turn] = backend.prepare([Utterance(key=key, audio=samples, text=text)], [1])
+    except ValueError as e:  # e.g. AudioTooShort
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    window = cfg.engine.max_window_tokens or backend.max_window_tokens
+    prompt = backend.build_prompt(backend.default_system_prompt, [], turn, window)
+    params = params_for(cfg.generation, getattr(backend, "default_sampling", None))
+    max_new = cfg.generation.max_new_tokens
+    if turn.transcript is not None and not as_json:
+        print(f"[heard] {turn.transcript}", file=sys.stderr)
+
+    out_ids: list[int] = []
+    started = False
+    for step in generate_stream(backend, prompt, params, max_new):
+        if step.token_id is not None:
+            out_ids.append(step.token_id)
+        if not as_json and step.text:
+            piece = step.text if started else step.text.lstrip()
+            started = started or bool(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if as_json:
+        result = {
+            "backend": backend.name,
+            "prompt_token_ids": prompt.ids,
+            "output_token_ids": out_ids,
+            "text": response_text(backend.tokenizer, out_ids),
+            "finish_reason": "length" if len(out_ids) >= max_new else "stop",
+        }
+        if turn.transcript is not None:
+            result["transcript"] = turn.transcript
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0

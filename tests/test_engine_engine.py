@@ -1,8 +1,8 @@
 """The engine end to end on the tiny random Qwen-Audio checkpoint: batched == unbatched, cache reuse == fresh prefill,
 window eviction, NTK rebuild, LRU eviction, cancellation, admission control, failures, many sessions at once.
 
-The slow reference is `assistant.generation.generate_stream` (one sequence, fresh cache, whole prompt). Where a test
-needs the worker to be at a known point, `Gate` holds it inside `backend.prepare` (the real backend, delayed), so
+The slow reference is `assistant.engine.decoding.generate_stream` (one sequence, fresh cache, whole prompt). Where a
+test needs the worker to be at a known point, `Gate` holds it inside `backend.prepare` (the real backend, delayed), so
 commands pile up and are taken together: no sleeps, no wall-clock bounds.
 """
 
@@ -21,10 +21,10 @@ from assistant.backends.base import AudioSpan, Exchange, Prompt, Utterance
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine.api import ConversationBusy, ResponseDone, ResponseOptions, ServerBusy, TextDelta
 from assistant.engine.conversation import plan_cache
-from assistant.engine.decoding import sampling_params
+from assistant.engine.decoding import generate_stream
 from assistant.engine.engine import Engine
+from assistant.engine.sampling import sampling_params
 from assistant.engine.worker import prefill_prompt
-from assistant.generation import generate_stream
 from tests.server_util import golden_clips
 
 WAIT_S = 120.0  # the one timeout every wait in this file derives from (a hang fails instead of blocking CI)

@@ -9,14 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from assistant.backends.base import SamplingParams
 from assistant.config import GenerationConfig
-from assistant.generation import (
-    Sampler,
-    SamplingParams,
-    StreamDecoder,
-    params_for,
-    response_text,
-)
+from assistant.engine.decoding import StreamDecoder, response_text
+from assistant.engine.sampling import Sampler, params_for
 from assistant.models.tokenizer import QwenTokenizer
 
 DATA = Path(__file__).parent / "data" / "qwen_golden"

@@ -11,9 +11,9 @@ import torch
 
 from assistant.audio.frontend import log_mel, mel_frames
 from assistant.audio.io import load_audio
-from assistant.backends.base import Exchange, Utterance
+from assistant.backends.base import Exchange, SamplingParams, Utterance
 from assistant.backends.qwen_audio import QwenAudioBackend
-from assistant.generation import SamplingParams, generate_stream, prompt_embeddings, response_text
+from assistant.engine.decoding import generate_stream, prompt_embeddings, response_text
 
 DATA = Path(__file__).parent / "data" / "qwen_golden"
 ATOL_MEL, ATOL_EMB, ATOL_LOGITS = 1e-4, 1e-4, 1e-3  # golden README "Tolerances"

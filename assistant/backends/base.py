@@ -125,3 +125,30 @@ class Backend(Protocol):
     def build_prompt(self, system: str, history: list[Exchange], turn: PreparedTurn, max_window_tokens: int) -> Prompt:
         """Chat prompt for `turn` after `history`, newest history first while it fits `max_window_tokens`."""
         ...
+
+
+# The Qwen-Audio-Chat generation config: the defaults of `SamplingParams` and of a checkpoint without its own.
+CHAT_DEFAULTS = {"do_sample": True, "top_p": 0.5, "top_k": 0, "temperature": 1.0, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.5
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = -1
+
+    @classmethod
+    def from_generation_config(cls, gc: dict, seed: int = -1) -> SamplingParams:
+        """A checkpoint's generation_config.json (missing keys: the Qwen-Audio-Chat values)."""
+        g = {**CHAT_DEFAULTS, **{k: v for k, v in gc.items() if k in CHAT_DEFAULTS and v is not None}}
+        return cls(
+            greedy=not g["do_sample"],
+            temperature=float(g["temperature"]),
+            top_p=float(g["top_p"]),
+            top_k=int(g["top_k"]),
+            repetition_penalty=float(g["repetition_penalty"]),
+            seed=seed,
+        )

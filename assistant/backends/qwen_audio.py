@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from assistant.audio.frontend import log_mel, mel_frames, split_windows
-from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt, Utterance
-from assistant.generation import SamplingParams
+from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt, SamplingParams, Utterance
 from assistant.models.device import resolve_device, resolve_dtype
 from assistant.models.qwen_audio_encoder import AudioEncoderConfig, QwenAudioEncoder
 from assistant.models.qwen_lm import QWenConfig, QWenLM

@@ -1,32 +1,92 @@
-"""Per-response token bookkeeping on the worker: pick the next id, detect stops, stream UTF-8-safe text.
+"""Token ids -> streamed text, and the two decoding paths that must agree.
 
-`TokenStream` is what the batched decode loop holds per response. The streamed deltas concatenate exactly to the
-response text that enters the history: leading whitespace is dropped and trailing whitespace is held back until
-more text follows (the history keeps the stripped reply), and an incomplete UTF-8 sequence is never split.
+- `StreamDecoder(tokenizer).push(id) -> str`, `.finish() -> str`: incremental detokenizer; never splits a UTF-8
+  character, special tokens written as their text.
+- `response_text(tokenizer, ids)`: QWEN_AUDIO.md §6: ids up to the first stop id, specials kept, invalid UTF-8
+  replaced, whitespace stripped.
+- `TokenStream`: what the engine's batched decode loop holds per response. Its deltas concatenate exactly to the
+  text that enters the history: leading whitespace is dropped and trailing whitespace held back until more text
+  follows, and an incomplete UTF-8 sequence is never split.
+- `generate_stream(backend, prompt, params, max_new_tokens)`: the slow single-sequence reference (fresh cache, whole
+  prompt, one id at a time) that the engine's batched path is checked against, and what `ask` runs; stops at the
+  first stop id (not yielded) or after max_new_tokens; a last `Step(None, text)` carries incomplete UTF-8 as U+FFFD.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from assistant.backends.base import Tokenizer
-from assistant.config import GenerationConfig
-from assistant.engine.api import ResponseOptions
-from assistant.generation import Sampler, SamplingParams, StreamDecoder, params_for
+from assistant.backends.base import Backend, DecoderLM, Prompt, SamplingParams, Tokenizer
+from assistant.engine.sampling import Sampler
+from assistant.models.splice import splice_audio
 
 
-def sampling_params(
-    gen_cfg: GenerationConfig, options: ResponseOptions, checkpoint_default: SamplingParams | None = None
-) -> SamplingParams:
-    """The `[generation]` config (or the backend's chat defaults, see `generation.params_for`) with a response's
-    overrides applied."""
-    base = params_for(gen_cfg, checkpoint_default)
-    greedy = base.greedy if options.greedy is None else options.greedy
-    temperature = base.temperature if options.temperature is None else options.temperature
-    seed = base.seed if options.seed is None else options.seed
-    return dataclasses.replace(base, greedy=greedy or temperature == 0.0, temperature=temperature, seed=seed)
+class StreamDecoder:
+    """Token ids -> text deltas that never split a UTF-8 character (invalid bytes become U+FFFD)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.decode_bytes([token_id]))
+
+    def finish(self) -> str:
+        """Whatever incomplete bytes remain, as U+FFFD."""
+        return self._utf8.decode(b"", final=True)
+
+
+def until_stop(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in tokenizer.stop_ids:
+            return ids[:i]
+    return list(ids)
+
+
+def response_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode_bytes(until_stop(tokenizer, ids)).decode("utf-8", errors="replace").strip()
+
+
+def prompt_embeddings(lm: DecoderLM, prompt: Prompt) -> torch.Tensor:
+    """[T, hidden]: embeddings of prompt.ids with every audio span's rows written over its placeholder run."""
+    x = lm.embed(torch.tensor(prompt.ids, dtype=torch.long, device=lm.device))
+    splice_audio(x, prompt.audio)
+    return x
+
+
+@dataclass(frozen=True)
+class Step:
+    token_id: int | None  # None only for the final flush of incomplete UTF-8
+    text: str  # the text this id releases (may be empty: part of a multi-byte character)
+
+
+@torch.inference_mode()
+def generate_stream(
+    backend: Backend, prompt: Prompt, params: SamplingParams | None = None, max_new_tokens: int = 512
+) -> Iterator[Step]:
+    """Plain single-sequence generation: prefill the whole prompt on a fresh cache, then decode one id at a time."""
+    lm, tok = backend.lm, backend.tokenizer
+    sampler = Sampler(params or SamplingParams(), tok.n_valid, prompt.ids)
+    decoder = StreamDecoder(tok)
+    cache = lm.new_cache()
+    logits = lm.prefill(prompt_embeddings(lm, prompt), cache)[0]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        next_id = sampler.pick(logits, out)
+        if next_id in tok.stop_ids:
+            break
+        out.append(next_id)
+        yield Step(next_id, decoder.push(next_id))
+        if len(out) == max_new_tokens:
+            break
+        logits = lm.decode(lm.embed(torch.tensor([next_id], device=lm.device)), [cache])[0]
+    tail = decoder.finish()
+    if tail:
+        yield Step(None, tail)
 
 
 class TokenStream:

@@ -52,8 +52,9 @@ from assistant.engine.commands import (
     StopCmd,
 )
 from assistant.engine.conversation import CachePlan, Conversation, evict_lru, merge_turns, plan_cache
-from assistant.engine.decoding import TokenStream, sampling_params
+from assistant.engine.decoding import TokenStream
 from assistant.engine.prefix_cache import PrefixSnapshots
+from assistant.engine.sampling import sampling_params
 from assistant.engine.turns import TurnWork, drop_unrun, ms_between, prepare_turns
 from assistant.models.kv_cache import KVCache
 from assistant.models.splice import splice_audio
