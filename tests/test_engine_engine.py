@@ -21,10 +21,9 @@ from assistant.backends.base import AudioSpan, Exchange, Prompt, Utterance
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine.api import ConversationBusy, ResponseDone, ResponseOptions, ServerBusy, TextDelta
 from assistant.engine.conversation import plan_cache
-from assistant.engine.decoding import generate_stream
+from assistant.engine.decoding import generate_stream, prefill_prompt
 from assistant.engine.engine import Engine
 from assistant.engine.sampling import sampling_params
-from assistant.engine.worker import prefill_prompt
 from tests.server_util import golden_clips
 
 WAIT_S = 120.0  # the one timeout every wait in this file derives from (a hang fails instead of blocking CI)

@@ -13,9 +13,9 @@ import torch
 from assistant.backends.base import PreparedTurn
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine.api import ResponseDone, ResponseOptions
+from assistant.engine.decoding import prefill_prompt
 from assistant.engine.engine import Engine
 from assistant.engine.prefix_cache import PrefixSnapshots
-from assistant.engine.worker import prefill_prompt
 from assistant.models.kv_cache import KVCache
 
 WAIT_S = 120.0  # the one timeout every wait in this file derives from

@@ -94,3 +94,8 @@ class ResponseDone:
     error: str | None = None  # status "failed": what went wrong
     cached_tokens: int = 0  # leading prompt tokens served from the session's KV cache (not prefilled again)
     error_code: str | None = None  # status "failed": the protocol code (None = "response_failed")
+
+    @classmethod
+    def refused(cls, response_id: str, error: str, code: str | None = None) -> ResponseDone:
+        """The end of a response that never started (refused, or its session was gone): failed, nothing generated."""
+        return cls(response_id, "failed", None, "", [], [], 0, 0, {}, error=error, error_code=code)

@@ -7,15 +7,20 @@ answered (a turn's reply gets `UnknownSession`) or ignored, never applied to sta
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from assistant.backends.base import PreparedTurn, Prompt, Utterance
-from assistant.engine.api import ResponseOptions
+from assistant.engine.api import ResponseDone, ResponseOptions
 from assistant.engine.conversation import Conversation
 from assistant.engine.decoding import TokenStream
 from assistant.engine.stream import ResponseStream
+
+
+def ms_between(t0: float, t1: float) -> float:
+    return round((t1 - t0) * 1000.0, 3)
 
 
 @dataclass(frozen=True)
@@ -136,3 +141,30 @@ class Job:
     @property
     def submitted_s(self) -> float:
         return self.cmd.submitted_s
+
+    def done(self, status: str, reason: str | None, text: str, error: str | None) -> ResponseDone:
+        """The response's one `ResponseDone`, with its phase timings (queue, encode, prefill, first_token, decode)."""
+        t, now = self.t, time.monotonic()
+        admitted = t.get("admitted", now)
+        timings = {"queue": ms_between(self.submitted_s, admitted), "encode": round(self.encode_ms, 3)}
+        if "prefilled" in t:
+            timings["prefill"] = ms_between(admitted, t["prefilled"])
+        if "first_token" in t:
+            timings["first_token"] = ms_between(self.submitted_s, t["first_token"])
+            timings["decode"] = ms_between(t["first_token"], now)
+        timings["total"] = ms_between(self.submitted_s, now)
+        prompt_ids = list(self.prompt.ids) if self.prompt else []
+        output_ids = list(self.tokens.output_ids) if self.tokens else []
+        return ResponseDone(
+            response_id=self.response_id,
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            text=text,
+            prompt_ids=prompt_ids,
+            output_ids=output_ids,
+            input_tokens=len(prompt_ids),
+            output_tokens=len(output_ids),
+            timings_ms=timings,
+            error=error,
+            cached_tokens=self.cached_tokens,
+        )

@@ -7,6 +7,7 @@
 - `TokenStream`: what the engine's batched decode loop holds per response. Its deltas concatenate exactly to the
   text that enters the history: leading whitespace is dropped and trailing whitespace held back until more text
   follows, and an incomplete UTF-8 sequence is never split.
+- `prefill_prompt(lm, cache, prompt, reuse)`: the engine's prefill of the part of a prompt its cache lacks.
 - `generate_stream(backend, prompt, params, max_new_tokens)`: the slow single-sequence reference (fresh cache, whole
   prompt, one id at a time) that the engine's batched path is checked against, and what `ask` runs; stops at the
   first stop id (not yielded) or after max_new_tokens; a last `Step(None, text)` carries incomplete UTF-8 as U+FFFD.
@@ -22,6 +23,7 @@ import torch
 
 from assistant.backends.base import Backend, DecoderLM, Prompt, SamplingParams, Tokenizer
 from assistant.engine.sampling import Sampler
+from assistant.models.kv_cache import KVCache
 from assistant.models.splice import splice_audio
 
 
@@ -131,3 +133,15 @@ class TokenStream:
 
     def text(self) -> str:
         return "".join(self._emitted)
+
+
+def prefill_prompt(lm: DecoderLM, cache: KVCache, prompt: Prompt, reuse: int) -> torch.Tensor:
+    """Prefill `prompt.ids[reuse:]` onto `cache` (which holds exactly the first `reuse` positions), with the audio
+    embeddings spliced over their placeholder runs; returns the last position's logits [1, vocab]."""
+    new_ids = prompt.ids[reuse:]
+    x = lm.embed(torch.tensor(new_ids, dtype=torch.long, device=lm.device))  # [T_new, hidden]
+    spans = splice_audio(x, prompt.audio, reuse)
+    logits = lm.prefill(x, cache)
+    cache.token_ids[reuse:] = new_ids
+    cache.segment_keys.extend(spans)
+    return logits

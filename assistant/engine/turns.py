@@ -16,14 +16,10 @@ from dataclasses import dataclass
 from assistant.backends.base import Backend, PreparedTurn
 from assistant.engine import metrics
 from assistant.engine.api import TurnInfo
-from assistant.engine.commands import PrepareCmd, SpeculateCmd
+from assistant.engine.commands import PrepareCmd, SpeculateCmd, ms_between
 from assistant.engine.conversation import Conversation, Speculation
 
 log = logging.getLogger("assistant.engine")
-
-
-def ms_between(t0: float, t1: float) -> float:
-    return round((t1 - t0) * 1000.0, 3)
 
 
 @dataclass

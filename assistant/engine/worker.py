@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from assistant.backends.base import Backend, DecoderLM, Prompt
+from assistant.backends.base import Backend
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine import metrics
 from assistant.engine.api import ResponseDone, TextDelta, UnknownSession
@@ -52,26 +52,12 @@ from assistant.engine.commands import (
     StopCmd,
 )
 from assistant.engine.conversation import CachePlan, Conversation, evict_lru, merge_turns, plan_cache
-from assistant.engine.decoding import TokenStream
+from assistant.engine.decoding import TokenStream, prefill_prompt
 from assistant.engine.prefix_cache import PrefixSnapshots
 from assistant.engine.sampling import sampling_params
-from assistant.engine.turns import TurnWork, drop_unrun, ms_between, prepare_turns
-from assistant.models.kv_cache import KVCache
-from assistant.models.splice import splice_audio
+from assistant.engine.turns import TurnWork, drop_unrun, prepare_turns
 
 log = logging.getLogger(__name__)
-
-
-def prefill_prompt(lm: DecoderLM, cache: KVCache, prompt: Prompt, reuse: int) -> torch.Tensor:
-    """Prefill `prompt.ids[reuse:]` onto `cache` (which holds exactly the first `reuse` positions), with the audio
-    embeddings spliced over their placeholder runs; returns the last position's logits [1, vocab]."""
-    new_ids = prompt.ids[reuse:]
-    x = lm.embed(torch.tensor(new_ids, dtype=torch.long, device=lm.device))  # [T_new, hidden]
-    spans = splice_audio(x, prompt.audio, reuse)
-    logits = lm.prefill(x, cache)
-    cache.token_ids[reuse:] = new_ids
-    cache.segment_keys.extend(spans)
-    return logits
 
 
 class Worker:
@@ -147,7 +133,9 @@ class Worker:
                 cmd.reply.set_exception(RuntimeError("the engine stopped before this command ran"))
             elif isinstance(cmd, RespondCmd):
                 cmd.on_finish(cmd.session_id, cmd.response_id)
-                cmd.stream.push(_refused_done(cmd, "the engine stopped before this response started"))
+                cmd.stream.push(
+                    ResponseDone.refused(cmd.response_id, "the engine stopped before this response started")
+                )
 
     def _drain_commands(self) -> bool:
         """Handle every queued command; False once a stop was received."""
@@ -236,7 +224,7 @@ class Worker:
         conv = self.conversations.get(cmd.session_id)
         if conv is None:  # closed between respond() and here: the stream still ends
             cmd.on_finish(cmd.session_id, cmd.response_id)
-            cmd.stream.push(_refused_done(cmd, f"session {cmd.session_id!r} is closed"))
+            cmd.stream.push(ResponseDone.refused(cmd.response_id, f"session {cmd.session_id!r} is closed"))
             return
         conv.busy = True
         self.waiting.append(Job(cmd, conv))
@@ -389,7 +377,7 @@ class Worker:
                 conv.restore_pending(job.turns, job.encode_ms)
             else:
                 conv.record(merge_turns(job.turns), text)
-        done = self._done_event(job, status, reason, text, error)
+        done = job.done(status, reason, text, error)
         conv.busy = False
         conv.touch()
         job.cmd.on_finish(conv.session_id, job.response_id)
@@ -412,33 +400,3 @@ class Worker:
         while held + self.prefixes.tokens > budget and self.prefixes.drop_oldest():
             metrics.PREFIX_SNAPSHOTS.labels(outcome="dropped").inc()
         metrics.CACHED_TOKENS.set(held + self.prefixes.tokens)
-
-    def _done_event(self, job: Job, status: str, reason: str | None, text: str, error: str | None) -> ResponseDone:
-        t, now = job.t, time.monotonic()
-        admitted = t.get("admitted", now)
-        timings = {"queue": ms_between(job.submitted_s, admitted), "encode": round(job.encode_ms, 3)}
-        if "prefilled" in t:
-            timings["prefill"] = ms_between(admitted, t["prefilled"])
-        if "first_token" in t:
-            timings["first_token"] = ms_between(job.submitted_s, t["first_token"])
-            timings["decode"] = ms_between(t["first_token"], now)
-        timings["total"] = ms_between(job.submitted_s, now)
-        prompt_ids = job.prompt.ids if job.prompt else []
-        output_ids = list(job.tokens.output_ids) if job.tokens else []
-        return ResponseDone(
-            response_id=job.response_id,
-            status=status,  # type: ignore[arg-type]
-            reason=reason,
-            text=text,
-            prompt_ids=list(prompt_ids),
-            output_ids=output_ids,
-            input_tokens=len(prompt_ids),
-            output_tokens=len(output_ids),
-            timings_ms=timings,
-            error=error,
-            cached_tokens=job.cached_tokens,
-        )
-
-
-def _refused_done(cmd: RespondCmd, error: str) -> ResponseDone:
-    return ResponseDone(cmd.response_id, "failed", None, "", [], [], 0, 0, {}, error=error)

@@ -1,6 +1,8 @@
 """The sans-I/O realtime session: client events, audio, engine outputs and the time in; server events and engine
 commands out. No asyncio, no sockets, no clock, no torch: every transport (WebSocket, MQTT, Wyoming) drives the same
-core through `assistant.transport.connection`, and tests drive it directly.
+core through `assistant.transport.connection`, and tests drive it directly. (About 480 lines on purpose: it is one
+state machine whose invariants, one response.done per response and no committed turn lost, span turns, the job
+queue and responses together; the audio pipeline, parsing, events and settings are modules of their own.)
 
     s = Session("sess_1", SessionSettings(input_rate_hz=16000), "ga", default_td=cfg.vad, limits=SessionLimits())
     out = s.start(now_s)                    # [session.created event, OpenConversation]
@@ -407,7 +409,7 @@ class Session:
                 self._out.append(self.events.text_delta(r.response_id, r.item_id, out.text))
         elif isinstance(out, C.ResponseRefused):
             self._error(P.ProtocolError(out.code, out.message))
-            self._response_done(_refused(out))
+            self._response_done(ResponseDone.refused(out.response_id, out.message, out.code))
         elif isinstance(out, C.ResponseFinished):
             self._response_done(out.done)
         return self._take()
@@ -480,20 +482,3 @@ class Session:
         return out
 
     _now_s: float = 0.0
-
-
-def _refused(out: C.ResponseRefused) -> ResponseDone:
-    """The response.done of an answer the engine refused to start."""
-    return ResponseDone(
-        response_id=out.response_id,
-        status="failed",
-        reason=None,
-        text="",
-        prompt_ids=[],
-        output_ids=[],
-        input_tokens=0,
-        output_tokens=0,
-        timings_ms={},
-        error=out.message,
-        error_code=out.code,
-    )
