@@ -22,6 +22,7 @@ States: idle -> pending -> speech -> idle.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,6 +63,23 @@ class VadParams:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+@dataclass(frozen=True)
+class TurnDetection(VadParams):
+    """Turn detection: the segmenter's knobs plus what happens at a turn's edges. A session's `turn_detection` and
+    the config's `[vad]` section. OpenAI's keys (threshold, prefix_padding_ms, silence_duration_ms, create_response,
+    interrupt_response) + the segmenter's (aggressiveness, min_speech_ms, max_utterance_ms, frame_ms,
+    early_prepare_ms). `type` is what the client asked for; both kinds run the same VAD here."""
+
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    threshold: float = field(default=0.5, metadata=bounds(0.0, 1.0))  # echoed; this VAD's knob is aggressiveness
+    create_response: bool = True
+    interrupt_response: bool = True
+    early_prepare_ms: int = field(default=200, metadata=bounds(0, 5000))
+
+    def vad_params(self) -> VadParams:
+        return VadParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VadParams)})
 
 
 @dataclass(frozen=True)

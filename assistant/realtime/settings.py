@@ -1,41 +1,24 @@
 """The settings schema of a realtime session, and `session.update` validation (GA nested and beta flat shapes).
 
-One schema: `TurnDetection` extends the VAD's own `VadParams` (whose fields declare their types and ranges once,
-`assistant.schema`), and it is also the config file's `[vad]` section (the server-wide default every session starts
-from). `SessionSettings` is the effective session; its fields carry their ranges the same way. So the TOML
-validation, the GA and beta `session.update` parsing and the MQTT devices' sessions all check a value by the same
-declaration. `apply_session_update(settings, payload, default_td)` returns the new frozen settings and non-fatal
-warnings; a fatal problem raises `ProtocolError` and changes nothing. `events.EventFactory.session` renders it.
+One schema: `TurnDetection` (in `assistant.audio.vad`: the VAD's own `VadParams` plus what to do at a turn's
+edges; every field declares its type and range once, `assistant.schema`) is both a session's `turn_detection` and
+the config file's `[vad]` section (the server-wide default every session starts from). `SessionSettings` is the
+effective session; its fields carry their ranges the same way. So the TOML validation, the GA and beta
+`session.update` parsing and the MQTT devices' sessions all check a value by the same declaration.
+`apply_session_update(settings, payload, default_td)` returns the new frozen settings and non-fatal warnings; a
+fatal problem raises `ProtocolError` and changes nothing. `events.EventFactory.session` renders it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
-from assistant.audio.vad import VadParams
+from assistant.audio.vad import TurnDetection
 from assistant.realtime.protocol import OPENAI_RATE_HZ, ProtocolError, max_tokens
 from assistant.schema import SettingError, bounds, check_fields, coerce
-
-
-@dataclass(frozen=True)
-class TurnDetection(VadParams):
-    """Server VAD: OpenAI's keys (threshold, prefix_padding_ms, silence_duration_ms, create_response,
-    interrupt_response) + the segmenter's (aggressiveness, min_speech_ms, max_utterance_ms, frame_ms,
-    early_prepare_ms). `type` is what the client asked for; both kinds run the same VAD here."""
-
-    type: Literal["server_vad", "semantic_vad"] = "server_vad"
-    threshold: float = field(
-        default=0.5, metadata=bounds(0.0, 1.0)
-    )  # accepted and echoed; webrtcvad's is aggressiveness
-    create_response: bool = True
-    interrupt_response: bool = True
-    early_prepare_ms: int = field(default=200, metadata=bounds(0, 5000))
-
-    def vad_params(self) -> VadParams:
-        return VadParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VadParams)})
 
 
 @dataclass(frozen=True)
