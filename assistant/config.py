@@ -39,6 +39,8 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     shutdown_grace_s: float = field(default=5.0, metadata=bounds(0, None))
+    metrics_public: bool = False
+    max_turn_audio_ms: int = field(default=30000, metadata=bounds(1000, 30000))
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class EngineConfig:
     max_window_tokens: int = field(default=0, metadata=bounds(0, None))
     cache_budget_tokens: int = field(default=65536, metadata=bounds(0, None))
     delta_queue_size: int = field(default=256, metadata=bounds(1, None))
+    max_turn_tokens: int = field(default=1024, metadata=bounds(16, None))
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,8 @@ class MqttConfig:
     topic_prefix: str = "assistant"
     client_id: str = ""
     reconnect_max_s: float = field(default=30.0, metadata=bounds(0.1, None))
+    max_devices: int = field(default=32, metadata=bounds(1, None))
+    device_idle_timeout_s: float = field(default=600.0, metadata=bounds(1, None))
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,7 @@ async def test_two_devices_at_once_get_their_own_sessions(
 
 
 async def test_device_over_the_session_limit_gets_server_busy(mosquitto, tiny_qwen_dir, server_tiny_backend) -> None:
-    cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"server.max_sessions": 1})
+    cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"mqtt.max_devices": 1})
     hello = json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}})
     async with bridge(cfg, server_tiny_backend), Watcher(mosquitto.url) as w:
         await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
@@ -276,7 +276,7 @@ async def test_credentials_and_tls_come_from_the_config(
 
 
 async def test_idle_device_sessions_are_closed(mosquitto, tiny_qwen_dir, server_tiny_backend) -> None:
-    cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"server.idle_timeout_s": 1.0})
+    cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"mqtt.device_idle_timeout_s": 1.0})
     hello = json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}})
     async with bridge(cfg, server_tiny_backend) as server, Watcher(mosquitto.url) as w:
         await w.wait_for(lambda: "online" in w.status, "the bridge's online status")

@@ -92,6 +92,7 @@ class TurnPrepared:
 class TurnFailed:
     key: str
     message: str
+    code: str = "turn_failed"  # a protocol error code (`turn_too_long` when the turn is over the token limit)
 
 
 @dataclass(frozen=True)

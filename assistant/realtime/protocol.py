@@ -39,6 +39,11 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
     "server_busy": ("server_error", "too many sessions or queued responses; retry later"),
     "response_failed": ("server_error", "the model failed while answering; the session goes on"),
     "turn_failed": ("server_error", "the model failed to process the user's audio; the session goes on"),
+    "turn_too_long": ("invalid_request_error", "a user turn over `engine.max_turn_tokens`; it was not answered"),
+    "input_audio_buffer_truncated": (
+        "invalid_request_error",
+        "a push-to-talk turn over `server.max_turn_audio_ms`: only its newest audio was kept",
+    ),
 }
 
 

@@ -420,9 +420,9 @@ class Session:
             return  # a turn the session let go of (close)
         if isinstance(out, C.TurnFailed):
             log.warning("session %s: turn %s failed: %s", self.id, out.key, out.message)
-            self._error(P.ProtocolError("turn_failed", f"could not process the user turn {out.key}: {out.message}"))
+            self._error(P.ProtocolError(out.code, f"could not process the user turn {out.key}: {out.message}"))
             if job.respond:
-                self._failed_response("turn_failed", out.message)
+                self._failed_response(out.code, out.message)
                 self._response_requested = False
                 self._cancel_on_start = False
                 self._committed_at_s = None

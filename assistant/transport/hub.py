@@ -5,8 +5,11 @@ and graceful shutdown. Transports ask it for a `Connection` (`open`) and never k
     conn = hub.open("mqtt", send, close, dialect="ga", input_rate_hz=16000)   # raises SessionLimitReached
     await hub.shutdown(grace_s)                                                # refuse new, finish, close all
 
-Capacity: `server.max_sessions` in all. Idle sweep: a session with no client input for `server.idle_timeout_s` and
-nothing in flight is ended by the hub (`Connection.end`, the transport's close code 1000 "idle timeout").
+Capacity and idle timeout are per transport (`TransportLimits`: WebSocket `server.max_sessions` /
+`server.idle_timeout_s`, MQTT `mqtt.max_devices` / `mqtt.device_idle_timeout_s`), so one transport can never lock
+another out. Idle sweep: a
+session with no client input for its transport's timeout and nothing in flight is ended by the hub
+(`Connection.end`, the transport's close code 1000 "idle timeout").
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Gauge
@@ -40,6 +44,21 @@ class SessionLimitReached(Exception):
     code = "server_busy"
 
 
+@dataclass(frozen=True)
+class TransportLimits:
+    capacity: int  # open sessions at most
+    idle_timeout_s: float
+    capacity_key: str  # the config key, for the refusal message
+
+
+def transport_limits(cfg: Config) -> dict[str, TransportLimits]:
+    s, m = cfg.server, cfg.mqtt
+    return {
+        "websocket": TransportLimits(s.max_sessions, s.idle_timeout_s, "server.max_sessions"),
+        "mqtt": TransportLimits(m.max_devices, m.device_idle_timeout_s, "mqtt.max_devices"),
+    }
+
+
 class SessionHub:
     def __init__(self, cfg: Config, engine: Any, model_name: str = "local") -> None:
         self.cfg = cfg
@@ -48,7 +67,8 @@ class SessionHub:
         self.connections: dict[str, Connection] = {}
         self.closing = False
         s = cfg.server
-        self.limits = SessionLimits(max_message_bytes=s.max_message_bytes)
+        self.limits = SessionLimits(max_message_bytes=s.max_message_bytes, max_buffer_ms=s.max_turn_audio_ms)
+        self.transports = transport_limits(cfg)
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -60,10 +80,11 @@ class SessionHub:
     ) -> Connection:
         if self.closing:
             raise SessionLimitReached("the server is shutting down; reconnect later")
-        limit = self.cfg.server.max_sessions
-        if len(self.connections) >= limit:
+        t = self.transports[transport]
+        n = sum(c.transport == transport for c in self.connections.values())
+        if n >= t.capacity:
             raise SessionLimitReached(
-                f"{len(self.connections)} sessions open, the limit is server.max_sessions={limit}; retry later"
+                f"{n} {transport} sessions open, the limit is {t.capacity_key}={t.capacity}; retry later"
             )
         rate = {} if input_rate_hz is None else {"input_rate_hz": input_rate_hz}  # None: the dialect's default
         settings = SessionSettings(model=self.model_name, turn_detection=self.cfg.vad, **rate)
@@ -95,11 +116,12 @@ class SessionHub:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="session-idle-sweep")
 
     async def _sweep(self) -> None:
-        idle_s = self.cfg.server.idle_timeout_s
+        shortest_s = min(t.idle_timeout_s for t in self.transports.values())
         while self.connections:
-            await asyncio.sleep(min(IDLE_SWEEP_MAX_S, idle_s / 4))
+            await asyncio.sleep(min(IDLE_SWEEP_MAX_S, shortest_s / 4))
             now_s = time.monotonic()
             for conn in list(self.connections.values()):
+                idle_s = self.transports[conn.transport].idle_timeout_s
                 silent_s = now_s - conn.last_input_s
                 if silent_s >= idle_s and conn.idle and not conn.closed:
                     log.info(

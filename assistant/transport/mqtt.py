@@ -182,7 +182,7 @@ class MqttBridge:
         self.client_id = cfg.mqtt.client_id or f"assistant-bridge-{uuid.uuid4().hex[:8]}"
         self.persistent = bool(cfg.mqtt.client_id)
         self.devices: dict[str, Device] = {}
-        self.outbox = Outbox(cfg.server.send_queue_events * max(1, cfg.server.max_sessions))
+        self.outbox = Outbox(cfg.server.send_queue_events * cfg.mqtt.max_devices)
         self._refused_at_s: dict[str, float] = {}
         self._ever_connected = False
         self._lost_at_s: float | None = None  # when the broker connection went away
