@@ -19,6 +19,7 @@ import json
 import logging
 import mimetypes
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -78,6 +79,9 @@ class AssistantServer:
         self._server: Server | None = None
         self._connections: set[asyncio.Event] = set()  # one shutdown signal per open connection
         self.port = 0
+        # name -> callable giving a problem description or None; /healthz answers 503 naming every problem
+        # (e.g. "mqtt": the MQTT bridge is down). Registered by whoever runs that part (transport/server.py).
+        self.health_checks: dict[str, Callable[[], str | None]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,9 +131,12 @@ class AssistantServer:
         if allowed and origin is not None and origin not in allowed:
             return connection.respond(403, f"origin {origin!r} is not in server.allowed_origins\n")
         if url.path == "/healthz":
-            if self.ready:
-                return connection.respond(200, "ok\n")
-            return connection.respond(503, "loading the model\n")
+            if not self.ready:
+                return connection.respond(503, "loading the model\n")
+            problems = [f"{name}: {p}" for name, check in self.health_checks.items() if (p := check())]
+            if problems:
+                return connection.respond(503, "".join(f"{p}\n" for p in problems))
+            return connection.respond(200, "ok\n")
         if url.path == "/metrics":
             body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
             return _response(connection, 200, body, prometheus_client.CONTENT_TYPE_LATEST)
