@@ -289,3 +289,32 @@ def test_no_sequence_doubles_a_response_done_loses_a_turn_or_raises(steps, close
         json.dumps(e, allow_nan=False)  # never NaN in what we send
     if not s.closed:
         assert s.idle  # every job ran to its end
+
+
+def test_push_to_talk_over_the_limit_keeps_the_newest_audio_and_says_so():
+    s, sim = new_session(td=None, max_buffer_ms=1000), EngineSim()
+    sim.run(s.start(0.0))
+    sim.run(s.receive_audio(speech_pcm(1500), 0.5))
+    events = sim.run(s.receive_event({"type": "input_audio_buffer.commit", "event_id": "c1"}, 1.0))
+    [err] = [e["error"] for e in events if e["type"] == "error"]
+    assert err["code"] == "input_audio_buffer_truncated" and err["event_id"] == "c1"
+    assert "kept its newest 1000 ms" in err["message"] and "dropped the first 500 ms" in err["message"]
+    [turn] = [c for c in sim.commands if isinstance(c, C.AddTurn)]
+    assert len(turn.utterance.audio) == RATE_HZ  # exactly the newest second
+    # the next turn starts clean: no stale truncation report
+    sim.run(s.receive_audio(speech_pcm(300), 1.5))
+    events = sim.run(s.receive_event({"type": "input_audio_buffer.commit"}, 2.0))
+    assert "error" not in types(events)
+
+
+def test_a_turn_refused_with_a_code_keeps_that_code():
+    s, sim = new_session(), EngineSim()
+    sim.run(s.start(0.0))
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "x" * 100}]}
+    sim.run(s.receive_event({"type": "conversation.item.create", "item": item}, 0.1))
+    events = sim.run(s.receive_event({"type": "response.create"}, 0.1))
+    key = sim.step().key
+    events += sim.run(s.engine_output(C.TurnFailed(key, "1200 tokens, the limit is 1024", "turn_too_long"), 0.2))
+    events += run_until_quiet(s, sim, 0.3)
+    assert [e["error"]["code"] for e in events if e["type"] == "error"] == ["turn_too_long"]
+    assert types(events).count("response.done") == 1  # the requested answer still ends

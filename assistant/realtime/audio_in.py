@@ -21,6 +21,7 @@ class AudioIn:
         self._samples = 0  # 16 kHz samples received: the stream clock
         self._resampler = StreamResampler(input_rate_hz)
         self._ptt: list[np.ndarray] = []
+        self.dropped_ms = 0  # push-to-talk audio dropped from the front of the current buffer (over max_buffer_ms)
         self._vad: VadSegmenter | None = None
         self.reconfigure(vad)
 
@@ -46,6 +47,7 @@ class AudioIn:
     def reconfigure(self, vad: VadParams | None) -> None:
         """New turn detection (None = push-to-talk): an open turn or buffer under the old settings is dropped."""
         self._ptt = []
+        self.dropped_ms = 0
         self._vad = None if vad is None else VadSegmenter(vad, stream_offset_ms=self.position_ms)
 
     def commit_vad(self) -> list[VadEvent]:
@@ -53,22 +55,24 @@ class AudioIn:
         assert self._vad is not None
         return self._vad.commit_now()
 
-    def take_buffer(self) -> np.ndarray:
-        """Push-to-talk commit: the buffered audio (int16, 16 kHz), emptied."""
+    def take_buffer(self) -> tuple[np.ndarray, int]:
+        """Push-to-talk commit: the buffered audio (int16, 16 kHz) and the ms dropped from its front; emptied."""
         self._feed_16k(self._resampler.flush())
         audio = np.concatenate(self._ptt) if self._ptt else np.zeros(0, dtype=np.int16)
-        self._ptt = []
-        return audio
+        dropped_ms, self._ptt, self.dropped_ms = self.dropped_ms, [], 0
+        return audio, dropped_ms
 
-    def restore_buffer(self, audio: np.ndarray) -> None:
+    def restore_buffer(self, audio: np.ndarray, dropped_ms: int) -> None:
         """A commit refused as too short keeps what was buffered."""
         self._ptt = [audio] if len(audio) else []
+        self.dropped_ms = dropped_ms
 
     def clear(self) -> None:
         self._resampler.flush()
         if self._vad is not None:
             self._vad.reset()
         self._ptt = []
+        self.dropped_ms = 0
 
     def _feed_16k(self, pcm16k: np.ndarray) -> list[VadEvent]:
         if len(pcm16k) == 0:
@@ -80,6 +84,7 @@ class AudioIn:
             total = sum(len(c) for c in self._ptt)
             if total > limit:
                 self._ptt = [np.concatenate(self._ptt)[total - limit :]]
+                self.dropped_ms += (total - limit) * 1000 // MODEL_RATE_HZ
             return []
         return self._vad.feed(pcm16k)
 

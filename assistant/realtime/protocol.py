@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -158,6 +159,16 @@ def decode_audio_b64(value: Any, eid: str | None) -> bytes:
     return pcm
 
 
+_EVENT_ID_TEXT = re.compile(r'"event_id"\s*:\s*"([^"\\]{1,128})"')
+
+
+def _event_id_in_text(raw: str | bytes) -> str | None:
+    """The `event_id` of a frame that is not valid JSON, when its start names one (so the error can name it)."""
+    head = raw[:4096].decode("utf-8", "replace") if isinstance(raw, bytes) else raw[:4096]
+    m = _EVENT_ID_TEXT.search(head)
+    return m.group(1) if m else None
+
+
 def parse_client_event(raw: str | bytes | dict[str, Any]) -> ClientEvent:
     """One client JSON event -> a typed event. Raises ProtocolError (stable code) for anything malformed."""
     if isinstance(raw, dict):
@@ -167,7 +178,8 @@ def parse_client_event(raw: str | bytes | dict[str, Any]) -> ClientEvent:
             obj = json.loads(raw)
         # ValueError: an integer of thousands of digits; RecursionError: arrays nested thousands deep.
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ProtocolError("invalid_json", f"expected a JSON object, could not parse it: {e}") from None
+            msg = f"expected a JSON object, could not parse it: {e}"
+            raise ProtocolError("invalid_json", msg, None, _event_id_in_text(raw)) from None
         if not isinstance(obj, dict):
             raise ProtocolError("invalid_json", f"expected a JSON object, got a JSON {type(obj).__name__}")
     eid = _event_id(obj)
@@ -224,7 +236,11 @@ def _parse_item_create(obj: dict[str, Any], eid: str | None) -> TextMessage:
         raise ProtocolError("invalid_event", "conversation.item.create needs an object 'item'", "item", eid)
     if item.get("type") != "message" or item.get("role") != "user":
         raise ProtocolError("unsupported_event", "only user messages can be created", "item", eid)
-    texts = [c.get("text") for c in item.get("content") or [] if isinstance(c, dict) and c.get("type") == "input_text"]
+    content = item.get("content")
+    if not isinstance(content, list):
+        msg = f"item.content must be a list of content parts, got {type(content).__name__}"
+        raise ProtocolError("invalid_event", msg, "item.content", eid)
+    texts = [c.get("text") for c in content if isinstance(c, dict) and c.get("type") == "input_text"]
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ProtocolError("unsupported_event", "only input_text content can be created", "item.content", eid)
     return TextMessage(eid, "\n".join(texts))

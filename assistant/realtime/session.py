@@ -267,12 +267,18 @@ class Session:
 
     def _commit(self, event_id: str | None) -> None:
         if self._audio.push_to_talk:
-            audio = self._audio.take_buffer()
+            audio, dropped_ms = self._audio.take_buffer()
             audio_ms = len(audio) * 1000 // MODEL_RATE_HZ
             if audio_ms >= P.MIN_COMMIT_MS:
+                if dropped_ms:
+                    msg = (
+                        f"the turn was {audio_ms + dropped_ms} ms long; kept its newest {audio_ms} ms and dropped the "
+                        f"first {dropped_ms} ms (server.max_turn_audio_ms={self.limits.max_buffer_ms}); commit sooner"
+                    )
+                    self._error(P.ProtocolError("input_audio_buffer_truncated", msg, None, event_id))
                 self._commit_audio(audio, respond=False)
                 return
-            self._audio.restore_buffer(audio)
+            self._audio.restore_buffer(audio, dropped_ms)
         else:
             events = self._audio.commit_vad()
             audio_ms = committed_ms(events)

@@ -30,6 +30,7 @@ from prometheus_client import Counter, Histogram
 
 from assistant.engine.api import ConversationBusy, ServerBusy, TextDelta
 from assistant.realtime import commands as C
+from assistant.realtime.protocol import ERROR_CODES
 from assistant.realtime.session import Output, Session
 
 log = logging.getLogger("assistant.session")
@@ -178,8 +179,9 @@ class Connection:
                 info = await self.engine.add_user_turn(self.id, utt)
         except asyncio.CancelledError:
             raise
-        except Exception as err:
-            self._feed(C.TurnFailed(utt.key, str(err)))
+        except Exception as err:  # the backend refused the turn (too short, too long, ...): the session goes on
+            code = getattr(err, "code", None)
+            self._feed(C.TurnFailed(utt.key, str(err), code if code in ERROR_CODES else "turn_failed"))
             return
         self._feed(C.TurnPrepared(utt.key, info))
 

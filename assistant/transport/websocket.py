@@ -17,7 +17,6 @@ import contextlib
 import hmac
 import json
 import logging
-import mimetypes
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from websockets.http11 import Request, Response
 
 from assistant.config import Config
 from assistant.transport.connection import Connection
+from assistant.transport.http import HttpConnection, http_response, static_file
 from assistant.transport.hub import SessionHub, SessionLimitReached
 
 log = logging.getLogger("assistant.server")
@@ -40,7 +40,6 @@ REALTIME_PATH = "/v1/realtime"
 BROWSER_DIR = Path(__file__).resolve().parent.parent.parent / "clients" / "browser"
 HARD_SIZE_FACTOR = 4  # messages up to 4x max_message_bytes get an error event; beyond it the socket closes (1009)
 CLOSE_TIMEOUT_S = 5.0
-_CONTENT_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html"}
 
 CLOSE_SLOW_CLIENT = 1008  # policy violation: the client does not read its events
 CLOSE_BUSY = 1013  # try again later
@@ -56,17 +55,6 @@ def _beta_requested(request: Request) -> bool:
 
 def _offered_subprotocols(request: Request) -> list[str]:
     return [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol") for p in v.split(",") if p.strip()]
-
-
-def _response(connection: ServerConnection, status: int, body: bytes, content_type: str) -> Response:
-    resp = connection.respond(status, "")
-    resp.body = body
-    for name in ("Content-Type", "Content-Length"):
-        del resp.headers[name]
-    resp.headers["Content-Type"] = content_type
-    resp.headers["Content-Length"] = str(len(body))
-    resp.headers["Cache-Control"] = "no-cache"
-    return resp
 
 
 class AssistantServer:
@@ -99,6 +87,7 @@ class AssistantServer:
             max_size=s.max_message_bytes * HARD_SIZE_FACTOR,
             ssl=ssl_ctx,
             close_timeout=CLOSE_TIMEOUT_S,
+            create_connection=HttpConnection,
         )
         self.port = next(iter(self._server.sockets)).getsockname()[1]
 
@@ -138,8 +127,11 @@ class AssistantServer:
                 return connection.respond(503, "".join(f"{p}\n" for p in problems))
             return connection.respond(200, "ok\n")
         if url.path == "/metrics":
+            if not (self.cfg.server.metrics_public or self._authorized(request, parse_qs(url.query))):
+                msg = "/metrics needs the token (Authorization: Bearer <token>), or set server.metrics_public = true\n"
+                return connection.respond(401, msg)
             body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
-            return _response(connection, 200, body, prometheus_client.CONTENT_TYPE_LATEST)
+            return http_response(connection, 200, body, prometheus_client.CONTENT_TYPE_LATEST)
         if url.path in (REALTIME_PATH, REALTIME_PATH + "/"):
             if not self._authorized(request, parse_qs(url.query)):
                 return connection.respond(401, "missing or wrong token: send Authorization: Bearer <token>\n")
@@ -148,7 +140,7 @@ class AssistantServer:
             if "websocket" not in request.headers.get("Upgrade", "").lower():
                 return connection.respond(426, "this endpoint speaks WebSocket (OpenAI Realtime protocol)\n")
             return None
-        return self._static(connection, url.path)
+        return static_file(connection, BROWSER_DIR.resolve(), url.path)
 
     def _authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
         token = self.cfg.server.token
@@ -163,17 +155,6 @@ class AssistantServer:
         expected = token.encode()
         # compare_digest on every candidate: no early exit that would leak which one matched or how far.
         return any([hmac.compare_digest(c.encode(), expected) for c in candidates])
-
-    def _static(self, connection: ServerConnection, path: str) -> Response:
-        root = BROWSER_DIR.resolve()
-        rel = path.lstrip("/") or "index.html"
-        target = (root / rel).resolve()
-        if not target.is_relative_to(root) or not target.is_file():
-            return connection.respond(404, f"not found: {path}\n")
-        ctype = _CONTENT_TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-        if ctype.startswith("text/"):
-            ctype += "; charset=utf-8"
-        return _response(connection, 200, target.read_bytes(), ctype)
 
     # ---- WebSocket side ----------------------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
