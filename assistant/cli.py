@@ -32,21 +32,28 @@ def _model_overrides(model: str | None) -> dict[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The common options are accepted before and after the command (`--config F serve` and `serve --config F`);
+    # SUPPRESS keeps a subcommand's absent option from overwriting the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML file overlaid on the defaults"
+    )
+    levels = ["debug", "info", "warning", "error"]
+    common.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS, help="overrides logging.level")
     p = argparse.ArgumentParser(
         prog="python -m assistant",
         description="Real-time voice assistant server (OpenAI Realtime protocol), Qwen-Audio or embedded CPU model.",
+        parents=[common],
     )
-    p.add_argument("--config", metavar="FILE", help="TOML file overlaid on config/default.toml")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides logging.level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the WebSocket/HTTP server (and optionally the MQTT bridge)")
+    s = sub.add_parser("serve", parents=[common], help="run the WebSocket/HTTP server (and the MQTT bridge)")
     s.add_argument("--host", help="interface to listen on (server.host)")
     s.add_argument("--port", type=int, help="TCP port, 0 = any free port (server.port, default 8765)")
     s.add_argument("--model", metavar="DIR|embedded", help="Qwen-Audio-Chat checkpoint directory, or 'embedded'")
     s.add_argument("--mqtt", metavar="mqtt://HOST:PORT", help="also bridge MQTT devices through this broker")
 
-    a = sub.add_parser("ask", help="answer one spoken (or typed) question offline and exit")
+    a = sub.add_parser("ask", parents=[common], help="answer one spoken (or typed) question offline and exit")
     a.add_argument("--audio", metavar="FILE", help="audio file (WAV/FLAC/OGG/MP3..., any rate/channels)")
     a.add_argument("--text", metavar="TEXT", help="text of the question (with --audio: the instruction after it)")
     a.add_argument("--model", metavar="DIR|embedded", help="Qwen-Audio-Chat checkpoint directory (default: embedded)")
@@ -54,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens")
     a.add_argument("--json", action="store_true", help="print one JSON object (prompt/output token ids, text)")
 
-    pr = sub.add_parser("prepare", help="verify and convert the embedded model weights into the cache (once)")
+    pr = sub.add_parser(
+        "prepare", parents=[common], help="verify and convert the embedded model weights into the cache (once)"
+    )
     pr.add_argument("--force", action="store_true", help="convert again even if the cache is complete")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides: dict[str, object] = {"logging.level": args.log_level}
+    overrides: dict[str, object] = {"logging.level": getattr(args, "log_level", None)}
     if args.command == "serve":
         overrides.update({"server.host": args.host, "server.port": args.port, "mqtt.url": args.mqtt})
         overrides.update(_model_overrides(args.model))
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.greedy:
             overrides["generation.greedy"] = True
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(getattr(args, "config", None), overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from assistant.audio.vad import TurnDetection
 from assistant.schema import SettingError, bounds, coerce_type
@@ -166,7 +167,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = tomllib.loads(Path(f).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {f} does not exist; pass an existing TOML file to --config") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: an integer of thousands of digits
             raise ConfigError(f"config file {f} is not valid TOML: {e}") from None
         cfg = _merge(cfg, data, where=str(f))
     if overrides:
@@ -175,8 +176,37 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_mqtt_url(url: str, cfg_tls: bool = False) -> BrokerAddress:
+    """`mqtt://[user:pass@]host[:1883]` or `mqtts://host[:8883]` (TLS also when `mqtt.tls` is true)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"config key 'mqtt.url': expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {url!r}")
+    tls = parts.scheme == "mqtts" or cfg_tls
+    return BrokerAddress(
+        host=parts.hostname,
+        port=parts.port or (8883 if tls else 1883),
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
 def _check(cfg: Config) -> None:
     if cfg.model.backend == "qwen-audio" and not cfg.model.path:
         raise ConfigError("config key 'model.path': the qwen-audio backend needs a checkpoint directory, got ''")
+    if cfg.mqtt.url:
+        try:
+            parse_mqtt_url(cfg.mqtt.url, cfg.mqtt.tls)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("config keys 'server.tls_cert' and 'server.tls_key' must be set together (or both empty)")

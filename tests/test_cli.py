@@ -1,5 +1,7 @@
 """The command line lists its subcommands and rejects bad configuration with exit code 2."""
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -35,3 +37,39 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path):
     r = run("--config", str(f), "ask", "--text", "hi")
     assert r.returncode == 2
     assert "'model.device' is 'cuda'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_is_accepted_before_and_after_the_command(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[server]\nport = 99999\n")
+    for argv in (["--config", str(f), "serve"], ["serve", "--config", str(f)]):
+        r = run(*argv)
+        assert r.returncode == 2 and "server.port" in r.stderr, (argv, r.stderr)  # the file was read either way
+
+
+def test_a_bad_mqtt_url_fails_at_start_naming_the_key():
+    r = run("serve", "--port", "0", "--mqtt", "tcp://broker:1883")
+    assert r.returncode == 2 and "mqtt.url" in r.stderr and "mqtt://HOST" in r.stderr
+
+
+def test_sigterm_while_the_model_loads_exits_cleanly_and_says_why(tmp_path):
+    """The checkpoint's config.json is a FIFO nobody writes: the load blocks in the worker until the signal."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    os.mkfifo(ckpt / "config.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "assistant", "serve", "--port", "0", "--model", str(ckpt)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("Loading the"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped (signal) while loading the model" in err and "Traceback" not in err

@@ -44,6 +44,10 @@ def test_overlay_file_and_overrides(tmp_path):
         ("[generation]\ngreedy = 1\n", "'generation.greedy': expected bool"),
         ('[model]\nbackend = "qwen-audio"\n', "needs a checkpoint directory"),
         ("[server\n", "not valid TOML"),
+        ("[generation]\ntemperature = nan\n", "'generation.temperature': expected a finite number, got nan"),
+        ("[vad]\nthreshold = inf\n", "'vad.threshold': expected a finite number, got inf"),
+        ("[vad]\nsilence_duration_ms = " + "9" * 5000 + "\n", "is not valid TOML"),
+        ('[mqtt]\nurl = "broker:1883"\n', "'mqtt.url': expected mqtt://HOST[:PORT]"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, fragment):

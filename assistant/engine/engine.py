@@ -77,7 +77,8 @@ class Engine:
         if not self._started:
             self._worker.thread.start()
             self._started = True
-        await asyncio.wrap_future(self._worker.loaded)
+        # shielded: a caller that gives up waiting (a signal during the load) must not cancel the worker's future
+        await asyncio.shield(asyncio.wrap_future(self._worker.loaded))
 
     async def stop(self) -> None:
         """Cancel everything outstanding (each stream still gets its ResponseDone) and join the worker."""
@@ -89,7 +90,8 @@ class Engine:
     @property
     def ready(self) -> bool:
         loaded = self._worker.loaded
-        return self._started and loaded.done() and loaded.exception() is None and self._worker.thread.is_alive()
+        done_ok = loaded.done() and not loaded.cancelled() and loaded.exception() is None
+        return self._started and done_ok and self._worker.thread.is_alive()
 
     @property
     def backend(self) -> Backend:

@@ -8,6 +8,7 @@ WHICH events to send; this module only knows what they look like.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import TYPE_CHECKING, Any
 
 from assistant.engine.api import new_id
@@ -16,6 +17,12 @@ from assistant.realtime.protocol import ERROR_CODES, OPENAI_RATE_HZ, Dialect, Pr
 if TYPE_CHECKING:
     from assistant.engine.api import ResponseDone
     from assistant.realtime.settings import SessionSettings
+
+
+def encode_event(event: dict[str, Any]) -> str:
+    """A server event as JSON text: never NaN or Infinity (`ValueError` instead: a bug, never sent)."""
+    return json.dumps(event, allow_nan=False, ensure_ascii=False)
+
 
 _OPENAI_REASONS = {"turn_detected", "client_cancelled", "max_output_tokens", "content_filter"}
 

@@ -29,13 +29,12 @@ from collections import Counter as CountBy
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 from prometheus_client import Counter, Gauge
 
 from assistant.audio import MODEL_RATE_HZ
-from assistant.config import Config
+from assistant.config import Config, parse_mqtt_url
 from assistant.transport.connection import Connection
 from assistant.transport.hub import SessionHub, SessionLimitReached
 
@@ -53,30 +52,6 @@ MAX_QUEUED_INCOMING = 10000
 CONNECTED = Gauge("assistant_mqtt_connected", "1 while the MQTT bridge is connected to its broker")
 RECONNECTS = Counter("assistant_mqtt_reconnects_total", "Broker connections lost and re-established")
 DROPPED_EVENTS = Counter("assistant_mqtt_dropped_events_total", "Server events dropped because the outbox was full")
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-
-def parse_mqtt_url(url: str, cfg_tls: bool = False) -> BrokerAddress:
-    """`mqtt://[user:pass@]host[:1883]` or `mqtts://host[:8883]` (TLS also when `mqtt.tls` is true)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ValueError(f"config key 'mqtt.url': expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {url!r}")
-    tls = parts.scheme == "mqtts" or cfg_tls
-    return BrokerAddress(
-        host=parts.hostname,
-        port=parts.port or (8883 if tls else 1883),
-        tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -69,9 +71,20 @@ async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -
             await engine.stop()
 
 
+_STOPPED_WHILE_LOADING = -1
+
+
 def serve(cfg: Config) -> int:
     """Run until SIGINT/SIGTERM; 0 on a clean stop, 1 if the model failed to load."""
-    return asyncio.run(_serve_main(cfg))
+    status = asyncio.run(_serve_main(cfg))
+    if status == _STOPPED_WHILE_LOADING:
+        # The weights are still being read on the engine's (daemon) worker thread, inside native code that cannot be
+        # interrupted; letting interpreter shutdown tear that thread down ended in abort (exit 134). The sockets are
+        # closed and nothing else is left to clean up, so leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
+    return status
 
 
 async def _serve_main(cfg: Config) -> int:
@@ -97,9 +110,9 @@ async def _serve_main(cfg: Config) -> int:
         await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if not load.done():
-            log.info("stopped while loading the model")
+            log.warning("stopped (signal) while loading the model; exiting without waiting for the load to finish")
             load.cancel()
-            return 0  # the worker is a daemon thread: it does not hold up the exit
+            return _STOPPED_WHILE_LOADING
         try:
             load.result()
         except Exception as e:

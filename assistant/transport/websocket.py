@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import ssl
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from assistant.config import Config
+from assistant.realtime.events import encode_event
 from assistant.transport.connection import Connection
 from assistant.transport.http import HttpConnection, http_response, static_file
 from assistant.transport.hub import SessionHub, SessionLimitReached
@@ -178,7 +178,7 @@ class AssistantServer:
         try:
             conn = self.hub.open("websocket", send, close, dialect)
         except SessionLimitReached as e:
-            await ws.send(json.dumps(self.hub.busy_error(dialect, str(e))))
+            await ws.send(encode_event(self.hub.busy_error(dialect, str(e))))
             await ws.close(CLOSE_BUSY, "server busy: too many sessions")
             return
         self._connections.add(stop)
@@ -221,13 +221,13 @@ class AssistantServer:
 
     async def _drain(self, ws: ServerConnection, queue: asyncio.Queue[dict[str, Any]]) -> None:
         while not queue.empty():
-            await ws.send(json.dumps(queue.get_nowait()))
+            await ws.send(encode_event(queue.get_nowait()))
 
     async def _send_loop(self, ws: ServerConnection, queue: asyncio.Queue[dict[str, Any]]) -> None:
         with contextlib.suppress(ConnectionClosed):
             while True:
                 event = await queue.get()
-                await ws.send(json.dumps(event))
+                await ws.send(encode_event(event))
 
     async def _recv_loop(self, ws: ServerConnection, conn: Connection) -> None:
         limit = self.cfg.server.max_message_bytes
