@@ -42,6 +42,7 @@ class ServerConfig:
     shutdown_grace_s: float = field(default=5.0, metadata=bounds(0, None))
     metrics_public: bool = False
     max_turn_audio_ms: int = field(default=30000, metadata=bounds(1000, 30000))
+    max_queued_turns: int = field(default=16, metadata=bounds(1, 1024))
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class SessionHub:
         self.connections: dict[str, Connection] = {}
         self.closing = False
         s = cfg.server
-        self.limits = SessionLimits(max_message_bytes=s.max_message_bytes, max_buffer_ms=s.max_turn_audio_ms)
+        self.limits = SessionLimits(s.max_message_bytes, s.max_queued_turns, s.max_turn_audio_ms)
         self.transports = transport_limits(cfg)
         self._sweeper: asyncio.Task[None] | None = None
 
