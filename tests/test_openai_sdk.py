@@ -236,7 +236,8 @@ async def test_typed_user_message_and_metrics(server):
         done = await events_until(conn, "ga", "response.done", log)
         assert done["response"]["status"] in ("completed", "incomplete")
     conn_http = http.client.HTTPConnection(server.host, server.port, timeout=TIMEOUT_S)
-    await asyncio.to_thread(conn_http.request, "GET", "/metrics")
+    # /metrics needs the token, like the realtime endpoint (server.metrics_public is off)
+    await asyncio.to_thread(conn_http.request, "GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
     body = (await asyncio.to_thread(conn_http.getresponse)).read().decode()
     count = [ln for ln in body.splitlines() if ln.startswith("assistant_server_commit_to_first_text_seconds_count")]
     assert count and float(count[0].split()[-1]) >= 1
