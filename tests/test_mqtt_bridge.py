@@ -21,7 +21,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from assistant.transport.mqtt import Outbox, Topics, parse_mqtt_url, run_mqtt_bridge
+from assistant.transport.mqtt import Outbox, Topics, dump_event, parse_mqtt_url, run_mqtt_bridge
 from assistant.transport.server import running_server
 from clients import mqtt as device_client
 from tests.conftest import CLIENT_TIMEOUT_S
@@ -52,6 +52,12 @@ def test_parse_mqtt_url_and_tls() -> None:
         parse_mqtt_url("tcp://broker")
 
 
+def test_published_json_is_strict() -> None:
+    payload = dump_event({"type": "x", "timings_ms": {"total": float("nan"), "queue": float("inf"), "ok": 1.5}})
+    event = json.loads(payload, parse_constant=_not_json)
+    assert event == {"type": "x", "timings_ms": {"total": None, "queue": None, "ok": 1.5}}
+
+
 async def test_outbox_drops_oldest_and_counts_per_device() -> None:
     box = Outbox(capacity=2)
     box.put("a", b"1")
@@ -75,12 +81,16 @@ async def bridge(cfg, backend):
     """The real server core plus the bridge, wired exactly as `serve()` does."""
     async with running_server(cfg, backend=backend) as server:
         stop = asyncio.Event()
-        task = asyncio.create_task(run_mqtt_bridge(cfg, server.hub, stop))
+        task = asyncio.create_task(run_mqtt_bridge(cfg, server.hub, stop, server.app.health_checks))
         try:
             yield server
         finally:
             stop.set()
             await asyncio.wait_for(task, CLIENT_TIMEOUT_S)
+
+
+def _not_json(name: str) -> None:
+    raise AssertionError(f"the bridge published {name}, which is not JSON (allow_nan=False)")
 
 
 class Watcher:
@@ -114,7 +124,7 @@ class Watcher:
             if topic.endswith("/bridge/status"):
                 self.status.append(bytes(message.payload).decode())
             else:
-                self.events[topic.split("/")[1]].append(json.loads(message.payload))
+                self.events[topic.split("/")[1]].append(json.loads(message.payload, parse_constant=_not_json))
             self._changed.set()
 
     async def wait_for(self, predicate, what: str) -> None:

@@ -40,6 +40,7 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
     "response_failed": ("server_error", "the model failed while answering; the session goes on"),
     "turn_failed": ("server_error", "the model failed to process the user's audio; the session goes on"),
     "turn_too_long": ("invalid_request_error", "a user turn over `engine.max_turn_tokens`; it was not answered"),
+    "turn_interrupted": ("server_error", "MQTT: the connection was lost mid-turn; that turn was dropped, speak again"),
     "input_audio_buffer_truncated": (
         "invalid_request_error",
         "a push-to-talk turn over `server.max_turn_audio_ms`: only its newest audio was kept",
@@ -224,7 +225,10 @@ def _parse_item_create(obj: dict[str, Any], eid: str | None) -> TextMessage:
         raise ProtocolError("invalid_event", "conversation.item.create needs an object 'item'", "item", eid)
     if item.get("type") != "message" or item.get("role") != "user":
         raise ProtocolError("unsupported_event", "only user messages can be created", "item", eid)
-    texts = [c.get("text") for c in item.get("content") or [] if isinstance(c, dict) and c.get("type") == "input_text"]
+    content = item.get("content") or []
+    if not isinstance(content, list):
+        raise ProtocolError("invalid_event", "item.content must be a list of content parts", "item.content", eid)
+    texts = [c.get("text") for c in content if isinstance(c, dict) and c.get("type") == "input_text"]
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ProtocolError("unsupported_event", "only input_text content can be created", "item.content", eid)
     return TextMessage(eid, "\n".join(texts))
