@@ -425,9 +425,10 @@ class MqttBridge:
         RECONNECTS.inc()
         outage_s = time.monotonic() - self._lost_at_s
         log.warning(
-            "MQTT broker %s back after %.1f s; resuming %d device session(s) %s; %d queued event(s) to deliver",
-            where,
+            "MQTT bridge back after %.1f s (connected to %s); resuming %d device session(s) %s; %d queued event(s) to "
+            "deliver",
             outage_s,
+            where,
             len(self.devices),
             sorted(self.devices) or "",
             len(self.outbox),
@@ -466,8 +467,8 @@ class MqttBridge:
         """Say what the outage cost: audio never received, cut utterances, events dropped from the outbox."""
         if self.devices:
             log.warning(
-                "lost: any audio and control events devices published during the %.1f s outage (the broker was "
-                "unreachable; devices must send them again)",
+                "lost: any audio and control events devices published during the %.1f s outage (the bridge was "
+                "not connected to the broker; devices must send them again)",
                 outage_s,
             )
         for device_id, (mid_turn, _) in sorted(self._snapshot.items()):
