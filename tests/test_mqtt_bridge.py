@@ -151,6 +151,18 @@ async def ask_by_device(broker_url: str, device: str, wav, *extra: str) -> int:
     return await asyncio.wait_for(device_client.run(args), CLIENT_TIMEOUT_S)
 
 
+async def restart_broker(mosquitto, caplog) -> None:
+    """Kill the broker, wait until the bridge logs it unavailable (caplog at INFO for assistant.mqtt), restart it."""
+    await asyncio.to_thread(mosquitto.stop)
+
+    async def lost() -> None:
+        while "unavailable" not in caplog.text:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(lost(), CLIENT_TIMEOUT_S)
+    await asyncio.to_thread(mosquitto.start)
+
+
 def _answered(events: list[dict[str, Any]], n: int = 1) -> bool:
     return sum(e["type"] == "response.done" for e in events) >= n
 
@@ -191,14 +203,7 @@ async def test_broker_restart_mid_session_resumes_the_session(
             assert await ask_by_device(mosquitto.url, "hall", question_wav) == 0
             await w.wait_for(lambda: _answered(w.events["hall"]), "the first answer")
             session_id = w.events["hall"][0]["session"]["id"]
-            await asyncio.to_thread(mosquitto.stop)
-
-        async def lost() -> None:
-            while "unavailable" not in caplog.text:
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(lost(), CLIENT_TIMEOUT_S)
-        await asyncio.to_thread(mosquitto.start)
+        await restart_broker(mosquitto, caplog)
         async with Watcher(mosquitto.url) as w2:
             await w2.wait_for(lambda: "online" in w2.status, "'online' again after the broker restart")
             assert await ask_by_device(mosquitto.url, "hall", question_wav) == 0

@@ -25,7 +25,7 @@ from assistant.transport.connection import Connection
 from assistant.transport.mqtt import MqttBridge, Refusals
 from tests.conftest import CLIENT_TIMEOUT_S
 from tests.server_util import chunks, silence, vowel
-from tests.test_mqtt_bridge import PREFIX, Watcher, _answered, _cfg, bridge
+from tests.test_mqtt_bridge import PREFIX, Watcher, _answered, _cfg, bridge, restart_broker
 
 HELLO = json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}})
 
@@ -76,6 +76,23 @@ def assert_responses_paired(w: Watcher, device: str, finished: bool = True) -> N
     assert set(done) <= set(created), f"{device}: response.done without response.created"
     if finished:
         assert sorted(done) == sorted(created), f"{device}: created {created}, done {done}"
+
+
+def gate_reconnects(monkeypatch) -> tuple[list[Any], asyncio.Event]:
+    """The bridge's second and later broker connections wait for the returned event before going online (subscribe,
+    'online'); the list records every connection attempt that got that far."""
+    on_connected = MqttBridge._on_connected
+    connections: list[Any] = []
+    gate = asyncio.Event()
+
+    async def gated(self: MqttBridge, client: Any) -> None:
+        connections.append(client)
+        if len(connections) > 1:
+            await gate.wait()
+        await on_connected(self, client)
+
+    monkeypatch.setattr(MqttBridge, "_on_connected", gated)
+    return connections, gate
 
 
 # ---- item 1: malformed messages, crashes ---------------------------------------------------------------------------
@@ -142,18 +159,8 @@ async def test_crashed_bridge_restarts_offline_meanwhile_and_healthz_says_so(
             raise RuntimeError("simulated bridge bug")
         return await device(self, device_id)
 
-    on_connected = MqttBridge._on_connected
-    connections = []
-    reconnect = asyncio.Event()  # the restarted bridge connects only when the test has seen it down
-
-    async def gated(self: MqttBridge, client: Any) -> None:
-        connections.append(client)
-        if len(connections) > 1:
-            await reconnect.wait()
-        await on_connected(self, client)
-
     monkeypatch.setattr(MqttBridge, "_device", crash_once)
-    monkeypatch.setattr(MqttBridge, "_on_connected", gated)
+    connections, reconnect = gate_reconnects(monkeypatch)  # the restarted bridge waits until the test saw it down
     cfg = _cfg(tiny_qwen_dir, mosquitto.url)
     async with bridge(cfg, server_tiny_backend) as server, Watcher(mosquitto.url) as w:
         await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
@@ -272,17 +279,7 @@ async def test_broker_killed_mid_utterance_drops_the_turn_and_tells_the_device(
     mosquitto, tiny_qwen_dir, server_tiny_backend, monkeypatch, caplog
 ) -> None:
     caplog.set_level(logging.INFO, logger="assistant.mqtt")
-    on_connected = MqttBridge._on_connected
-    watching = asyncio.Event()  # after the restart the bridge reconnects once the new watcher is subscribed
-    calls = []
-
-    async def gated(self: MqttBridge, client: Any) -> None:
-        calls.append(client)
-        if len(calls) > 1:
-            await watching.wait()
-        await on_connected(self, client)
-
-    monkeypatch.setattr(MqttBridge, "_on_connected", gated)
+    _, watching = gate_reconnects(monkeypatch)  # after the restart: once the new watcher is subscribed
     cfg = _cfg(tiny_qwen_dir, mosquitto.url)
     async with bridge(cfg, server_tiny_backend) as server:
         async with Watcher(mosquitto.url) as w:
@@ -291,14 +288,7 @@ async def test_broker_killed_mid_utterance_drops_the_turn_and_tells_the_device(
             for chunk in chunks(silence(300)) + chunks(vowel(800)):
                 await publish(w, "hall", "audio", chunk)
             await w.wait_for(lambda: "input_audio_buffer.speech_started" in w.types("hall"), "speech_started")
-            await asyncio.to_thread(mosquitto.stop)  # mid-utterance: no speech_stopped ever came
-
-        async def lost() -> None:
-            while "unavailable" not in caplog.text:
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(lost(), CLIENT_TIMEOUT_S)
-        await asyncio.to_thread(mosquitto.start)
+        await restart_broker(mosquitto, caplog)  # mid-utterance: no speech_stopped ever came
         async with Watcher(mosquitto.url) as w2:
             watching.set()
             await w2.wait_for(lambda: "error" in w2.types("hall"), "the device told its turn was dropped")

@@ -461,7 +461,10 @@ class MqttBridge:
         for device in list(self.devices.values()):
             if device.mid_turn and not device.conn.closed:
                 INTERRUPTED_TURNS.inc()
-                self.outbox.put(device.device_id, dump_event(device.drop_open_turn()))
+                try:
+                    self.outbox.put(device.device_id, dump_event(device.drop_open_turn()))
+                except Exception:  # one device's session must not stop the others' (nor 'offline' after a crash)
+                    log.exception("device %s: could not drop its interrupted turn", device.device_id)
 
     def _report_losses(self, outage_s: float) -> None:
         """Say what the outage cost: audio never received, cut utterances, events dropped from the outbox."""
@@ -558,8 +561,8 @@ class MqttBridge:
             device_id, payload = item
             try:
                 await client.publish(self.topics.events(device_id), payload, qos=EVENTS_QOS)
-            except BaseException:  # MqttError or cancellation mid-publish: deliver it after reconnecting
-                self.outbox.requeue_front(item)
+            except (aiomqtt.MqttError, asyncio.CancelledError):  # lost or stopped mid-publish: deliver it later
+                self.outbox.requeue_front(item)  # (anything else is not requeued: it would crash the restart again)
                 raise
 
     # ---- housekeeping ----------------------------------------------------------------------------------------
