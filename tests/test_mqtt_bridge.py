@@ -21,7 +21,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from assistant.transport.mqtt import Outbox, Topics, parse_mqtt_url, run_mqtt_bridge
+from assistant.config import parse_mqtt_url
+from assistant.realtime.events import encode_event
+from assistant.transport.mqtt import Outbox, Topics, run_mqtt_bridge
 from assistant.transport.server import running_server
 from clients import mqtt as device_client
 from tests.conftest import CLIENT_TIMEOUT_S
@@ -52,6 +54,12 @@ def test_parse_mqtt_url_and_tls() -> None:
         parse_mqtt_url("tcp://broker")
 
 
+def test_published_json_is_strict() -> None:
+    payload = encode_event({"type": "x", "timings_ms": {"total": float("nan"), "queue": float("inf"), "ok": 1.5}})
+    event = json.loads(payload, parse_constant=_not_json)
+    assert event == {"type": "x", "timings_ms": {"total": None, "queue": None, "ok": 1.5}}
+
+
 async def test_outbox_drops_oldest_and_counts_per_device() -> None:
     box = Outbox(capacity=2)
     box.put("a", b"1")
@@ -75,12 +83,16 @@ async def bridge(cfg, backend):
     """The real server core plus the bridge, wired exactly as `serve()` does."""
     async with running_server(cfg, backend=backend) as server:
         stop = asyncio.Event()
-        task = asyncio.create_task(run_mqtt_bridge(cfg, server.hub, stop))
+        task = asyncio.create_task(run_mqtt_bridge(cfg, server.hub, stop, server.app.health_checks))
         try:
             yield server
         finally:
             stop.set()
             await asyncio.wait_for(task, CLIENT_TIMEOUT_S)
+
+
+def _not_json(name: str) -> None:
+    raise AssertionError(f"the bridge published {name}, which is not JSON (allow_nan=False)")
 
 
 class Watcher:
@@ -114,7 +126,7 @@ class Watcher:
             if topic.endswith("/bridge/status"):
                 self.status.append(bytes(message.payload).decode())
             else:
-                self.events[topic.split("/")[1]].append(json.loads(message.payload))
+                self.events[topic.split("/")[1]].append(json.loads(message.payload, parse_constant=_not_json))
             self._changed.set()
 
     async def wait_for(self, predicate, what: str) -> None:
@@ -139,6 +151,18 @@ async def ask_by_device(broker_url: str, device: str, wav, *extra: str) -> int:
         + ["--wait-s", str(CLIENT_TIMEOUT_S), "--max-retries", "20", "--reconnect-max-s", "0.5", *extra]
     )
     return await asyncio.wait_for(device_client.run(args), CLIENT_TIMEOUT_S)
+
+
+async def restart_broker(mosquitto, caplog) -> None:
+    """Kill the broker, wait until the bridge logs it unavailable (caplog at INFO for assistant.mqtt), restart it."""
+    await asyncio.to_thread(mosquitto.stop)
+
+    async def lost() -> None:
+        while "unavailable" not in caplog.text:
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(lost(), CLIENT_TIMEOUT_S)
+    await asyncio.to_thread(mosquitto.start)
 
 
 def _answered(events: list[dict[str, Any]], n: int = 1) -> bool:
@@ -181,14 +205,7 @@ async def test_broker_restart_mid_session_resumes_the_session(
             assert await ask_by_device(mosquitto.url, "hall", question_wav) == 0
             await w.wait_for(lambda: _answered(w.events["hall"]), "the first answer")
             session_id = w.events["hall"][0]["session"]["id"]
-            await asyncio.to_thread(mosquitto.stop)
-
-        async def lost() -> None:
-            while "unavailable" not in caplog.text:
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(lost(), CLIENT_TIMEOUT_S)
-        await asyncio.to_thread(mosquitto.start)
+        await restart_broker(mosquitto, caplog)
         async with Watcher(mosquitto.url) as w2:
             await w2.wait_for(lambda: "online" in w2.status, "'online' again after the broker restart")
             assert await ask_by_device(mosquitto.url, "hall", question_wav) == 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 from assistant.engine.api import new_id
@@ -20,9 +22,26 @@ if TYPE_CHECKING:
 
 
 def encode_event(event: dict[str, Any]) -> str:
-    """A server event as JSON text: never NaN or Infinity (`ValueError` instead: a bug, never sent)."""
-    return json.dumps(event, allow_nan=False, ensure_ascii=False)
+    """A server event as strict JSON text: JSON has no NaN or Infinity, so a non-finite number (a bug: settings
+    refuse them) is sent as null and logged, never as a bare `NaN` a client's parser would choke on."""
+    try:
+        return json.dumps(event, allow_nan=False, ensure_ascii=False)
+    except ValueError:
+        log.error("event %s carried a NaN or infinite number; sent as null", event.get("type"))
+        return json.dumps(_finite(event), allow_nan=False, ensure_ascii=False)
 
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+log = logging.getLogger("assistant.session")
 
 _OPENAI_REASONS = {"turn_detected", "client_cancelled", "max_output_tokens", "content_filter"}
 

@@ -41,6 +41,7 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
     "response_failed": ("server_error", "the model failed while answering; the session goes on"),
     "turn_failed": ("server_error", "the model failed to process the user's audio; the session goes on"),
     "turn_too_long": ("invalid_request_error", "a user turn over `engine.max_turn_tokens`; it was not answered"),
+    "turn_interrupted": ("server_error", "MQTT: the connection was lost mid-turn; that turn was dropped, speak again"),
     "input_audio_buffer_truncated": (
         "invalid_request_error",
         "a push-to-talk turn over `server.max_turn_audio_ms`: only its newest audio was kept",

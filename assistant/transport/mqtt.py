@@ -14,19 +14,38 @@ WebSocket); the hub owns the device sessions (capacity, idle timeout, shutdown).
 the broker connection (username/password/TLS from `cfg.mqtt`), reconnecting with exponential backoff, keeping
 device sessions alive across broker outages (conversations resume) and saying in the log what an outage lost, and
 the outgoing event queue. A device's session is a realtime session at the model's rate (`MODEL_RATE_HZ`).
+
+Failure behaviour (nothing a device or the broker does takes the bridge down or loses a turn silently):
+- Each device message is handled on its own: a malformed control message gets that device an `error` event and
+  nothing else; a message over `server.max_message_bytes` (audio or control) is dropped with `message_too_large`.
+  An unexpected exception while handling one message is logged and answered with `invalid_event`; other devices
+  never notice.
+- A refused device id (over `mqtt.max_devices`) gets one `server_busy` per `BUSY_REPLY_INTERVAL_S`; the log has one
+  warning per interval counting the refused ids and messages.
+- Broker connection lost, or the bridge itself restarting: device sessions are kept and their events queued. A device
+  that was in the middle of a turn (server VAD heard speech start, or push-to-talk audio not yet committed) has that
+  turn DROPPED, not committed: its session gets `input_audio_buffer.clear` (-> `input_audio_buffer.cleared`) followed
+  by an `error` with code `turn_interrupted`, both delivered once the bridge is connected again. The device speaks
+  again; a fragment is never answered as if it were the question.
+- Any unexpected exception in the bridge's loops: `run_mqtt_bridge` (the supervisor) logs it with the traceback,
+  publishes `offline` (retained) while it is down, reports it through the `mqtt` health check (`/healthz` 503), and
+  restarts the bridge with exponential backoff (up to `mqtt.reconnect_max_s`); device sessions survive the restart.
+  The health check also fails while the broker is unreachable.
+- Everything published is strict JSON (`allow_nan=False`; a non-finite number would be sent as null and logged).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import math
 import ssl
 import time
 import uuid
 from collections import Counter as CountBy
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +54,8 @@ from prometheus_client import Counter, Gauge
 
 from assistant.audio import MODEL_RATE_HZ
 from assistant.config import Config, parse_mqtt_url
+from assistant.realtime.events import encode_event
+from assistant.realtime.protocol import ProtocolError
 from assistant.transport.connection import Connection
 from assistant.transport.hub import SessionHub, SessionLimitReached
 
@@ -45,13 +66,18 @@ CONTROL_QOS = 1  # client events must arrive
 EVENTS_QOS = 1  # server events must arrive (at least once)
 MQTT_OP_TIMEOUT_S = 10.0  # one subscribe/publish round trip to the broker
 BUSY_REPLY_INTERVAL_S = 5.0  # a refused device gets one server_busy error per interval, not one per audio chunk
+REFUSAL_LOG_INTERVAL_S = 60.0  # refused device ids: one summary warning per interval
 # Device messages waiting for the receive loop (~3 min of one device's 20 ms audio chunks). When full, aiomqtt
 # discards the NEWEST message and logs "Message queue is full" under assistant.mqtt.client.
 MAX_QUEUED_INCOMING = 10000
 
 CONNECTED = Gauge("assistant_mqtt_connected", "1 while the MQTT bridge is connected to its broker")
 RECONNECTS = Counter("assistant_mqtt_reconnects_total", "Broker connections lost and re-established")
+RESTARTS = Counter("assistant_mqtt_restarts_total", "Bridge restarts after an unexpected error in its loops")
 DROPPED_EVENTS = Counter("assistant_mqtt_dropped_events_total", "Server events dropped because the outbox was full")
+INTERRUPTED_TURNS = Counter(
+    "assistant_mqtt_interrupted_turns_total", "Device turns dropped because the broker connection was lost mid-turn"
+)
 
 
 @dataclass(frozen=True)
@@ -116,7 +142,64 @@ class Outbox:
         return len(self._items)
 
 
-_TURN_ENDS = ("input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "input_audio_buffer.cleared")
+class Refusals:
+    """Device ids refused for capacity: whom to send `server_busy` now, and the rate-limited log.
+
+    A refused device gets one `server_busy` per `reply_interval_s` (not one per audio chunk). The log gets one
+    warning per `log_interval_s` counting the ids and messages refused since the previous warning (the first refusal
+    is logged at once). Memory is bounded by the ids seen within one interval."""
+
+    def __init__(self, reply_interval_s: float, log_interval_s: float) -> None:
+        self.reply_interval_s = reply_interval_s
+        self.log_interval_s = log_interval_s
+        self._replied_at_s: dict[str, float] = {}
+        self._logged_at_s = -math.inf
+        self._since_s: float | None = None  # the first refusal not yet logged
+        self._ids: set[str] = set()
+        self._messages = 0
+
+    def refuse(self, device_id: str, reason: str, now_s: float) -> bool:
+        """Count one refused message; True when this device should get a `server_busy` reply now."""
+        self._ids.add(device_id)
+        self._messages += 1
+        if self._since_s is None:
+            self._since_s = now_s
+        if now_s - self._logged_at_s >= self.log_interval_s:
+            self._log(reason, now_s)
+        reply = now_s - self._replied_at_s.get(device_id, -math.inf) >= self.reply_interval_s
+        if reply:
+            self._replied_at_s[device_id] = now_s
+        return reply
+
+    def admitted(self, device_id: str) -> None:
+        self._replied_at_s.pop(device_id, None)
+
+    def _log(self, reason: str, now_s: float) -> None:
+        ids = sorted(self._ids)
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        window_s = now_s - (self._since_s if self._since_s is not None else now_s)
+        log.warning(
+            "refused %d device id(s) (%s), %d message(s) in %.0f s: %s; next summary in %.0f s at the earliest",
+            len(ids),
+            shown,
+            self._messages,
+            window_s,
+            reason,
+            self.log_interval_s,
+        )
+        self._logged_at_s = now_s
+        self._since_s = None
+        self._ids.clear()
+        self._messages = 0
+        stale = [d for d, t in self._replied_at_s.items() if now_s - t >= self.reply_interval_s]
+        for d in stale:
+            del self._replied_at_s[d]
+
+
+TURN_INTERRUPTED = (
+    "the connection to the assistant was lost while you were speaking (MQTT broker outage or bridge restart); "
+    "that turn was dropped, not answered: say it again"
+)
 
 
 @dataclass
@@ -126,8 +209,14 @@ class Device:
     device_id: str
     conn: Connection
     in_speech: bool = False  # VAD heard speech start, the turn is not committed yet
+    ptt_audio: bool = False  # push-to-talk audio received since the last commit/clear
     active_responses: int = 0
     messages_in: int = 0
+
+    @property
+    def mid_turn(self) -> bool:
+        """The device was in the middle of a turn: losing its audio now would cut the question."""
+        return self.in_speech or self.ptt_audio
 
     def observe(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -139,10 +228,30 @@ class Device:
             "input_audio_buffer.cleared",
         ):
             self.in_speech = False
+            if kind != "input_audio_buffer.speech_stopped":
+                self.ptt_audio = False
         elif kind == "response.created":
             self.active_responses += 1
         elif kind == "response.done":
             self.active_responses = max(0, self.active_responses - 1)
+
+    def receive(self, kind: str, payload: bytes, max_bytes: int) -> None:
+        """One MQTT message of this device into its session."""
+        self.messages_in += 1
+        if len(payload) > max_bytes:
+            self.conn.reject_oversized(len(payload))
+        elif kind == "audio":
+            self.conn.receive_audio(payload)
+            if self.conn.session.settings.turn_detection is None and payload:
+                self.ptt_audio = True
+        else:
+            self.conn.receive_text(payload)
+
+    def drop_open_turn(self) -> dict[str, Any]:
+        """`input_audio_buffer.clear` through the core; returns the `turn_interrupted` error event to send."""
+        self.conn.receive_event({"type": "input_audio_buffer.clear"})
+        self.in_speech = self.ptt_audio = False
+        return self.conn.session.events.error(ProtocolError("turn_interrupted", TURN_INTERRUPTED))
 
 
 class MqttBridge:
@@ -158,35 +267,85 @@ class MqttBridge:
         self.persistent = bool(cfg.mqtt.client_id)
         self.devices: dict[str, Device] = {}
         self.outbox = Outbox(cfg.server.send_queue_events * cfg.mqtt.max_devices)
-        self._refused_at_s: dict[str, float] = {}
+        self.refusals = Refusals(BUSY_REPLY_INTERVAL_S, REFUSAL_LOG_INTERVAL_S)
         self._ever_connected = False
         self._lost_at_s: float | None = None  # when the broker connection went away
-        self._snapshot: dict[str, tuple[bool, int]] = {}  # device -> (in_speech, active_responses) at that moment
+        self._snapshot: dict[str, tuple[bool, int]] = {}  # device -> (mid_turn, active_responses) at that moment
+        self._down: tuple[str, float] | None = ("not connected to the broker yet", time.monotonic())
 
-    # ---- connection loop -------------------------------------------------------------------------------------
-    async def run(self) -> None:
+    # ---- health ----------------------------------------------------------------------------------------------
+    def health(self) -> str | None:
+        """None while connected and serving; else what is wrong (the `mqtt` check of /healthz)."""
+        if self._down is None:
+            return None
+        what, since_s = self._down
+        return f"MQTT bridge down for {time.monotonic() - since_s:.0f} s: {what}"
+
+    def _set_down(self, what: str) -> None:
+        since_s = self._down[1] if self._down is not None else time.monotonic()
+        self._down = (what, since_s)
+
+    # ---- supervisor ------------------------------------------------------------------------------------------
+    async def supervise(self) -> None:
+        """Run the bridge until `stop_event`; an unexpected error restarts it (logged, exponential backoff)."""
         max_s = self.cfg.mqtt.reconnect_max_s
         delay_s = initial_s = min(0.5, max_s)
         try:
-            while not self.stop_event.is_set():
+            while True:
+                started_s = time.monotonic()
                 try:
-                    async with self._client() as client:
-                        await self._on_connected(client)
+                    await self.run()
+                    return
+                except Exception as e:
+                    RESTARTS.inc()
+                    if time.monotonic() - started_s > max_s:  # it ran fine for a while: a fresh backoff
                         delay_s = initial_s
-                        await self._serve(client)
-                        await client.publish(self.topics.status, b"offline", qos=1, retain=True)
-                        log.info("MQTT bridge stopped; published 'offline' on %s", self.topics.status)
-                        return
-                except aiomqtt.MqttError as e:
-                    CONNECTED.set(0)
-                    self._on_lost(e)
-                log.info("reconnecting to the MQTT broker in %.1f s", delay_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), timeout=delay_s)
+                    self._set_down(f"restarting after an unexpected error: {e!r}")
+                    log.exception("MQTT bridge crashed (%r); restarting it in %.1f s", e, delay_s)
+                if await self._stopped_within(delay_s):
+                    return
                 delay_s = min(max_s, delay_s * 2)
         finally:
             CONNECTED.set(0)
+            self._set_down("stopped")
             await self._close_all()
+
+    async def _stopped_within(self, delay_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), timeout=delay_s)
+        return self.stop_event.is_set()
+
+    # ---- connection loop -------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect, serve, reconnect with backoff until `stop_event`. Any error other than the broker's propagates
+        (to `supervise`) after 'offline' is published and open turns are dropped, as for a lost connection."""
+        max_s = self.cfg.mqtt.reconnect_max_s
+        delay_s = initial_s = min(0.5, max_s)
+        while not self.stop_event.is_set():
+            try:
+                async with self._client() as client:
+                    try:
+                        await self._on_connected(client)
+                        delay_s = initial_s
+                        await self._serve(client)
+                    except aiomqtt.MqttError:
+                        raise
+                    except Exception as e:
+                        CONNECTED.set(0)
+                        self._on_lost(e, crashed=True)
+                        with contextlib.suppress(aiomqtt.MqttError):
+                            await client.publish(self.topics.status, b"offline", qos=1, retain=True)
+                        raise
+                    await client.publish(self.topics.status, b"offline", qos=1, retain=True)
+                    log.info("MQTT bridge stopped; published 'offline' on %s", self.topics.status)
+                    return
+            except aiomqtt.MqttError as e:
+                CONNECTED.set(0)
+                self._on_lost(e)
+            log.info("reconnecting to the MQTT broker in %.1f s", delay_s)
+            if await self._stopped_within(delay_s):
+                return
+            delay_s = min(max_s, delay_s * 2)
 
     def _client(self) -> aiomqtt.Client:
         m = self.cfg.mqtt
@@ -211,6 +370,7 @@ class MqttBridge:
         await client.subscribe(self.topics.subscriptions)
         await client.publish(self.topics.status, b"online", qos=1, retain=True)
         CONNECTED.set(1)
+        self._down = None
         where = f"{self.broker.host}:{self.broker.port}"
         self._ever_connected = True
         if self._lost_at_s is None:
@@ -221,9 +381,10 @@ class MqttBridge:
         RECONNECTS.inc()
         outage_s = time.monotonic() - self._lost_at_s
         log.warning(
-            "MQTT broker %s back after %.1f s; resuming %d device session(s) %s; %d queued event(s) to deliver",
-            where,
+            "MQTT bridge back after %.1f s (connected to %s); resuming %d device session(s) %s; %d queued event(s) to "
+            "deliver",
             outage_s,
+            where,
             len(self.devices),
             sorted(self.devices) or "",
             len(self.outbox),
@@ -231,33 +392,51 @@ class MqttBridge:
         self._report_losses(outage_s)
         self._lost_at_s = None
 
-    def _on_lost(self, error: Exception) -> None:
-        if not self._ever_connected:
-            log.warning("cannot reach the MQTT broker %s:%d (%s)", self.broker.host, self.broker.port, error)
+    def _on_lost(self, error: Exception, crashed: bool = False) -> None:
+        where = f"{self.broker.host}:{self.broker.port}"
+        if not crashed:
+            self._set_down(f"cannot reach the MQTT broker {where}: {error}")
+        if not self._ever_connected and not crashed:
+            log.warning("cannot reach the MQTT broker %s (%s)", where, error)
             return
         if self._lost_at_s is None:
             self._lost_at_s = time.monotonic()
-            self._snapshot = {d.device_id: (d.in_speech, d.active_responses) for d in self.devices.values()}
-            log.warning(
-                "MQTT broker %s:%d unavailable (%s); device sessions are kept and events queued meanwhile",
-                self.broker.host,
-                self.broker.port,
-                error,
-            )
-        else:
+            self._snapshot = {d.device_id: (d.mid_turn, d.active_responses) for d in self.devices.values()}
+            self._drop_open_turns()
+            if not crashed:
+                log.warning(
+                    "MQTT broker %s unavailable (%s); device sessions are kept and events queued meanwhile",
+                    where,
+                    error,
+                )
+        elif not crashed:
             log.info("MQTT broker still unavailable: %s", error)
+
+    def _drop_open_turns(self) -> None:
+        """Devices cut off mid-turn: drop the turn (never answer a fragment) and queue `turn_interrupted` for them."""
+        for device in list(self.devices.values()):
+            if device.mid_turn and not device.conn.closed:
+                INTERRUPTED_TURNS.inc()
+                try:
+                    self.outbox.put(device.device_id, encode_event(device.drop_open_turn()).encode())
+                except Exception:  # one device's session must not stop the others' (nor 'offline' after a crash)
+                    log.exception("device %s: could not drop its interrupted turn", device.device_id)
 
     def _report_losses(self, outage_s: float) -> None:
         """Say what the outage cost: audio never received, cut utterances, events dropped from the outbox."""
         if self.devices:
             log.warning(
-                "lost: any audio and control events devices published during the %.1f s outage (the broker was "
-                "unreachable; devices must send them again)",
+                "lost: any audio and control events devices published during the %.1f s outage (the bridge was "
+                "not connected to the broker; devices must send them again)",
                 outage_s,
             )
-        for device_id, (in_speech, _) in sorted(self._snapshot.items()):
-            if in_speech:
-                log.warning("lost: device %s was speaking when the broker went away; that turn is cut", device_id)
+        for device_id, (mid_turn, _) in sorted(self._snapshot.items()):
+            if mid_turn:
+                log.warning(
+                    "lost: device %s was speaking when the connection went away; that turn was dropped "
+                    "(input_audio_buffer.cleared + error turn_interrupted sent)",
+                    device_id,
+                )
         for device_id, n in sorted(self.outbox.dropped.items()):
             log.warning("lost: %d server event(s) for device %s (outbox full while disconnected)", n, device_id)
         self.outbox.dropped.clear()
@@ -279,26 +458,28 @@ class MqttBridge:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
         for t in done:
-            t.result()  # MqttError -> reconnect
+            t.result()  # MqttError -> reconnect; anything else -> the supervisor restarts the bridge
         if tasks[2] not in done:
             raise aiomqtt.MqttError("the broker connection ended")
 
     # ---- device -> bridge ------------------------------------------------------------------------------------
     async def _receive(self, client: aiomqtt.Client) -> None:
+        max_bytes = self.cfg.server.max_message_bytes
         async for message in client.messages:
             route = self.topics.parse(message.topic.value)
             if route is None:
                 continue
             device_id, kind = route
-            payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+            payload = bytes(message.payload) if isinstance(message.payload, bytes | bytearray) else b""
             device = await self._device(device_id)
             if device is None:
                 continue
-            device.messages_in += 1
-            if kind == "audio":
-                device.conn.receive_audio(bytes(payload))
-            else:
-                device.conn.receive_text(bytes(payload))
+            try:
+                device.receive(kind, payload, max_bytes)
+            except Exception:  # a bug hit by one message: that device hears about it, the others never notice
+                log.exception("device %s: a %s message of %d bytes could not be handled", device_id, kind, len(payload))
+                err = ProtocolError("invalid_event", "this message could not be handled and was dropped")
+                self.outbox.put(device_id, encode_event(device.conn.session.events.error(err)).encode())
 
     async def _device(self, device_id: str) -> Device | None:
         device = self.devices.get(device_id)
@@ -310,7 +491,7 @@ class MqttBridge:
             d = self.devices.get(device_id)
             if d is not None:
                 d.observe(event)
-            outbox.put(device_id, json.dumps(event).encode())
+            outbox.put(device_id, encode_event(event).encode())
 
         async def close(code: int, reason: str) -> None:  # the hub ends the device's session (idle, shutdown)
             self.devices.pop(device_id, None)
@@ -319,13 +500,10 @@ class MqttBridge:
         try:
             conn = self.hub.open("mqtt", send, close, dialect="ga", input_rate_hz=MODEL_RATE_HZ)
         except SessionLimitReached as e:
-            now_s = time.monotonic()
-            if now_s - self._refused_at_s.get(device_id, -BUSY_REPLY_INTERVAL_S) >= BUSY_REPLY_INTERVAL_S:
-                self._refused_at_s[device_id] = now_s
-                log.warning("device %s refused: %s", device_id, e)
-                outbox.put(device_id, json.dumps(self.hub.busy_error("ga", str(e))).encode())
+            if self.refusals.refuse(device_id, str(e), time.monotonic()):
+                outbox.put(device_id, encode_event(self.hub.busy_error("ga", str(e))).encode())
             return None
-        self._refused_at_s.pop(device_id, None)
+        self.refusals.admitted(device_id)
         device = Device(device_id, conn)
         self.devices[device_id] = device
         await conn.start()
@@ -339,8 +517,8 @@ class MqttBridge:
             device_id, payload = item
             try:
                 await client.publish(self.topics.events(device_id), payload, qos=EVENTS_QOS)
-            except BaseException:  # MqttError or cancellation mid-publish: deliver it after reconnecting
-                self.outbox.requeue_front(item)
+            except (aiomqtt.MqttError, asyncio.CancelledError):  # lost or stopped mid-publish: deliver it later
+                self.outbox.requeue_front(item)  # (anything else is not requeued: it would crash the restart again)
                 raise
 
     # ---- housekeeping ----------------------------------------------------------------------------------------
@@ -349,11 +527,24 @@ class MqttBridge:
         await asyncio.gather(*(d.conn.close() for d in devices), return_exceptions=True)
 
 
-async def run_mqtt_bridge(cfg: Config, hub: SessionHub, stop_event: asyncio.Event) -> None:
-    """Run the bridge until `stop_event` is set (then publish 'offline' and close the device sessions)."""
+async def run_mqtt_bridge(
+    cfg: Config,
+    hub: SessionHub,
+    stop_event: asyncio.Event,
+    health_checks: dict[str, Callable[[], str | None]] | None = None,
+) -> None:
+    """Run (and supervise) the bridge until `stop_event` is set, then publish 'offline' and close the device sessions.
+
+    `health_checks` (the server's `/healthz` table) gets an `mqtt` entry: a problem while the bridge is not serving
+    (broker unreachable, restarting after an error, not started)."""
     try:
         bridge = MqttBridge(cfg, hub, stop_event)
     except ValueError as e:  # a bad mqtt.url: the server keeps serving WebSocket clients, the log says why
-        log.error("MQTT bridge not started: %s", e)
+        problem = f"MQTT bridge not started: {e}"
+        log.error("%s", problem)
+        if health_checks is not None:
+            health_checks["mqtt"] = lambda: problem
         return
-    await bridge.run()
+    if health_checks is not None:
+        health_checks["mqtt"] = bridge.health
+    await bridge.supervise()

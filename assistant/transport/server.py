@@ -123,7 +123,7 @@ async def _serve_main(cfg: Config) -> int:
         if cfg.mqtt.url:
             from assistant.transport.mqtt import run_mqtt_bridge
 
-            mqtt_task = asyncio.create_task(run_mqtt_bridge(cfg, hub, stop))
+            mqtt_task = asyncio.create_task(run_mqtt_bridge(cfg, hub, stop, app.health_checks))  # supervised; /healthz
         print(f"Ready: {base}/", flush=True)
         await stop.wait()
     finally:
