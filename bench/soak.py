@@ -85,8 +85,10 @@ class TurnWatch:
             self.open[ev["item_id"]] = time.monotonic()
         elif kind == "error":
             self.tally.errors[ev["error"]["code"]] += 1
-            if ev["error"]["code"] in ("turn_failed", "turn_too_long", "input_audio_turn_dropped") and self.open:
+            if ev["error"]["code"] in ("turn_failed", "turn_too_long") and self.open:
                 self._close_oldest(answered=False)
+            elif ev["error"]["code"] == "turn_interrupted":  # a device's uncommitted turn dropped by a broker loss
+                self.tally.told += 1
         elif kind == "response.done":
             status = ev["response"]["status"]
             if self.open:
