@@ -1,6 +1,7 @@
 """One result file per benchmark run: `bench/results/<name>-YYYYMMDD.json` (a second run the same day overwrites it).
 
-Every file holds what is needed to judge the numbers: when, which commit (and whether the tree was dirty), the machine
+Every file holds what is needed to judge the numbers: when, which commit (and any uncommitted change to bench/ or
+assistant/ when the run started), the machine
 (CPU model, cores, torch version and threads), the load (`os.getloadavg()` when the run started and when it ended),
 the parameters the script ran with and the numbers it measured.
 
@@ -48,6 +49,9 @@ class Record:
         self.params = dict(params)
         self.started = dt.datetime.now(dt.UTC)
         self.load_before = load_average()
+        self.commit = _git("rev-parse", "HEAD")
+        # only the code that runs counts (tests or README edited meanwhile do not change the numbers)
+        self.dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "bench", "assistant")
 
     def write(self, numbers: dict[str, Any], torch_threads: int, notes: str = "") -> Path:
         import torch
@@ -56,8 +60,8 @@ class Record:
             "benchmark": f"bench/{self.name}.py",
             "date": self.started.isoformat(timespec="seconds"),
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "git_commit": _git("rev-parse", "HEAD"),
-            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "git_commit": self.commit,
+            "git_dirty_code": self.dirty.splitlines(),  # uncommitted changes under bench/ and assistant/ at the start
             "machine": {
                 "cpu": cpu_model(),
                 "cores": os.cpu_count(),
