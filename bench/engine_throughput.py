@@ -193,45 +193,57 @@ async def ttft_table(backend, cfg, hf, args) -> dict:
 
 
 async def throughput_table(backend, cfg, hf, args, sessions: list[int]) -> list[dict]:
-    print(f"\n## Aggregate decode throughput (greedy, up to {args.decode_tokens} new tokens per session)", flush=True)
+    """Per repeat and session count: the engine, then `generate()` on the same prompts and output lengths right after
+    it (one call per prompt, then one padded batch); medians over `repeats`, so load changes hit every column."""
     print(
-        "| sessions | engine decode tok/s | engine tok/s (wall, prefill included) | engine speed-up vs 1 | "
-        "generate() one by one, decode tok/s | generate() padded batch, decode tok/s |"
+        f"\n## Aggregate decode throughput (greedy, up to {args.decode_tokens} new tokens per session, "
+        f"median of {args.repeats})",
+        flush=True,
     )
-    print("|---|---|---|---|---|---|")
     pad = backend.tokenizer.im_end_id
-    one_by_one: list[tuple[int, float]] = []  # (decode steps, decode seconds) per prompt, in session order
-    rows, base = [], None
+    runs: dict[int, list[dict]] = {n: [] for n in sessions}
     async with running_engine(cfg, max(sessions), backend=backend) as engine:
-        for n in sessions:
-            wall_s, dones = await concurrent(engine, f"n{n}", n, args.decode_tokens)
-            rate = engine_decode_rate(dones)
-            base = base or rate
-            row = {
-                "sessions": n,
-                "output_tokens": [d.output_tokens for d in dones],
-                "engine_decode_tok_s": round(rate, 2),
-                "engine_wall_tok_s": round(sum(d.output_tokens for d in dones) / wall_s, 2),
-                "engine_speedup_vs_first": round(rate / base, 2),
-            }
-            if hf is not None:
-                lens = [max(2, d.output_tokens) for d in dones]  # same output lengths (2+: one decode step at least)
-                # one by one is n independent single runs: time each new prompt once and add them up
-                for d, k in list(zip(dones, lens, strict=True))[len(one_by_one) :]:
-                    g = await engine.call(lambda b, d=d, k=k: timed_generate(hf, [d.prompt_ids], k, pad))
-                    one_by_one.append((g.decode_steps, g.decode_s))
-                steps, secs = map(sum, zip(*one_by_one[:n], strict=True))
-                prompts, k = [d.prompt_ids for d in dones], max(lens)
-                g = await engine.call(lambda b, p=prompts, k=k: timed_generate(hf, p, k, pad))
-                row["generate_one_by_one_decode_tok_s"] = round(steps / secs, 2)
-                row["generate_padded_batch_decode_tok_s"] = round(n * g.decode_steps / g.decode_s, 2)
-            rows.append(row)
-            seq = row.get("generate_one_by_one_decode_tok_s", "-")
-            bat = row.get("generate_padded_batch_decode_tok_s", "-")
-            print(
-                f"| {n} | {rate:.1f} | {row['engine_wall_tok_s']:.1f} | {rate / base:.2f}x | {seq} | {bat} |",
-                flush=True,
-            )
+        for r in range(args.repeats):
+            for n in sessions:
+                wall_s, dones = await concurrent(engine, f"r{r}n{n}", n, args.decode_tokens)
+                run = {
+                    "output_tokens": [d.output_tokens for d in dones],
+                    "engine_decode_tok_s": engine_decode_rate(dones),
+                    "engine_wall_tok_s": sum(d.output_tokens for d in dones) / wall_s,
+                }
+                if hf is not None:
+                    lens = [max(2, d.output_tokens) for d in dones]  # same output lengths (2+: one decode step)
+                    single = [
+                        await engine.call(lambda b, d=d, k=k: timed_generate(hf, [d.prompt_ids], k, pad))
+                        for d, k in zip(dones, lens, strict=True)
+                    ]
+                    prompts, k = [d.prompt_ids for d in dones], max(lens)
+                    batch = await engine.call(lambda b, p=prompts, k=k: timed_generate(hf, p, k, pad))
+                    run["generate_one_by_one_decode_tok_s"] = sum(g.decode_steps for g in single) / sum(
+                        g.decode_s for g in single
+                    )
+                    run["generate_padded_batch_decode_tok_s"] = n * batch.decode_steps / batch.decode_s
+                runs[n].append(run)
+    columns = [
+        ("engine_decode_tok_s", "engine decode tok/s"),
+        ("engine_wall_tok_s", "engine tok/s (wall, prefill included)"),
+        ("generate_one_by_one_decode_tok_s", "generate() one by one, decode tok/s"),
+        ("generate_padded_batch_decode_tok_s", "generate() padded batch, decode tok/s"),
+    ]
+    columns = [(k, title) for k, title in columns if k in runs[sessions[0]][0]]
+    print("| sessions | " + " | ".join(title for _, title in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    rows = []
+    for n in sessions:
+        row = {"sessions": n, "output_tokens": [run["output_tokens"] for run in runs[n]]}
+        for key, _ in columns:
+            row[key] = round(statistics.median(run[key] for run in runs[n]), 2)
+            row[key + "_runs"] = [round(run[key], 2) for run in runs[n]]
+        row["engine_decode_speedup_vs_first"] = (
+            round(row["engine_decode_tok_s"] / rows[0]["engine_decode_tok_s"], 2) if rows else 1.0
+        )
+        rows.append(row)
+        print(f"| {n} | " + " | ".join(f"{row[k]:.1f}" for k, _ in columns) + " |", flush=True)
     return rows
 
 
