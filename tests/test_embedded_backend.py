@@ -20,9 +20,22 @@ ASK_TIMEOUT_S = 600.0
 # decoding (Whisper base transcript, Qwen2.5-Coder-0.5B-Instruct answer, ANSWER_TOKENS at most). Measured on
 # 2026-12-03 by `python -m bench.embedded_latency` (row "embedded backend, nothing cached" in
 # bench/results/embedded_latency-20261203.json, LM in float32 on a CPU without native bf16) and by this test.
-# A change here is a change of the system's answers: measure again and update the list and README together.
+# A change here is a change of the system's answers: measure again and update the list and README together (a CPU
+# with native bf16 runs the LM in bf16 and may answer differently: measure there too).
 ANSWERED_CORRECTLY = [
-    PLACEHOLDER
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "How many days are in a week?",
+    "What is two plus three?",
+    "Who wrote Romeo and Juliet?",
+    "What color is the sky on a clear day?",
+    "What is the largest planet in our solar system?",
+    "What is the capital of Italy?",
+    "What is the boiling point of water in Celsius?",
+    "What is the capital of Germany?",
+    "Who painted the Mona Lisa?",
+    "What is ten minus four?",
+    "What is the chemical symbol for gold?",
 ]
 
 
