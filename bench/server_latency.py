@@ -48,6 +48,10 @@ TAIL_SILENCE_MS = 1500
 TIMEOUT_S = 300.0
 
 
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    return np.round(audio * 32768.0).clip(-32768, 32767).astype("<i2")
+
+
 async def one_turn(ws, pcm: np.ndarray) -> dict:
     frame = 16000 * FRAME_MS // 1000
     for i in range(0, len(pcm), frame):
@@ -117,10 +121,9 @@ async def main(n_questions: int, modes: list[str]) -> dict:
             async with contextlib.AsyncExitStack() as stack:
                 servers = {m: await stack.enter_async_context(running_server(cfgs[m], engine=engine)) for m in modes}
                 warm = synthesize("Hello there.", Path(tmp) / "warm.wav")  # kernels, first allocations, the snapshot
-                await ask(servers[modes[0]], np.round(warm * 32768.0).clip(-32768, 32767).astype("<i2"))
+                await ask(servers[modes[0]], pcm16(warm))
                 for i, (question, keywords) in enumerate(QUESTIONS[:n_questions]):
-                    audio = synthesize(question, Path(tmp) / f"q{i}.wav")
-                    pcm = np.round(audio * 32768.0).clip(-32768, 32767).astype("<i2")
+                    pcm = pcm16(synthesize(question, Path(tmp) / f"q{i}.wav"))
                     for mode in modes if i % 2 == 0 else modes[::-1]:  # alternate who goes first (warm caches)
                         row = await ask(servers[mode], pcm)
                         row.update(mode=mode, question=question, correct=correct(row["answer"], keywords))
