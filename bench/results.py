@@ -1,9 +1,8 @@
 """One result file per benchmark run: `bench/results/<name>-YYYYMMDD.json` (a second run the same day overwrites it).
 
 Every file holds what is needed to judge the numbers: when, which commit (and any uncommitted change to bench/ or
-assistant/ when the run started), the machine
-(CPU model, cores, torch version and threads), the load (`os.getloadavg()` when the run started and when it ended),
-the parameters the script ran with and the numbers it measured.
+assistant/ when the run started), the machine (CPU model, cores, torch version and threads), the load
+(`os.getloadavg()` when the run started and when it ended), the parameters the script ran with and the numbers.
 
     record = Record("engine_throughput", vars(args))   # at the start: takes the load before
     ...
