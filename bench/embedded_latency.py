@@ -1,73 +1,35 @@
 """Embedded backend latency: end of utterance -> first answer token (p50/p95) and decode tokens/s, side by side with
 the plain cascade (transformers `generate()` for Whisper, then `generate()` for the LLM, same weights), one run.
 
-Run: `python -m bench.embedded_latency [--tokens N] [--threads N]`. The question set (espeak-ng `en` voice, 150 wpm,
-16 kHz mono) is shared with the tests (`tests/test_embedded_backend.py`), which check the answers by keyword.
+Run: `python -m bench.embedded_latency [--tokens N] [--threads N]`. The models: Whisper base (CTranslate2 weights,
+converted) and Qwen2.5-Coder-0.5B-Instruct (AWQ, Q4_K_M GGUF, converted to bf16; it runs in bf16 where the CPU has
+native bf16, else float32: the result file says which). The question set and its scoring are `bench/spoken_set.py`,
+shared with `tests/test_embedded_backend.py`, which asserts the same outcome as the "nothing cached" row here.
 
-"Ours" is what the server does for a turn: Whisper on the clip plus a short padding (full 30 s window only when
-the short result looks unreliable), then a prefill onto the conversation's KV cache and the first token. Two cases:
-`cold` prefills the whole prompt; `session` has the system prompt already cached, as in any conversation after its
-first turn (the engine keeps each session's cache). Greedy decoding everywhere.
+This drives the embedded backend's own calls directly on the main thread (not the engine: `bench/engine_throughput.py`
+and `bench/server_latency.py` measure the engine and the server), doing for one turn what the engine does:
+Whisper on the clip plus a short padding (full 30 s window only when the short result looks unreliable), then a
+prefill onto the conversation's KV cache and greedy decoding. Two cases: `cold` prefills the whole prompt; `session`
+has the system prompt already cached, as in any conversation after its first turn. Decode tok/s excludes the prefill
+on every row (first token -> last token / tokens after the first; `generate()` timed with a streamer).
+The result goes to `bench/results/embedded_latency-YYYYMMDD.json`.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-import subprocess
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 
-QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
-    ("What is the capital of France?", ("paris",)),
-    ("What is the capital of Japan?", ("tokyo",)),
-    ("How many days are in a week?", ("seven", "7")),
-    ("What is two plus three?", ("five", "5")),
-    ("Who wrote Romeo and Juliet?", ("shakespeare",)),
-    ("What color is the sky on a clear day?", ("blue",)),
-    ("What is the largest planet in our solar system?", ("jupiter",)),
-    ("How many legs does a spider have?", ("eight", "8")),
-    ("What is the opposite of hot?", ("cold",)),
-    ("What is the capital of Italy?", ("rome",)),
-    ("What is the boiling point of water in Celsius?", ("100", "hundred")),
-    ("Which animal says moo?", ("cow",)),
-    ("What is the capital of Germany?", ("berlin",)),
-    ("Who painted the Mona Lisa?", ("leonardo", "vinci")),
-    ("What is ten minus four?", ("six", "6")),
-    ("What is the chemical symbol for gold?", ("au",)),
-]
-SYNTH_TIMEOUT_S = 60.0
+from bench.hf_baseline import load_qwen2, timed_generate
+from bench.results import Record
+from bench.spoken_set import ANSWER_TOKENS, QUESTIONS, answered_correctly, greedy_answer, synthesize
 
-
-def synthesize(text: str, wav_path: Path) -> np.ndarray:
-    """Speak `text` with espeak-ng (default `en` voice, 150 wpm); returns 16 kHz mono float32 and writes it to
-    `wav_path` as 16-bit PCM (for `ask --audio`)."""
-    import soxr
-
-    raw = wav_path.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(raw), text], check=True, timeout=SYNTH_TIMEOUT_S)
-    with wave.open(str(raw)) as w:
-        rate = w.getframerate()
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
-    raw.unlink()
-    audio = soxr.resample(pcm.astype(np.float32) / 32768.0, rate, 16000).astype(np.float32)
-    with wave.open(str(wav_path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype(np.int16).tobytes())
-    return audio
-
-
-def correct(answer: str, keywords: tuple[str, ...]) -> bool:
-    """Any keyword as a whole word ("au" must not match "because")."""
-    low = answer.lower()
-    return any(re.search(rf"\b{re.escape(k)}\b", low) for k in keywords)
+__all__ = ["QUESTIONS", "synthesize"]  # tests/conftest.py still imports the set from here
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -88,21 +50,16 @@ def run_ours(backend, audios: list[np.ndarray], n_tokens: int, session_cache: bo
     for i, audio in enumerate(audios):
         cache = lm.new_cache()
         if session_cache:
-            lm.prefill(lm.embed(torch.tensor(system_ids[:n_sys])), cache)
+            with torch.inference_mode():
+                lm.prefill(lm.embed(torch.tensor(system_ids[:n_sys])), cache)
         t0 = time.perf_counter()
         [turn] = backend.prepare([Utterance(key=f"q{i}", audio=audio)], [1])
         ids = backend.build_prompt(backend.default_system_prompt, [], turn, backend.max_window_tokens).ids
-        logits = lm.prefill(lm.embed(torch.tensor(ids[cache.length :])), cache)
-        nxt = int(logits[0, : tok.n_valid].argmax())
-        firsts.append(time.perf_counter() - t0)
-        out = [nxt]
-        t1 = time.perf_counter()
-        while len(out) < n_tokens and out[-1] not in tok.stop_ids:
-            logits = lm.decode(lm.embed(torch.tensor([out[-1]])), [cache])
-            out.append(int(logits[0, : tok.n_valid].argmax()))
-        if len(out) > 1:
-            rates.append((len(out) - 1) / (time.perf_counter() - t1))
-        answers.append(tok.decode([t for t in out if t not in tok.stop_ids]).strip())
+        answer = greedy_answer(backend, ids, cache, n_tokens)
+        firsts.append(answer.first_token_at - t0)
+        if answer.decode_tok_s is not None:
+            rates.append(answer.decode_tok_s)
+        answers.append(answer.text)
         heard.append(turn.transcript)
     return {"first_s": firsts, "tok_s": rates, "answers": answers, "heard": heard}
 
@@ -118,9 +75,8 @@ def load_plain(embedded_paths, dtype):
     import json
 
     from safetensors.torch import load_file
-    from transformers import GenerationConfig, Qwen2ForCausalLM, WhisperForConditionalGeneration
+    from transformers import GenerationConfig, WhisperForConditionalGeneration
 
-    from assistant.models.qwen2_lm import Qwen2Dims
     from assistant.models.whisper import WhisperDims
 
     wdir = embedded_paths.whisper_dir
@@ -150,10 +106,7 @@ def load_plain(embedded_paths, dtype):
         suppress_tokens=ct2["suppress_ids"],
         begin_suppress_tokens=ct2["suppress_ids_begin"],
     )
-    qdims = Qwen2Dims.from_json(embedded_paths.llm_dir / "config.json")
-    llm = Qwen2ForCausalLM(qdims.transformers_config()).eval()
-    llm.load_state_dict(load_file(str(embedded_paths.llm_dir / "model.safetensors")), strict=True)
-    return whisper.float(), llm.to(dtype), wtok
+    return whisper.float(), load_qwen2(embedded_paths.llm_dir, dtype), wtok
 
 
 def run_plain(whisper, llm, wtok, backend, audios: list[np.ndarray], n_tokens: int) -> dict:
@@ -172,16 +125,13 @@ def run_plain(whisper, llm, wtok, backend, audios: list[np.ndarray], n_tokens: i
             wids = whisper.generate(feats, task="transcribe")
         text = wtok.decode(wids[0].tolist(), skip_special_tokens=True).strip()
         turn = PreparedTurn(key=f"q{i}", user_text=text, transcript=text)
-        ids = torch.tensor([backend.build_prompt(backend.default_system_prompt, [], turn, 10**6).ids])
-        with torch.inference_mode():
-            llm.generate(ids, max_new_tokens=1, do_sample=False)
-        firsts.append(time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            out = llm.generate(ids, max_new_tokens=n_tokens, do_sample=False, eos_token_id=sorted(tok.stop_ids))
-        gen = out[0, ids.shape[1] :].tolist()
-        if len(gen) > 1:
-            rates.append(len(gen) / (time.perf_counter() - t1))  # includes one prefill: the plain path pays it
+        ids = backend.build_prompt(backend.default_system_prompt, [], turn, 10**6).ids
+        heard_s = time.perf_counter() - t0
+        gen = timed_generate(llm, [ids], n_tokens, tok.im_end_id, eos_ids=sorted(tok.stop_ids))
+        firsts.append(heard_s + gen.first_token_s)  # Whisper, then prefill and first token
+        if gen.decode_tok_s_per_row is not None:
+            rates.append(gen.decode_tok_s_per_row)
+        gen = gen.ids[0].tolist()
         answers.append(tok.decode([t for t in gen if t not in tok.stop_ids]).strip())
         heard.append(text)
     return {"first_s": firsts, "tok_s": rates, "answers": answers, "heard": heard}
@@ -189,9 +139,11 @@ def run_plain(whisper, llm, wtok, backend, audios: list[np.ndarray], n_tokens: i
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=32, help="answer tokens decoded per question (greedy)")
+    ap.add_argument("--tokens", type=int, default=ANSWER_TOKENS, help="max new tokens per answer (greedy)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--notes", default="", help="written into the result file")
     args = ap.parse_args()
+    record = Record("embedded_latency", vars(args))
     import torch
 
     from assistant.backends.embedded import EmbeddedBackend
@@ -202,7 +154,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config()
     paths = ensure_prepared(cfg)
-    backend = EmbeddedBackend.from_config(cfg)
+    t0 = time.perf_counter()
+    backend = EmbeddedBackend.from_config(cfg)  # from the prepared cache
+    load_s = time.perf_counter() - t0
+    cache_bytes = sum(f.stat().st_size for d in (paths.llm_dir, paths.whisper_dir) for f in d.rglob("*") if f.is_file())
     with tempfile.TemporaryDirectory() as tmp:
         audios = [synthesize(q, Path(tmp) / f"q{i}.wav") for i, (q, _) in enumerate(QUESTIONS)]
     whisper, llm, wtok = load_plain(paths, backend.lm.dtype)
@@ -210,9 +165,11 @@ def main() -> int:
     run_plain(whisper, llm, wtok, backend, audios[:1], 4)
     # Interleaved per question, so the load of this shared machine hits every approach alike.
     runs = {
-        "ours, session cache": lambda a: run_ours(backend, a, args.tokens, True),
-        "ours, cold cache": lambda a: run_ours(backend, a, args.tokens, False),
-        "plain transformers generate()": lambda a: run_plain(whisper, llm, wtok, backend, a, args.tokens),
+        "embedded backend, system prompt cached": lambda a: run_ours(backend, a, args.tokens, True),
+        "embedded backend, nothing cached": lambda a: run_ours(backend, a, args.tokens, False),
+        "plain transformers generate() (Whisper, then the LLM)": lambda a: run_plain(
+            whisper, llm, wtok, backend, a, args.tokens
+        ),
     }
     results = {name: {"first_s": [], "tok_s": [], "answers": [], "heard": []} for name in runs}
     for audio in audios:
@@ -220,24 +177,43 @@ def main() -> int:
             for key, values in run([audio]).items():
                 results[name][key] += values
     secs = [len(a) / 16000 for a in audios]
-    print(
-        f"{len(audios)} questions, {min(secs):.1f}-{max(secs):.1f} s of speech, torch threads {torch.get_num_threads()}"
-    )
-    print(f"LM dtype {str(backend.lm.dtype).removeprefix('torch.')}, {args.tokens} tokens max per answer")
-    print(f"{'approach':32s} {'first token p50':>16s} {'p95':>8s} {'decode tok/s':>13s} {'correct':>8s}")
+    dtype = str(backend.lm.dtype).removeprefix("torch.")
+    threads = torch.get_num_threads()
+    print(f"{len(audios)} questions, {min(secs):.1f}-{max(secs):.1f} s of speech, torch threads {threads}")
+    print(f"LM dtype {dtype}, {args.tokens} tokens max per answer")
+    print(f"{'approach':55s} {'first token p50':>16s} {'p95':>8s} {'decode tok/s':>13s} {'correct':>8s}")
+    rows = {}
     for name, r in results.items():
-        ok = sum(correct(a, kws) for a, (_, kws) in zip(r["answers"], QUESTIONS, strict=True))
+        right = answered_correctly(r["answers"])
+        rows[name] = {
+            "first_token_p50_s": round(statistics.median(r["first_s"]), 3),
+            "first_token_p95_s": round(_pct(r["first_s"], 0.95), 3),
+            "decode_tok_s_p50": round(statistics.median(r["tok_s"]), 2),
+            "correct": len(right),
+            "correct_questions": right,
+            "per_question": [
+                {"question": q, "heard": h, "answer": a, "first_token_s": round(f, 3)}
+                for (q, _), h, a, f in zip(QUESTIONS, r["heard"], r["answers"], r["first_s"], strict=True)
+            ],
+        }
+        row = rows[name]
         print(
-            f"{name:32s} {statistics.median(r['first_s']):15.3f}s {_pct(r['first_s'], 0.95):7.3f}s "
-            f"{statistics.median(r['tok_s']):13.1f} {ok:>5d}/{len(QUESTIONS)}"
+            f"{name:55s} {row['first_token_p50_s']:15.3f}s {row['first_token_p95_s']:7.3f}s "
+            f"{row['decode_tok_s_p50']:13.1f} {len(right):>5d}/{len(QUESTIONS)}"
         )
-    plain = statistics.median(results["plain transformers generate()"]["first_s"])
-    ours = statistics.median(results["ours, session cache"]["first_s"])
-    print(f"first-token ratio ours/plain (p50): {ours / plain:.2f}")
-    for name, r in results.items():
-        print(f"\n{name}:")
-        for (q, _), h, a in zip(QUESTIONS, r["heard"], r["answers"], strict=True):
-            print(f"  {q!r} -> heard {h!r} -> {a!r}")
+    [cached, cold, plain] = rows.values()
+    ratio = round(cached["first_token_p50_s"] / plain["first_token_p50_s"], 2)
+    print(f"first-token ratio embedded backend (system prompt cached) / plain (p50): {ratio}")
+    numbers = {
+        "lm_dtype": dtype,
+        "backend_load_s": round(load_s, 2),  # Whisper base + the LLM from the prepared cache, on the main thread
+        "prepared_cache_bytes": cache_bytes,
+        "speech_s": [round(min(secs), 1), round(max(secs), 1)],
+        "spoken_set_correct": f"{cold['correct']}/{len(QUESTIONS)}",  # the test asserts this row's outcome
+        "first_token_ratio_cached_over_plain_p50": ratio,
+        "approaches": rows,
+    }
+    record.write(numbers, torch_threads=threads, notes=args.notes)
     return 0
 
 

@@ -1,31 +1,38 @@
-"""Engine benchmark on the embedded model (`python -m bench.engine_throughput`); prints one table per measurement.
+"""Engine benchmark on the embedded model (`python -m bench.engine_throughput`): drives the real `Engine`.
+
+The embedded LLM is Qwen2.5-Coder-0.5B-Instruct (AWQ, Q4_K_M GGUF, converted to bf16 by `prepare`). The engine loads
+it on its own worker thread (`Engine.loading`), and every transformers baseline runs on that same worker thread
+through `engine.call`, with the same weights and the same torch threads: one OpenMP thread team in the process.
 
 1. Time to first token at turns 1..N of one conversation, through the engine with KV-cache reuse and without it
    (every turn prefills its whole prompt), and through transformers' `generate()` on the same prompt ids.
 2. Aggregate decode tokens/s at 1, 2, 4, 8 concurrent sessions through the engine (continuous batching), and the
    same prompts and output lengths through `generate()`: one call per session in turn, and one left-padded batch.
+   Decode speeds exclude the prefill on both sides: the engine's are tokens after each response's first / the
+   longest first-token -> done span (`timings_ms["decode"]`); `generate()`'s are timed with a streamer from its
+   first token to its last.
 
-Text turns are used (no Whisper) so the numbers are about the LLM. Greedy decoding throughout. The machine is
-shared and noisy: compare ratios from the same run, not absolute numbers across runs.
+Text turns are used (no Whisper) so the numbers are about the LLM. Greedy decoding throughout. Only one engine
+(one worker thread) is alive at a time. The result goes to `bench/results/engine_throughput-YYYYMMDD.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from assistant.engine.fresh_thread import run_in_fresh_thread_sync as fresh
 
 from assistant.backends.base import Utterance
 from assistant.config import load_config
 from assistant.engine.api import ResponseOptions
 from assistant.engine.engine import Engine
+from bench.hf_baseline import load_qwen2, timed_generate
+from bench.results import Record
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -51,104 +58,54 @@ LONG_QUESTIONS = [
 ]
 
 
+@contextlib.asynccontextmanager
+async def running_engine(cfg, max_active: int, backend=None, load=None, reuse: bool = True):
+    ecfg = dataclasses.replace(cfg.engine, max_active=max(max_active, cfg.engine.max_active))
+    engine = Engine(backend, ecfg, cfg.generation, reuse_cache=reuse, load=load)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
 async def _turn(engine: Engine, session: str, key: str, text: str, max_new_tokens: int):
     await engine.add_user_turn(session, Utterance(key=key, text=text))
     stream = engine.respond(session, ResponseOptions(max_new_tokens=max_new_tokens, greedy=True))
     return await stream.wait_done()
 
 
-async def ttft_by_turn(backend, cfg, turns: int, max_new_tokens: int, reuse: bool) -> list:
-    engine = Engine(backend, cfg.engine, cfg.generation, reuse_cache=reuse)
-    await engine.start()
+async def conversation(engine: Engine, session: str, turns: int, max_new_tokens: int) -> list:
+    engine.open_session(session)
     try:
-        engine.open_session("bench")
-        dones = []
-        for i in range(turns):
-            dones.append(await _turn(engine, "bench", f"t{i}", QUESTIONS[i % len(QUESTIONS)], max_new_tokens))
-        return dones
+        return [
+            await _turn(engine, session, f"{session}-t{i}", QUESTIONS[i % len(QUESTIONS)], max_new_tokens)
+            for i in range(turns)
+        ]
     finally:
-        await engine.stop()
+        engine.close_session(session)
 
 
-async def concurrent_decode(backend, cfg, n_sessions: int, max_new_tokens: int) -> tuple[float, list]:
-    ecfg = dataclasses.replace(cfg.engine, max_active=max(n_sessions, cfg.engine.max_active))
-    engine = Engine(backend, ecfg, cfg.generation)
-    await engine.start()
+async def concurrent(engine: Engine, tag: str, n_sessions: int, max_new_tokens: int) -> tuple[float, list]:
+    ids = [f"{tag}-s{i}" for i in range(n_sessions)]
+    for s in ids:
+        engine.open_session(s)
     try:
-        for i in range(n_sessions):
-            engine.open_session(f"s{i}")
         t0 = time.monotonic()
+        questions = [LONG_QUESTIONS[i % len(LONG_QUESTIONS)] for i in range(n_sessions)]
         dones = await asyncio.gather(
-            *(
-                _turn(engine, f"s{i}", f"q{i}", LONG_QUESTIONS[i % len(LONG_QUESTIONS)], max_new_tokens)
-                for i in range(n_sessions)
-            )
+            *(_turn(engine, s, f"{s}-q", q, max_new_tokens) for s, q in zip(ids, questions, strict=True))
         )
         return time.monotonic() - t0, list(dones)
     finally:
-        await engine.stop()
+        for s in ids:
+            engine.close_session(s)
 
 
-def decode_rate(dones: list) -> float:
+def engine_decode_rate(dones: list) -> float:
     """Tokens after each response's first / the longest decode phase (the batch decodes them together)."""
     tokens = sum(max(0, d.output_tokens - 1) for d in dones)
     return tokens / max(1e-9, max(d.timings_ms.get("decode", 0.0) for d in dones) / 1000.0)
-
-
-# ---- transformers baseline ----------------------------------------------------------------------------------------
-def load_hf_model(llm_dir: Path, dtype: torch.dtype):
-    """transformers' Qwen2ForCausalLM on the same converted weights the embedded backend loads."""
-    from safetensors.torch import load_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    dims = json.loads((llm_dir / "config.json").read_text())
-    config = Qwen2Config(
-        vocab_size=dims["vocab_size"],
-        hidden_size=dims["hidden_size"],
-        intermediate_size=dims["intermediate_size"],
-        num_hidden_layers=dims["n_layers"],
-        num_attention_heads=dims["n_heads"],
-        num_key_value_heads=dims["n_kv_heads"],
-        rope_theta=dims["rope_theta"],
-        rms_norm_eps=dims["rms_norm_eps"],
-        max_position_embeddings=dims["context_length"],
-        tie_word_embeddings=dims["tied_embeddings"],
-        eos_token_id=dims["eos_token_id"],
-        pad_token_id=dims["eos_token_id"],
-    )
-    model = Qwen2ForCausalLM(config).to(dtype)
-    state = load_file(str(llm_dir / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise RuntimeError(f"transformers baseline: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.eval()
-
-
-@torch.inference_mode()
-def hf_generate(model, prompts: list[list[int]], new_tokens: list[int], batched: bool) -> float:
-    """Wall seconds to generate `new_tokens[i]` greedy tokens after `prompts[i]` (EOS ignored: same work)."""
-    pad = model.config.pad_token_id
-    t0 = time.monotonic()
-    if not batched:
-        for ids, n in zip(prompts, new_tokens, strict=True):
-            x = torch.tensor([ids])
-            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return time.monotonic() - t0
-    width = max(len(p) for p in prompts)
-    x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    n = max(new_tokens)
-    model.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return time.monotonic() - t0
-
-
-@torch.inference_mode()
-def hf_ttft(model, prompt: list[int]) -> float:
-    t0 = time.monotonic()
-    x = torch.tensor([prompt])
-    model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False)
-    return (time.monotonic() - t0) * 1000.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,83 +118,133 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="conversations per TTFT variant (median reported)")
     ap.add_argument("--skip-ttft", action="store_true", help="only the throughput table")
     ap.add_argument("--skip-hf", action="store_true", help="engine only (no transformers baseline)")
+    ap.add_argument("--notes", default="", help="written into the result file (e.g. why the settings are short)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    record = Record("engine_throughput", vars(args))
+    torch.set_num_threads(args.threads)  # the worker threads started below take this setting
+    numbers = asyncio.run(run(args))
+    record.write(numbers, torch_threads=numbers.pop("worker_torch_threads"), notes=args.notes)
+    return 0
 
+
+async def run(args) -> dict:
     from assistant.backends import load_backend
     from assistant.weights.cache import ensure_prepared
 
     cfg = load_config(overrides={"generation.greedy": True})
+    sessions = [int(s) for s in args.sessions.split(",")]
     t0 = time.monotonic()
-    # Every torch call outside the engine worker runs on a thread that then ends (see engine/fresh_thread.py).
-    backend = fresh(load_backend, cfg)
-    print(f"embedded backend loaded in {time.monotonic() - t0:.1f} s (dtype {backend.lm.dtype})")
-    hf = None if args.skip_hf else fresh(load_hf_model, ensure_prepared(cfg).llm_dir, backend.lm.dtype)
-
-    asyncio.run(ttft_by_turn(backend, cfg, 1, 2, True))  # warm-up (allocations, kernels)
-    if hf is not None:
-        fresh(hf_generate, hf, [[151644, 872, 198, 9707]], [2], False)
+    async with running_engine(cfg, max(sessions), load=lambda: load_backend(cfg)) as engine:
+        backend = engine.backend
+        print(f"embedded backend loaded on the engine's worker in {time.monotonic() - t0:.1f} s ({backend.lm.dtype})")
+        threads = await engine.call(lambda b: torch.get_num_threads())
+        hf = None
+        if not args.skip_hf:
+            llm_dir = ensure_prepared(cfg).llm_dir
+            hf = await engine.call(lambda b: load_qwen2(llm_dir, b.lm.dtype))
+            await engine.call(lambda b: timed_generate(hf, [[151644, 872, 198, 9707]], 2, b.tokenizer.im_end_id))
+        await conversation(engine, "warm-up", 1, 2)  # allocations, kernels
+    numbers: dict = {"worker_torch_threads": threads, "lm_dtype": str(backend.lm.dtype).removeprefix("torch.")}
     if not args.skip_ttft:
-        ttft_table(backend, cfg, hf, args)
-    throughput_table(backend, cfg, hf, args)
-    return 0
+        numbers["ttft_by_turn"] = await ttft_table(backend, cfg, hf, args)
+    numbers["decode_throughput"] = await throughput_table(backend, cfg, hf, args, sessions)
+    return numbers
 
 
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def ttft_table(backend, cfg, hf, args) -> None:
+async def ttft_table(backend, cfg, hf, args) -> dict:
     """Median over `repeats` conversations; reuse and no-reuse runs alternate so load changes hit both alike."""
-    print(f"\n## Time to first token by turn (median of {args.repeats} conversations, ms)")
+    print(f"\n## Time to first token by turn (median of {args.repeats} conversations, ms)", flush=True)
+    pad = backend.tokenizer.im_end_id
     reuse_runs, fresh_runs, hf_runs = [], [], []
-    for _ in range(args.repeats):
-        reuse_runs.append(asyncio.run(ttft_by_turn(backend, cfg, args.turns, args.turn_tokens, True)))
-        fresh_runs.append(asyncio.run(ttft_by_turn(backend, cfg, args.turns, args.turn_tokens, False)))
-        if hf is not None:
-            hf_runs.append([fresh(hf_ttft, hf, d.prompt_ids) for d in reuse_runs[-1]])
+    for r in range(args.repeats):
+        async with running_engine(cfg, 1, backend=backend) as engine:
+            reuse_runs.append(await conversation(engine, f"reuse{r}", args.turns, args.turn_tokens))
+            if hf is not None:
+                prompts = [d.prompt_ids for d in reuse_runs[-1]]
+                gens = [await engine.call(lambda b, p=p: timed_generate(hf, [p], 1, pad)) for p in prompts]
+                hf_runs.append([g.first_token_s * 1000.0 for g in gens])
+        async with running_engine(cfg, 1, backend=backend, reuse=False) as engine:
+            fresh_runs.append(await conversation(engine, f"fresh{r}", args.turns, args.turn_tokens))
     print("| turn | prompt tokens | from cache | engine, cache reuse | engine, no reuse | transformers generate() |")
     print("|---|---|---|---|---|---|")
     rows = []
     for i in range(args.turns):
-        a = _median([r[i].timings_ms["first_token"] for r in reuse_runs])
-        b = _median([r[i].timings_ms["first_token"] for r in fresh_runs])
-        c = _median([r[i] for r in hf_runs]) if hf_runs else float("nan")
         d = reuse_runs[0][i]
-        rows.append((a, b, c))
-        print(f"| {i + 1} | {d.input_tokens} | {d.cached_tokens} | {a:.0f} | {b:.0f} | {c:.0f} |")
-    (r1, f1, h1), (rn, fn, hn) = rows[0], rows[-1]
-    print(
-        f"turn {args.turns} / turn 1 TTFT: engine with reuse {rn / r1:.2f}x, engine without {fn / f1:.2f}x, "
-        f"generate() {hn / h1:.2f}x"
-    )
+        row = {
+            "turn": i + 1,
+            "prompt_tokens": d.input_tokens,
+            "cached_tokens": d.cached_tokens,
+            "engine_reuse_ms": statistics.median(r[i].timings_ms["first_token"] for r in reuse_runs),
+            "engine_no_reuse_ms": statistics.median(r[i].timings_ms["first_token"] for r in fresh_runs),
+            "generate_ms": statistics.median(r[i] for r in hf_runs) if hf_runs else None,
+        }
+        rows.append(row)
+        gen = f"{row['generate_ms']:.0f}" if hf_runs else "-"
+        print(
+            f"| {i + 1} | {d.input_tokens} | {d.cached_tokens} | {row['engine_reuse_ms']:.0f} | "
+            f"{row['engine_no_reuse_ms']:.0f} | {gen} |"
+        )
+    first, last = rows[0], rows[-1]
+    ratios = {
+        k: round(last[k] / first[k], 2) for k in ("engine_reuse_ms", "engine_no_reuse_ms", "generate_ms") if first[k]
+    }
+    print(f"turn {args.turns} / turn 1 TTFT: {ratios}")
+    return {"rows": rows, "last_over_first_turn": ratios}
 
 
-def throughput_table(backend, cfg, hf, args) -> None:
-    sessions = [int(s) for s in args.sessions.split(",")]
-    print(f"\n## Aggregate decode throughput (greedy, up to {args.decode_tokens} new tokens per session)")
+async def throughput_table(backend, cfg, hf, args, sessions: list[int]) -> list[dict]:
+    """Per repeat and session count: the engine, then `generate()` on the same prompts and output lengths right after
+    it (one call per prompt, then one padded batch); medians over `repeats`, so load changes hit every column."""
     print(
-        "| sessions | engine tok/s (decode phase) | engine tok/s (wall) | engine speed-up vs 1 | "
-        "generate() one by one tok/s | generate() padded batch tok/s |"
+        f"\n## Aggregate decode throughput (greedy, up to {args.decode_tokens} new tokens per session, "
+        f"median of {args.repeats})",
+        flush=True,
     )
-    print("|---|---|---|---|---|---|")
-    one_by_one: list[tuple[int, float]] = []  # (tokens, seconds) per prompt, in session order
-    base = None
+    pad = backend.tokenizer.im_end_id
+    runs: dict[int, list[dict]] = {n: [] for n in sessions}
+    async with running_engine(cfg, max(sessions), backend=backend) as engine:
+        for r in range(args.repeats):
+            for n in sessions:
+                wall_s, dones = await concurrent(engine, f"r{r}n{n}", n, args.decode_tokens)
+                run = {
+                    "output_tokens": [d.output_tokens for d in dones],
+                    "engine_decode_tok_s": engine_decode_rate(dones),
+                    "engine_wall_tok_s": sum(d.output_tokens for d in dones) / wall_s,
+                }
+                if hf is not None:
+                    lens = [max(2, d.output_tokens) for d in dones]  # same output lengths (2+: one decode step)
+                    single = [
+                        await engine.call(lambda b, d=d, k=k: timed_generate(hf, [d.prompt_ids], k, pad))
+                        for d, k in zip(dones, lens, strict=True)
+                    ]
+                    prompts, k = [d.prompt_ids for d in dones], max(lens)
+                    batch = await engine.call(lambda b, p=prompts, k=k: timed_generate(hf, p, k, pad))
+                    run["generate_one_by_one_decode_tok_s"] = sum(g.decode_steps for g in single) / sum(
+                        g.decode_s for g in single
+                    )
+                    run["generate_padded_batch_decode_tok_s"] = n * batch.decode_steps / batch.decode_s
+                runs[n].append(run)
+    columns = [
+        ("engine_decode_tok_s", "engine decode tok/s"),
+        ("engine_wall_tok_s", "engine tok/s (wall, prefill included)"),
+        ("generate_one_by_one_decode_tok_s", "generate() one by one, decode tok/s"),
+        ("generate_padded_batch_decode_tok_s", "generate() padded batch, decode tok/s"),
+    ]
+    columns = [(k, title) for k, title in columns if k in runs[sessions[0]][0]]
+    print("| sessions | " + " | ".join(title for _, title in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    rows = []
     for n in sessions:
-        wall_s, dones = asyncio.run(concurrent_decode(backend, cfg, n, args.decode_tokens))
-        rate = decode_rate(dones)
-        total = sum(d.output_tokens for d in dones)
-        base = base or rate
-        seq = bat = "-"
-        if hf is not None:
-            lens = [max(1, d.output_tokens) for d in dones]
-            # one by one is n independent single runs: time each prompt once and add them up
-            for d, k in list(zip(dones, lens, strict=True))[len(one_by_one) :]:
-                one_by_one.append((k, fresh(hf_generate, hf, [d.prompt_ids], [k], False)))
-            toks, secs = map(sum, zip(*one_by_one[:n], strict=True))
-            seq = f"{toks / secs:.1f}"
-            bat = f"{n * max(lens) / fresh(hf_generate, hf, [d.prompt_ids for d in dones], lens, True):.1f}"
-        print(f"| {n} | {rate:.1f} | {total / wall_s:.1f} | {rate / base:.2f}x | {seq} | {bat} |", flush=True)
+        row = {"sessions": n, "output_tokens": [run["output_tokens"] for run in runs[n]]}
+        for key, _ in columns:
+            row[key] = round(statistics.median(run[key] for run in runs[n]), 2)
+            row[key + "_runs"] = [round(run[key], 2) for run in runs[n]]
+        row["engine_decode_speedup_vs_first"] = (
+            round(row["engine_decode_tok_s"] / rows[0]["engine_decode_tok_s"], 2) if rows else 1.0
+        )
+        rows.append(row)
+        print(f"| {n} | " + " | ".join(f"{row[k]:.1f}" for k, _ in columns) + " |", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

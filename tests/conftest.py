@@ -169,7 +169,7 @@ def embedded_backend(embedded_paths):
 @pytest.fixture(scope="session")
 def embedded_questions(tmp_path_factory):
     """The benchmark's spoken question set: list of (question, keywords, 16 kHz float32 audio) via espeak-ng."""
-    from bench.embedded_latency import QUESTIONS, synthesize
+    from bench.spoken_set import QUESTIONS, synthesize
 
     out_dir = tmp_path_factory.mktemp("embedded_questions")
     return [(q, kws, synthesize(q, out_dir / f"q{i}.wav")) for i, (q, kws) in enumerate(QUESTIONS)]

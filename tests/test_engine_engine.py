@@ -290,31 +290,45 @@ async def test_admission_limit_raises_server_busy_at_once(qwen_backend):
 
 
 async def test_cancel_stops_within_one_step_frees_the_slot_and_keeps_partial_text(qwen_backend):
-    gate = Gate(qwen_backend)
-    engine = await _engine(gate, max_active=1, max_queued=0)
+    class HeldDecode:
+        """The real LM, except that its first `decode` (the step after the first token) waits until opened."""
+
+        def __init__(self, lm):
+            self._lm, self.entered, self.opened = lm, threading.Event(), threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(self._lm, name)
+
+        def decode(self, *args, **kwargs):
+            if not self.entered.is_set():
+                self.entered.set()
+                if not self.opened.wait(WAIT_S):
+                    raise TimeoutError("test hold was never opened")
+            return self._lm.decode(*args, **kwargs)
+
+    backend = Gate(qwen_backend)
+    backend.lm = held = HeldDecode(qwen_backend.lm)  # the worker takes `backend.lm` when it starts
+    engine = await _engine(backend, max_active=1, max_queued=0)
     try:
         for s in ("a", "b"):
             engine.open_session(s)
             await engine.add_user_turn(s, Utterance(f"{s}1", text="Please talk for a long time."))
         stream = engine.respond("a", dataclasses.replace(GREEDY, max_new_tokens=2000))
-        first = await asyncio.wait_for(anext(stream), WAIT_S)  # it is decoding
-        held = await gate.hold(engine)  # the worker stops between two steps
-        produced = engine._worker.active[0].tokens.output_ids.copy() if engine._worker.active else None
+        assert await asyncio.to_thread(held.entered.wait, WAIT_S)  # the worker waits inside the second step
+        produced = engine._worker.active[0].tokens.output_ids.copy()  # safe: the worker is parked
         with pytest.raises(ServerBusy):
             engine.respond("b", GREEDY)
         assert stream.cancel()
-        gate.release()
-        await held
+        held.opened.set()
         done = await asyncio.wait_for(stream.wait_done(), WAIT_S)
         other = await asyncio.wait_for(engine.respond("b", GREEDY).wait_done(), WAIT_S)
         history = engine._worker.conversations["a"].history
     finally:
+        held.opened.set()
         await engine.stop()
-    assert isinstance(first, TextDelta) or first.status == "completed"
-    if produced is None:
-        pytest.skip("the response ended before the worker could be held (loop starved); nothing to cancel")
+    assert len(produced) == 1  # the first token, from the prefill
     assert done.status == "cancelled" and done.reason == "client_cancelled"
-    assert len(done.output_ids) <= len(produced) + 1  # within one decode step of the cancel
+    assert done.output_ids[: len(produced)] == produced and len(done.output_ids) <= len(produced) + 1  # one step
     assert other.status in ("completed", "incomplete")
     assert len(history) == 1 and history[0].reply == done.text  # the partial answer, as the user heard it
 
