@@ -23,7 +23,8 @@ import pytest
 
 from assistant.config import parse_mqtt_url
 from assistant.realtime.events import encode_event
-from assistant.transport.mqtt import Outbox, Topics, run_mqtt_bridge
+from assistant.transport.mqtt import run_mqtt_bridge
+from assistant.transport.mqtt_devices import Outbox, Topics
 from assistant.transport.server import running_server
 from clients import mqtt as device_client
 from tests.conftest import CLIENT_TIMEOUT_S

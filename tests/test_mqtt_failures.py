@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from assistant.transport import mqtt as bridge_module
 from assistant.transport.connection import Connection
-from assistant.transport.mqtt import MqttBridge, Refusals
+from assistant.transport.mqtt import MqttBridge
+from assistant.transport.mqtt_devices import Refusals
 from tests.conftest import CLIENT_TIMEOUT_S
 from tests.server_util import chunks, silence, vowel
 from tests.test_mqtt_bridge import PREFIX, Watcher, _answered, _cfg, bridge, restart_broker
