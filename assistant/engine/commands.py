@@ -125,6 +125,7 @@ class Job:
     next_id: int | None = None  # sampled, streamed, not yet fed to the model
     cancel_reason: str | None = None
     t: dict[str, float] = field(default_factory=dict)
+    turns_before: int = 0  # `TurnQueue.mark()` at the respond: it waits for its session's turns queued before it
 
     @property
     def response_id(self) -> str:
