@@ -310,6 +310,8 @@ class TurnQueue:
                 continue
             turn, turn_encode_ms = (hit.turn, hit.encode_ms) if hit else (turns[id(w)], encode_ms)
             if turn.transcript and (err := self._too_long(turn.transcript, w.cmd.utterance.text or "")):
+                if w.cmd.utterance.audio is not None and number == w.conv.audio_count:
+                    w.conv.audio_count -= 1  # its number is given back (a later one was rendered: it stays taken)
                 w.refuse(err)
                 continue
             w.conv.add_pending(turn, turn_encode_ms)
