@@ -134,14 +134,17 @@ async def _submit(engine: Engine, keys: list[str], clips) -> list[asyncio.Task]:
     return tasks
 
 
-async def test_a_running_answer_decodes_between_prepare_chunks(traced, clips):
-    tr = traced(2)
+async def _burst(tr: Traced, keys: list[str], clips, cancel_first: bool):
+    """While an answer decodes, park the worker, queue one spoken turn per key (cancelling the answer first if asked),
+    release it. Returns the turns' `TurnInfo`s, the answer's `ResponseDone` and its token count when parked."""
     engine = await _engine(tr)
-    keys = [f"k{i}" for i in range(8)]
     try:
         stream = await _talking(engine, tr)
         held = await tr.hold(engine)
+        produced = len(engine._worker.active[0].tokens.output_ids)  # the worker is parked: this is final
         turns = await _submit(engine, keys, clips)
+        if cancel_first:
+            assert stream.cancel()
         tr.release()
         await held
         infos = await asyncio.wait_for(asyncio.gather(*turns), TIMEOUT_S)
@@ -149,6 +152,13 @@ async def test_a_running_answer_decodes_between_prepare_chunks(traced, clips):
         done = await asyncio.wait_for(stream.wait_done(), TIMEOUT_S)
     finally:
         await engine.stop()
+    return infos, done, produced
+
+
+async def test_a_running_answer_decodes_between_prepare_chunks(traced, clips):
+    tr = traced(2)
+    keys = [f"k{i}" for i in range(8)]
+    infos, done, _ = await _burst(tr, keys, clips, cancel_first=False)
     assert [e[1] for e in tr.prepares(keys)] == [keys[i : i + 2] for i in range(0, 8, 2)]  # chunks in command order
     assert all(e[2] is False for e in tr.prepares(keys))  # the answer was running through all of them
     calls = [i for i, e in enumerate(tr.log) if e[0] == "prepare"]
@@ -160,20 +170,8 @@ async def test_a_running_answer_decodes_between_prepare_chunks(traced, clips):
 
 async def test_cancel_ends_the_response_before_the_queued_chunks_run(traced, clips):
     tr = traced(1)
-    engine = await _engine(tr)
     keys = [f"k{i}" for i in range(6)]
-    try:
-        stream = await _talking(engine, tr)
-        held = await tr.hold(engine)
-        produced = len(engine._worker.active[0].tokens.output_ids)  # the worker is parked: this is final
-        turns = await _submit(engine, keys, clips)
-        assert stream.cancel()
-        tr.release()
-        await held
-        done = await asyncio.wait_for(stream.wait_done(), TIMEOUT_S)
-        await asyncio.wait_for(asyncio.gather(*turns), TIMEOUT_S)
-    finally:
-        await engine.stop()
+    _, done, produced = await _burst(tr, keys, clips, cancel_first=True)
     assert done.status == "cancelled" and done.reason == "client_cancelled"
     assert len(done.output_ids) <= produced + 1  # within one decode step of the cancel
     chunks = tr.prepares(keys)
