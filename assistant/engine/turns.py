@@ -123,6 +123,7 @@ class TurnQueue:
         self.running: Chunk | None = None
         self._seq = 0
         self.chunks = 0  # chunks started (tests, bench)
+        self.longest_step_s = 0.0  # the longest step of audio work so far (bench)
 
     @property
     def idle(self) -> bool:
@@ -219,14 +220,19 @@ class TurnQueue:
         try:
             next(chunk.steps)
         except StopIteration as end:
-            chunk.busy_s += time.monotonic() - t0
+            self._took(chunk, t0)
             self.running = None
             self._finish(chunk, end.value)
         except Exception as e:
             self.running = None
             self._failed(chunk, e)
         else:
-            chunk.busy_s += time.monotonic() - t0
+            self._took(chunk, t0)
+
+    def _took(self, chunk: Chunk, t0: float) -> None:
+        took = time.monotonic() - t0
+        chunk.busy_s += took
+        self.longest_step_s = max(self.longest_step_s, took)
 
     def _start_chunk(self) -> Chunk | None:
         works: list[TurnWork] = []
