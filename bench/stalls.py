@@ -1,4 +1,4 @@
-"""Stalls under concurrent spoken turns: `python -m bench.stalls [--levels 1,4,8,16,32] [--one-batch]`.
+"""Stalls under concurrent spoken turns: `python -m bench.stalls [--levels 1,4,8,16,32] [--modes ...]`.
 
 Drives the engine directly (the embedded backend, loaded on the engine's worker as the server does) with N sessions
 that each ask one espeak-ng spoken question (the set of `bench/embedded_latency.py`), arriving `--stagger-s` apart
@@ -8,11 +8,12 @@ as server-VAD turns would: the turn's audio is submitted (`add_user_turn`, the m
 - `stall_ms`: the longest gap between two deltas of one running answer (max and p90 over the answers): how long
   the worker left a streaming answer waiting (audio work of other turns, prefills);
 - the worker's prepare chunks, decode steps and largest decode batch.
-`--one-batch` emulates the engine before bounded steps (all turns that are queued together in one prepare call,
-Whisper's short pass and its full-window redos in one go) for comparison.
+Two modes on the same engine and weights, alternating which goes first per level (the machine's load drifts):
+`bounded_steps` (the engine as it is) and `one_batch`, which emulates the engine before bounded steps (every queued
+turn in one prepare call, Whisper's short pass and its full-window redos in one go).
 
-Writes bench/results/stalls-<date>[-one-batch].json: date, git commit, machine (CPU model, cores, torch version and
-threads), load (os.getloadavg before/after), parameters and the results.
+Writes bench/results/stalls-<date>.json: date, git commit, machine (CPU model, cores, torch version and threads),
+load (os.getloadavg before/after), parameters and the results per level and mode.
 """
 
 from __future__ import annotations
@@ -130,6 +131,13 @@ def git_commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
+def set_mode(engine: Engine, backend, mode: str) -> None:
+    """On the worker, between steps (via `engine.call`): which backend and chunk size its turn queue uses."""
+    turns = engine._worker.turns
+    turns.backend = OneBatch(backend) if mode == "one_batch" else backend
+    turns.batch = OneBatch.prepare_batch if mode == "one_batch" else backend.prepare_batch
+
+
 async def main(args: argparse.Namespace) -> None:
     from assistant.backends import load_backend
 
@@ -140,22 +148,22 @@ async def main(args: argparse.Namespace) -> None:
         clips = [synthesize(q, Path(tmp) / f"q{i}.wav") for i, (q, _) in enumerate(QUESTIONS[: args.questions])]
     clips = [(np.round(c * 32768.0).clip(-32768, 32767) / 32768.0).astype(np.float32) for c in clips]
 
-    def load():
-        backend = load_backend(cfg)
-        return OneBatch(backend) if args.one_batch else backend
-
-    engine = Engine.loading(load, cfg.engine, cfg.generation)
+    engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
     await engine.start()
+    backend = engine.backend
+    modes = args.modes.split(",")
     opts = ResponseOptions(greedy=True, max_new_tokens=args.max_new_tokens)
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     results = []
     try:
         await run_level(engine, 1, clips, 0.0, opts)  # warm-up (first calls, the system-prompt snapshot)
-        for n in levels:
-            row = await run_level(engine, n, clips, args.stagger_s, opts)
-            print(json.dumps(row), flush=True)
-            results.append(row)
+        for i, n in enumerate(levels):
+            for mode in modes if i % 2 == 0 else modes[::-1]:
+                await engine.call(lambda _b, mode=mode: set_mode(engine, backend, mode))
+                row = {"mode": mode, **await run_level(engine, n, clips, args.stagger_s, opts)}
+                print(json.dumps(row), flush=True)
+                results.append(row)
     finally:
         await engine.stop()
     out = {
@@ -166,19 +174,18 @@ async def main(args: argparse.Namespace) -> None:
         "load": {"before": list(load_before), "after": list(os.getloadavg())},
         "parameters": {
             "levels": levels,
-            "mode": "one_batch" if args.one_batch else "bounded_steps",
+            "modes": modes,
             "stagger_s": args.stagger_s,
             "max_new_tokens": args.max_new_tokens,
             "max_active": args.max_active,
             "questions": args.questions,
-            "prepare_batch": engine.backend.prepare_batch,
+            "prepare_batch": {"bounded_steps": backend.prepare_batch, "one_batch": OneBatch.prepare_batch},
             "backend": "embedded",
         },
         "results": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    suffix = "-one-batch" if args.one_batch else ""
-    path = RESULTS / f"stalls-{datetime.date.today().isoformat()}{suffix}.json"
+    path = RESULTS / f"stalls-{datetime.date.today().isoformat()}.json"
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print("wrote", path)
 
@@ -190,5 +197,5 @@ if __name__ == "__main__":
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--max-active", type=int, default=8, help="engine.max_active")
     ap.add_argument("--questions", type=int, default=8, help="distinct spoken questions (cycled over sessions)")
-    ap.add_argument("--one-batch", action="store_true", help="emulate the engine before bounded prepare steps")
+    ap.add_argument("--modes", default="bounded_steps,one_batch", help="bounded_steps and/or one_batch (before)")
     asyncio.run(main(ap.parse_args()))
