@@ -30,7 +30,7 @@ from itertools import chain
 from assistant.backends.base import Backend, PreparedTurn, Steps, Utterance
 from assistant.engine import metrics
 from assistant.engine.api import TurnInfo, TurnTooLong, UnknownSession
-from assistant.engine.commands import PrepareCmd, SpeculateCmd, ms_between
+from assistant.engine.commands import PrepareCmd, SpeculateCmd, ms_between, refuse_stopped
 from assistant.engine.conversation import Conversation, Speculation
 
 log = logging.getLogger("assistant.engine")
@@ -193,12 +193,11 @@ class TurnQueue:
 
     def refuse_all(self) -> None:
         """The engine stopped: nothing queued will run."""
-        err = RuntimeError("the engine stopped before this turn was prepared")
         for item in self._queued():
-            if isinstance(item, TurnWork):
-                item.refuse(err)
-            else:
+            if isinstance(item, Ordered):
                 item.refuse()
+            elif not item.speculative:
+                refuse_stopped(item.cmd.reply)
         self.items.clear()
         self.running = None
 

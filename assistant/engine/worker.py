@@ -9,11 +9,11 @@ Loop, one iteration per decode step:
    `Conversation.speculative`); a confirmed speculation skips the backend. A burst of turns is prepared over many
    iterations, so cancellations and running answers never wait for more than one step of it;
 3. admit waiting responses while fewer than `max_active` decode (all at once when idle, one per step while others
-   decode, so a burst of prefills never stalls running answers for long); a response whose session still has turns
-   queued before it waits for them: build the prompt, reuse the session's
-   cache by longest common prefix (`conversation.plan_cache`), prefill only the new tokens with audio embeddings
-   spliced, pick the first token; a session whose cache is empty (new, evicted, rebuilt) first copies the shared
-   system-prompt snapshot (`prefix_cache.PrefixSnapshots`), so only the part after the system message is prefilled;
+   decode, so a burst of prefills never stalls running answers for long; a response whose session still has turns
+   queued before it waits for them). Each: build the prompt, reuse the session's cache by longest common prefix
+   (`conversation.plan_cache`), prefill only the new tokens with audio embeddings spliced, pick the first token; a
+   session whose cache is empty (new, evicted, rebuilt) first copies the shared system-prompt snapshot
+   (`prefix_cache.PrefixSnapshots`), so only the part after the system message is prefilled;
 4. one batched `lm.decode` for every active response, pick each next token, stream its text.
 
 What a response leaves in the history (the user heard what was streamed):
@@ -53,6 +53,7 @@ from assistant.engine.commands import (
     RespondCmd,
     SpeculateCmd,
     StopCmd,
+    refuse_stopped,
 )
 from assistant.engine.conversation import CachePlan, Conversation, evict_lru, merge_turns, plan_cache
 from assistant.engine.decoding import TokenStream, prefill_prompt
@@ -136,17 +137,12 @@ class Worker:
             except queue.Empty:
                 return
             if isinstance(cmd, PrepareCmd | CallCmd):
-                self._refuse_call(cmd)
+                refuse_stopped(cmd.reply)
             elif isinstance(cmd, RespondCmd):
                 cmd.on_finish(cmd.session_id, cmd.response_id)
                 cmd.stream.push(
                     ResponseDone.refused(cmd.response_id, "the engine stopped before this response started")
                 )
-
-    @staticmethod
-    def _refuse_call(cmd: PrepareCmd | CallCmd) -> None:
-        if not cmd.reply.done():
-            cmd.reply.set_exception(RuntimeError("the engine stopped before this command ran"))
 
     def _drain_commands(self) -> bool:
         """Handle every queued command; False once a stop was received."""
@@ -167,7 +163,7 @@ class Worker:
             elif isinstance(cmd, CancelCmd):
                 self._cancel(cmd.response_id, cmd.reason)
             elif isinstance(cmd, CallCmd):  # after every turn queued before it
-                self.turns.in_order(lambda cmd=cmd: self._call(cmd), lambda cmd=cmd: self._refuse_call(cmd))
+                self.turns.in_order(lambda cmd=cmd: self._call(cmd), lambda cmd=cmd: refuse_stopped(cmd.reply))
             elif isinstance(cmd, StopCmd):
                 keep_running = False
             else:
