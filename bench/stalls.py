@@ -155,6 +155,7 @@ async def main(args: argparse.Namespace) -> None:
     opts = ResponseOptions(greedy=True, max_new_tokens=args.max_new_tokens)
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    commit = git_commit()  # the code that runs (a commit made during the run would not be)
     results = []
     try:
         await run_level(engine, 1, clips, 0.0, opts)  # warm-up (first calls, the system-prompt snapshot)
@@ -169,7 +170,7 @@ async def main(args: argparse.Namespace) -> None:
     out = {
         "bench": "stalls",
         "date": started,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "machine": machine(),
         "load": {"before": list(load_before), "after": list(os.getloadavg())},
         "parameters": {
