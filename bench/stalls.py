@@ -12,7 +12,7 @@ Two modes on the same engine and weights, alternating which goes first per level
 `bounded_steps` (the engine as it is) and `one_batch`, which emulates the engine before bounded steps (every queued
 turn in one prepare call, Whisper's short pass and its full-window redos in one go).
 
-Writes bench/results/stalls-<date>.json: date, git commit, machine (CPU model, cores, torch version and threads),
+Writes bench/results/stalls-<date><tag>.json: date, git commit, machine (CPU model, cores, torch version and threads),
 load (os.getloadavg before/after), parameters and the results per level and mode.
 """
 
@@ -186,7 +186,7 @@ async def main(args: argparse.Namespace) -> None:
         "results": results,
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"stalls-{datetime.date.today().isoformat()}.json"
+    path = RESULTS / f"stalls-{datetime.date.today().isoformat()}{args.tag}.json"
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print("wrote", path)
 
@@ -198,5 +198,6 @@ if __name__ == "__main__":
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--max-active", type=int, default=8, help="engine.max_active")
     ap.add_argument("--questions", type=int, default=8, help="distinct spoken questions (cycled over sessions)")
+    ap.add_argument("--tag", default="", help="appended to the result file's name (a second run the same day)")
     ap.add_argument("--modes", default="bounded_steps,one_batch", help="bounded_steps and/or one_batch (before)")
     asyncio.run(main(ap.parse_args()))
