@@ -157,14 +157,12 @@ class TurnQueue:
         self.items.append(TurnWork(cmd, conv, self._next_seq()))
 
     def discard(self, conv: Conversation, key: str) -> None:
-        """Forget the speculation of `key`: not yet run (it never runs), running (its result is dropped) or done."""
-        if self._drop_unrun(conv, key, "discarded"):
-            return
+        """Forget the speculations of `key`: not yet run (it never runs), running (its result is dropped), done."""
+        self._drop_unrun(conv, key, "discarded")
         for w in self.running.works if self.running else ():
             if w.speculative and w.conv is conv and w.key == key and not w.dropped:
                 w.dropped = True
                 metrics.SPECULATIONS.labels(outcome="discarded").inc()
-                return
         if conv.speculative.pop(key, None) is not None:
             metrics.SPECULATIONS.labels(outcome="discarded").inc()
 
