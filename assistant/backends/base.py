@@ -7,8 +7,9 @@ for a conversation, and owns the tokenizer. Everything here runs on the engine's
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -110,6 +111,21 @@ class DecoderLM(Protocol):
         ...
 
 
+T = TypeVar("T")
+# Audio work in bounded steps: a generator that yields (nothing) between pieces of work and returns its result, so the
+# engine's worker can drain commands and run a decode step between them (see `Backend`).
+Steps = Generator[None, None, "list[PreparedTurn]"]
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """Run stepwise work to its end (for callers with nothing to do between its steps)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
 class Backend(Protocol):
     name: str  # "qwen-audio" | "embedded"
     lm: DecoderLM
@@ -121,6 +137,10 @@ class Backend(Protocol):
         """Batched audio work for several utterances (qwen-audio: encoder; embedded: Whisper). `audio_numbers[i]`
         is k in "Audio k:" (audios counted across the conversation)."""
         ...
+
+    # Optional: `prepare_batch: int`, the most utterances the engine passes per call (default
+    # `assistant.engine.turns.PREPARE_BATCH`); `prepare_steps(utterances, audio_numbers) -> Steps`, `prepare` in
+    # bounded steps, looked up on the backend's class (a wrapper that overrides only `prepare` is used as it is).
 
     def build_prompt(self, system: str, history: list[Exchange], turn: PreparedTurn, max_window_tokens: int) -> Prompt:
         """Chat prompt for `turn` after `history`, newest history first while it fits `max_window_tokens`."""

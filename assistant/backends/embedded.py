@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from assistant.backends.base import Exchange, PreparedTurn, Prompt, Utterance
+from assistant.backends.base import Exchange, PreparedTurn, Prompt, Steps, Utterance, run_steps
 from assistant.models.device import resolve_dtype
 from assistant.models.qwen2_lm import Qwen2LM
 from assistant.models.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
@@ -23,7 +23,7 @@ log = logging.getLogger("assistant.embedded")
 
 DEFAULT_WINDOW_TOKENS = 2048  # history budget: a 0.5B model answers best with a short, recent context
 # Whisper runs on the clip plus this much padding; unreliable results are redone on the full 30 s window (see
-# WhisperTranscriber.transcribe_batch). Measured on the espeak question set: same transcripts, a fraction of the cost.
+# WhisperTranscriber.transcribe_steps). Measured on the espeak question set: same transcripts, a fraction of the cost.
 WHISPER_PAD_S = 2.0
 
 
@@ -50,6 +50,9 @@ class EmbeddedBackend:
         self.lm, self.tokenizer, self.transcriber = lm, tokenizer, transcriber
         self.default_system_prompt = system_prompt
         self.max_window_tokens = max_window_tokens
+        # Utterances per prepare call (the engine's chunk). On CPU, Whisper's batched short pass cost about the same
+        # per utterance at 1, 4 or 8 utterances (2 shared cores), so one per call keeps every step short.
+        self.prepare_batch = 1 if lm.device.type == "cpu" else 8
 
     @classmethod
     def from_config(cls, cfg) -> EmbeddedBackend:
@@ -76,12 +79,17 @@ class EmbeddedBackend:
     def prepare(self, utterances: list[Utterance], audio_numbers: list[int]) -> list[PreparedTurn]:
         """Transcribe every utterance that has audio in one batch; typed text alone is the user message as-is.
         With both, the typed text follows the transcript on a new line (an instruction about what was said)."""
+        return run_steps(self.prepare_steps(utterances, audio_numbers))
+
+    def prepare_steps(self, utterances: list[Utterance], audio_numbers: list[int]) -> Steps:
+        """`prepare` in bounded steps (`WhisperTranscriber.transcribe_steps`): the engine's worker runs a decode step
+        for the running answers between them."""
         spoken = [u for u in utterances if u.audio is not None and len(u.audio) > 0]
         if spoken and self.transcriber is None:
             raise ValueError("this embedded backend was built without Whisper and cannot take audio")
         heard = {}
         if spoken:
-            results = self.transcriber.transcribe_batch([u.audio for u in spoken])
+            results = yield from self.transcriber.transcribe_steps([u.audio for u in spoken])
             heard = {u.key: r for u, r in zip(spoken, results, strict=True)}
         turns = []
         for u in utterances:

@@ -38,6 +38,7 @@ ENCODER_BATCH = 8  # 30 s windows encoded together; bounds the encoder's activat
 
 class QwenAudioBackend:
     name = "qwen-audio"
+    prepare_batch = ENCODER_BATCH  # utterances per prepare call (the engine's chunk)
 
     def __init__(
         self,

@@ -57,6 +57,27 @@ class UnknownSession(KeyError):
     """The session id is not open (closed, or never opened)."""
 
 
+class TurnTooLong(ValueError):
+    """A user turn (typed text or transcript) over `engine.max_turn_tokens`: refused, nothing entered the
+    conversation. Protocol code `turn_too_long`."""
+
+    code = "turn_too_long"
+
+    @classmethod
+    def tokens(cls, n: int, limit: int) -> TurnTooLong:
+        return cls(
+            f"user turn of {n} tokens is over engine.max_turn_tokens = {limit}; send a shorter turn (or raise "
+            "engine.max_turn_tokens in the server config)"
+        )
+
+    @classmethod
+    def characters(cls, n: int, limit: int, chars_per_token: int) -> TurnTooLong:
+        return cls(
+            f"user turn of {n} characters is over engine.max_turn_tokens = {limit} (more than {limit * chars_per_token}"
+            " characters is refused before tokenizing); send a shorter turn (or raise engine.max_turn_tokens)"
+        )
+
+
 @dataclass(frozen=True)
 class ResponseOptions:
     max_new_tokens: int | None = None  # None = generation config

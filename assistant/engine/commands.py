@@ -23,6 +23,12 @@ def ms_between(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1000.0, 3)
 
 
+def refuse_stopped(reply: Any) -> None:
+    """Answer a command's reply (a concurrent future) when the engine stopped before running it."""
+    if not reply.done():
+        reply.set_exception(RuntimeError("the engine stopped before this command ran"))
+
+
 @dataclass(frozen=True)
 class OpenSessionCmd:
     session_id: str
@@ -125,6 +131,7 @@ class Job:
     next_id: int | None = None  # sampled, streamed, not yet fed to the model
     cancel_reason: str | None = None
     t: dict[str, float] = field(default_factory=dict)
+    turns_before: int = 0  # `TurnQueue.mark()` at the respond: it waits for its session's turns queued before it
 
     @property
     def response_id(self) -> str:

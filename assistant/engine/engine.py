@@ -99,7 +99,8 @@ class Engine:
         return self._worker.loaded.result(timeout=0)
 
     async def call(self, fn: Callable[[Backend], T]) -> T:
-        """Run `fn(backend)` on the worker between two decode steps (benchmarks' baselines, tests)."""
+        """Run `fn(backend)` on the worker between two decode steps, after every user turn queued before it
+        (benchmarks' baselines, tests)."""
         self._require_started()
         reply: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._worker.commands.put(CallCmd(fn, reply))
@@ -142,8 +143,10 @@ class Engine:
 
     # ---- turns and responses ------------------------------------------------------------------------------------
     async def add_user_turn(self, session_id: str, utterance: Utterance) -> TurnInfo:
-        """Run the backend's audio work for this turn on the worker (batched with turns arriving meanwhile); the turn
-        is then pending and is answered by the next `respond`. Raises what the backend raised for a bad utterance."""
+        """Run the backend's audio work for this turn on the worker (in bounded chunks with other queued turns); the
+        turn is then pending and is answered by the next `respond`. Raises what the backend raised for a bad
+        utterance, and `TurnTooLong` (nothing enters the conversation) when its text or transcript is over
+        `engine.max_turn_tokens`."""
         return await self._submit_turn(session_id, utterance, confirm=False)
 
     async def confirm_user_turn(self, session_id: str, utterance: Utterance) -> TurnInfo:

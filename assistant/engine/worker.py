@@ -1,17 +1,20 @@
 """The engine's worker thread: the only place that touches the backend, the model and the KV caches.
 
 Loop, one iteration per decode step:
-1. drain the command queue (block only when there is nothing to decode): user turns to prepare, responses to start,
-   cancellations, session closes/resets, stop;
-2. run `backend.prepare` once for all user turns that arrived together (audio encoding is batched), speculative
-   ones included (kept aside in `Conversation.speculative`); a confirmed speculation skips the backend;
-3. apply cancellations (a cancelled response ends before the next step: "within one decode step");
-4. admit waiting responses while fewer than `max_active` decode (all at once when idle, one per step while others
-   decode, so a burst of prefills never stalls running answers for long): build the prompt, reuse the session's
-   cache by longest common prefix (`conversation.plan_cache`), prefill only the new tokens with audio embeddings
-   spliced, pick the first token; a session whose cache is empty (new, evicted, rebuilt) first copies the shared
-   system-prompt snapshot (`prefix_cache.PrefixSnapshots`), so only the part after the system message is prefilled;
-5. one batched `lm.decode` for every active response, pick each next token, stream its text.
+1. drain the command queue (block only when there is nothing to do): user turns are queued for preparation
+   (`turns.TurnQueue`), responses wait for admission, cancellations and closes apply at once (a cancelled response
+   ends before the next step: "within one decode step"), resets and `call`s keep their order with queued turns;
+2. one bounded step of audio work (`TurnQueue.step`): a chunk of at most `prepare_batch` turns, in the backend's
+   steps (Whisper's short pass, then each full-window redo), speculative ones included (kept aside in
+   `Conversation.speculative`); a confirmed speculation skips the backend. A burst of turns is prepared over many
+   iterations, so cancellations and running answers never wait for more than one step of it;
+3. admit waiting responses while fewer than `max_active` decode (all at once when idle, one per step while others
+   decode, so a burst of prefills never stalls running answers for long; a response whose session still has turns
+   queued before it waits for them). Each: build the prompt, reuse the session's cache by longest common prefix
+   (`conversation.plan_cache`), prefill only the new tokens with audio embeddings spliced, pick the first token; a
+   session whose cache is empty (new, evicted, rebuilt) first copies the shared system-prompt snapshot
+   (`prefix_cache.PrefixSnapshots`), so only the part after the system message is prefilled;
+4. one batched `lm.decode` for every active response, pick each next token, stream its text.
 
 What a response leaves in the history (the user heard what was streamed):
 - completed / incomplete (max tokens): the answered turns with the reply text;
@@ -50,12 +53,13 @@ from assistant.engine.commands import (
     RespondCmd,
     SpeculateCmd,
     StopCmd,
+    refuse_stopped,
 )
 from assistant.engine.conversation import CachePlan, Conversation, evict_lru, merge_turns, plan_cache
 from assistant.engine.decoding import TokenStream, prefill_prompt
 from assistant.engine.prefix_cache import PrefixSnapshots
 from assistant.engine.sampling import sampling_params
-from assistant.engine.turns import TurnWork, drop_unrun, prepare_turns
+from assistant.engine.turns import TurnQueue
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,7 @@ class Worker:
         self.lm = backend.lm
         self.window_tokens = self.cfg.max_window_tokens or backend.max_window_tokens
         self.prefixes = PrefixSnapshots(backend, self.window_tokens)  # shared system-prompt K/V
+        self.turns = TurnQueue(backend, self.cfg.max_turn_tokens)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -110,6 +115,7 @@ class Worker:
                 try:
                     if not self._drain_commands():
                         break
+                    self.turns.step()
                     self._admit()
                     if self.active:
                         self._decode_step()
@@ -120,6 +126,7 @@ class Worker:
                         self._finish(job, "failed", None, error=f"engine error: {type(e).__name__}: {e}")
             for job in self.waiting + self.active:
                 self._finish(job, "cancelled", "shutdown")
+            self.turns.refuse_all()
             self._refuse_leftovers()
 
     def _refuse_leftovers(self) -> None:
@@ -129,8 +136,8 @@ class Worker:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(cmd, PrepareCmd | CallCmd) and not cmd.reply.done():
-                cmd.reply.set_exception(RuntimeError("the engine stopped before this command ran"))
+            if isinstance(cmd, PrepareCmd | CallCmd):
+                refuse_stopped(cmd.reply)
             elif isinstance(cmd, RespondCmd):
                 cmd.on_finish(cmd.session_id, cmd.response_id)
                 cmd.stream.push(
@@ -139,7 +146,7 @@ class Worker:
 
     def _drain_commands(self) -> bool:
         """Handle every queued command; False once a stop was received."""
-        block = not self.active and not self.waiting
+        block = not self.active and not self.waiting and self.turns.idle
         cmds: list[Command] = []
         try:
             cmds.append(self.commands.get(block=block))
@@ -147,27 +154,20 @@ class Worker:
                 cmds.append(self.commands.get_nowait())
         except queue.Empty:
             pass
-        batch: list[TurnWork] = []
         keep_running = True
         for cmd in cmds:
             if isinstance(cmd, PrepareCmd | SpeculateCmd | DiscardCmd):
-                self._turn_command(cmd, batch)
-                continue
-            if batch:  # keep order: a respond after a prepare must see its turn
-                prepare_turns(self.backend, batch)
-                batch = []
-            if isinstance(cmd, RespondCmd):
+                self._turn_command(cmd)
+            elif isinstance(cmd, RespondCmd):
                 self._respond(cmd)
             elif isinstance(cmd, CancelCmd):
                 self._cancel(cmd.response_id, cmd.reason)
-            elif isinstance(cmd, CallCmd):
-                self._call(cmd)
+            elif isinstance(cmd, CallCmd):  # after every turn queued before it
+                self.turns.in_order(lambda cmd=cmd: self._call(cmd), lambda cmd=cmd: refuse_stopped(cmd.reply))
             elif isinstance(cmd, StopCmd):
                 keep_running = False
             else:
                 self._session(cmd)
-        if batch:
-            prepare_turns(self.backend, batch)
         metrics.QUEUED.set(len(self.waiting))
         return keep_running
 
@@ -190,26 +190,23 @@ class Worker:
             if job.conv is conv:
                 job.cancel_reason = "session_closed" if closing else "conversation_reset"
         self._reap_cancelled()
-        conv.reset()
         if closing:
+            self.turns.close(conv)
+            conv.reset()
             conv.closed = True
             del self.conversations[cmd.session_id]
+        else:  # after the session's turns queued before it (they enter, then the reset forgets them)
+            self.turns.in_order(conv.reset, conv.reset, conv)
 
-    def _turn_command(self, cmd: PrepareCmd | SpeculateCmd | DiscardCmd, batch: list[TurnWork]) -> None:
+    def _turn_command(self, cmd: PrepareCmd | SpeculateCmd | DiscardCmd) -> None:
         conv = self.conversations.get(cmd.session_id)
         if conv is None:
             if isinstance(cmd, PrepareCmd) and not cmd.reply.done():
                 cmd.reply.set_exception(UnknownSession(cmd.session_id))
-            return
-        if isinstance(cmd, DiscardCmd):  # needs no flush: it only removes work that is not part of the session
-            drop_unrun(batch, conv, cmd.key, "discarded")
-            if conv.speculative.pop(cmd.key, None) is not None:
-                metrics.SPECULATIONS.labels(outcome="discarded").inc()
-            return
-        if isinstance(cmd, PrepareCmd) and cmd.confirm:
-            # its speculation has not run yet: no head start left, the confirm does the work itself
-            drop_unrun(batch, conv, cmd.utterance.key, "missed")
-        batch.append(TurnWork(cmd, conv))
+        elif isinstance(cmd, DiscardCmd):
+            self.turns.discard(conv, cmd.key)
+        else:
+            self.turns.add(cmd, conv)
 
     def _call(self, cmd: CallCmd) -> None:
         if not cmd.reply.set_running_or_notify_cancel():
@@ -227,7 +224,7 @@ class Worker:
             cmd.stream.push(ResponseDone.refused(cmd.response_id, f"session {cmd.session_id!r} is closed"))
             return
         conv.busy = True
-        self.waiting.append(Job(cmd, conv))
+        self.waiting.append(Job(cmd, conv, turns_before=self.turns.mark()))
 
     def _cancel(self, response_id: str, reason: str) -> None:
         for job in self.waiting + self.active:
@@ -243,9 +240,13 @@ class Worker:
         """Prefill waiting responses into free slots. While others are decoding, one prefill per step: each prefill
         stalls every active stream, so they are spread out (an active stream waits for at most one per token)."""
         budget = 1 if self.active else self.cfg.max_active
-        while self.waiting and len(self.active) < self.cfg.max_active and budget > 0:
+        for job in list(self.waiting):
+            if len(self.active) >= self.cfg.max_active or budget == 0:
+                break
+            if self.turns.blocks(job.conv, job.turns_before):  # its turns are still being prepared
+                continue
             budget -= 1
-            job = self.waiting.pop(0)
+            self.waiting.remove(job)
             job.t["admitted"] = time.monotonic()
             try:
                 if self._start(job):

@@ -13,6 +13,7 @@ written by `assistant/weights/convert.py` from the CTranslate2 package.
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +181,9 @@ class WhisperTranscriber:
     # the right ones -0.13..-0.42. (The language probability is no signal: a right transcript had 0.36.)
     MIN_AVG_LOGPROB = -0.5
     NO_SPEECH_PROB, SILENT_AVG_LOGPROB = 0.6, -1.0  # openai/whisper's defaults for "this segment is silence"
+    # Full-window redos per step. On 2 shared CPU cores one 30 s redo took 2-5 s and a batch of 4 took 12.6 s:
+    # batching gains little there, and each step holds the engine's worker (running answers wait for it).
+    REDO_BATCH = 1
 
     def __init__(self, model: Whisper, tokenizer_json: Path, config_json: Path, pad_s: float = 30.0):
         from tokenizers import Tokenizer as HFTokenizer
@@ -214,11 +218,13 @@ class WhisperTranscriber:
         frames = min(N_FRAMES, max(2, -(-len(audio) // HOP) + int(pad_s * MODEL_RATE_HZ) // HOP))
         return m[:, : frames + frames % 2]
 
-    @torch.inference_mode()
-    def transcribe_batch(self, audios: list[np.ndarray], max_tokens: int | None = None) -> list[Transcript]:
-        """Greedy transcripts of `audios`. With a short window (`pad_s` < 30), an utterance whose result looks
-        unreliable (unsure language, low token confidence, or a repetition loop) is decoded again on the full
-        30 s window the model was trained on, so the fast path never costs accuracy on those."""
+    def transcribe_steps(
+        self, audios: list[np.ndarray], max_tokens: int | None = None
+    ) -> Generator[None, None, list[Transcript]]:
+        """Greedy transcripts of `audios`, in bounded steps (the caller may do other work at each `yield`): one pass
+        over the batch, then, with a short window (`pad_s` < 30), each utterance whose result looks unreliable (unsure
+        language, low token confidence, or a repetition loop) is decoded again on the full 30 s window the model was
+        trained on, `REDO_BATCH` per step, so the fast path never costs accuracy on those."""
         # A clip under 30 ms holds no word (and gives the convolutions too few frames): an empty transcript.
         results: list[Transcript] = [Transcript("", "", [], no_speech=True) for _ in audios]
         runnable = [i for i, a in enumerate(audios) if len(a) >= MIN_SAMPLES]
@@ -226,10 +232,14 @@ class WhisperTranscriber:
             results[i] = r
         if self.pad_s < 30.0:
             redo = [i for i in runnable if not results[i].reliable]
-            for i, r in zip(redo, self._run([audios[i] for i in redo], 30.0, max_tokens), strict=True):
-                results[i] = r
+            for at in range(0, len(redo), self.REDO_BATCH):
+                yield
+                part = redo[at : at + self.REDO_BATCH]
+                for i, r in zip(part, self._run([audios[i] for i in part], 30.0, max_tokens), strict=True):
+                    results[i] = r
         return results
 
+    @torch.inference_mode()
     def _run(self, audios: list[np.ndarray], pad_s: float, max_tokens: int | None) -> list[Transcript]:
         if not audios:
             return []
