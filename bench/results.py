@@ -43,8 +43,9 @@ def load_average() -> list[float]:
 
 
 class Record:
-    def __init__(self, name: str, params: dict[str, Any]):
+    def __init__(self, name: str, params: dict[str, Any], tag: str = ""):
         self.name = name
+        self.tag = tag  # appended to the file name (a second run the same day)
         self.params = dict(params)
         self.started = dt.datetime.now(dt.UTC)
         self.load_before = load_average()
@@ -74,7 +75,7 @@ class Record:
             "results": numbers,
         }
         RESULTS_DIR.mkdir(exist_ok=True)
-        path = RESULTS_DIR / f"{self.name}-{self.started:%Y%m%d}.json"
+        path = RESULTS_DIR / f"{self.name}-{self.started:%Y%m%d}{self.tag}.json"
         path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"result written to {path.relative_to(REPO)}", flush=True)
         return path

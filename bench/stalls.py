@@ -12,32 +12,28 @@ Two modes on the same engine and weights, alternating which goes first per level
 `bounded_steps` (the engine as it is) and `one_batch`, which emulates the engine before bounded steps (every queued
 turn in one prepare call, Whisper's short pass and its full-window redos in one go).
 
-Writes bench/results/stalls-<date><tag>.json: date, git commit, machine (CPU model, cores, torch version and threads),
-load (os.getloadavg before/after), parameters and the results per level and mode.
+Writes bench/results/stalls-<YYYYMMDD><tag>.json (`bench/results.py`): date, git commit, machine (CPU model, cores,
+torch version and threads), load (os.getloadavg before/after), parameters and the results per level and mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from assistant.backends.base import Utterance
 from assistant.config import load_config
 from assistant.engine.api import ResponseDone, ResponseOptions, TextDelta
 from assistant.engine.engine import Engine
-from bench.embedded_latency import QUESTIONS, synthesize
-
-RESULTS = Path(__file__).parent / "results"
+from bench.results import Record
+from bench.spoken_set import QUESTIONS, synthesize
 
 
 class OneBatch:
@@ -55,9 +51,9 @@ class OneBatch:
         return self._backend.prepare(utterances, audio_numbers)
 
 
-def percentile(values: list[float], p: float) -> float:
+def percentile(values: list[float], p: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     s = sorted(values)
     return round(s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))], 1)
 
@@ -112,25 +108,6 @@ async def run_level(engine: Engine, n: int, clips: list[np.ndarray], stagger_s: 
     }
 
 
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-
-
-def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    return r.stdout.strip() or "unknown"
-
-
 def set_mode(engine: Engine, backend, mode: str) -> None:
     """On the worker, between steps (via `engine.call`): which backend and chunk size its turn queue uses."""
     turns = engine._worker.turns
@@ -141,6 +118,7 @@ def set_mode(engine: Engine, backend, mode: str) -> None:
 async def main(args: argparse.Namespace) -> None:
     from assistant.backends import load_backend
 
+    record = Record("stalls", vars(args), tag=args.tag)  # the commit and load when the run starts
     levels = [int(x) for x in args.levels.split(",")]
     overrides = {"engine.max_active": args.max_active, "engine.max_queued": max(levels)}
     cfg = load_config(overrides=overrides)
@@ -153,9 +131,6 @@ async def main(args: argparse.Namespace) -> None:
     backend = engine.backend
     modes = args.modes.split(",")
     opts = ResponseOptions(greedy=True, max_new_tokens=args.max_new_tokens)
-    load_before = os.getloadavg()
-    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    commit = git_commit()  # the code that runs (a commit made during the run would not be)
     results = []
     try:
         await run_level(engine, 1, clips, 0.0, opts)  # warm-up (first calls, the system-prompt snapshot)
@@ -167,28 +142,8 @@ async def main(args: argparse.Namespace) -> None:
                 results.append(row)
     finally:
         await engine.stop()
-    out = {
-        "bench": "stalls",
-        "date": started,
-        "git_commit": commit,
-        "machine": machine(),
-        "load": {"before": list(load_before), "after": list(os.getloadavg())},
-        "parameters": {
-            "levels": levels,
-            "modes": modes,
-            "stagger_s": args.stagger_s,
-            "max_new_tokens": args.max_new_tokens,
-            "max_active": args.max_active,
-            "questions": args.questions,
-            "prepare_batch": {"bounded_steps": backend.prepare_batch, "one_batch": OneBatch.prepare_batch},
-            "backend": "embedded",
-        },
-        "results": results,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"stalls-{datetime.date.today().isoformat()}{args.tag}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print("wrote", path)
+    prepare_batch = {"bounded_steps": backend.prepare_batch, "one_batch": OneBatch.prepare_batch}
+    record.write({"runs": results, "prepare_batch": prepare_batch}, torch_threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":
