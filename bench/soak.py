@@ -124,8 +124,9 @@ async def paced(send, chunks: list[bytes]) -> None:
         await send(chunk)
 
 
-async def wait_answered(watch: TurnWatch, deadline_s: float) -> None:
-    while watch.open and time.monotonic() < deadline_s:
+async def wait_answered(watch: TurnWatch, deadline_s: float, alive=lambda: True) -> None:
+    """Until the client's committed turns are answered (or told), the deadline passes, or its connection died."""
+    while watch.open and time.monotonic() < deadline_s and alive():
         watch.event.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watch.event.wait(), 1.0)
@@ -164,40 +165,55 @@ async def websocket_client(url: str, speech: list[np.ndarray], stop_at: float, t
 
 
 async def mqtt_device(port: int, device: str, speech: list[np.ndarray], stop_at: float, tally: Tally, rng):
+    """A device as a real one is configured: a persistent broker session (QoS 1 events queued while it is away) and
+    a prompt reconnect when the broker goes away."""
     watch = TurnWatch(tally)
     prefix = f"assistant/{device}"
-    last_event = time.monotonic()
     turn = 0
+    sent_since_connect = events_since_connect = 0
+    waiting_since = time.monotonic()
     while time.monotonic() < stop_at:
         try:
-            async with aiomqtt.Client("127.0.0.1", port, identifier=f"soak-{device}", timeout=10) as client:
+            client = aiomqtt.Client("127.0.0.1", port, identifier=f"soak-{device}", clean_session=False, timeout=10)
+            async with client:
                 await client.subscribe(f"{prefix}/events", qos=1)
+                sent_since_connect = events_since_connect = 0
 
-                async def reader() -> None:
-                    nonlocal last_event
+                async def reader(client: aiomqtt.Client = client) -> None:
+                    nonlocal events_since_connect
                     async for message in client.messages:
-                        last_event = time.monotonic()
+                        events_since_connect += 1
                         watch.feed(json.loads(message.payload))
 
                 task = asyncio.create_task(reader())
                 try:
-                    while time.monotonic() < stop_at:
+                    while time.monotonic() < stop_at and not task.done():
+                        if watch.open:  # a turn from before the broker went away: its answer may still come
+                            await wait_answered(
+                                watch, waiting_since + TURN_TIMEOUT_S, lambda task=task: not task.done()
+                            )
+                            continue
                         if turn % 3 == 2:
                             for frame in rng.sample(HOSTILE, 2):
                                 await client.publish(f"{prefix}/control", frame.encode(), qos=1)
-                        await paced(lambda c: client.publish(f"{prefix}/audio", c, qos=0), frames(speech[turn % 4]))
+                        send = lambda c, client=client: client.publish(f"{prefix}/audio", c, qos=0)  # noqa: E731
+                        await paced(send, frames(speech[turn % 4]))
                         tally.sent += 1
+                        sent_since_connect += 1
                         turn += 1
-                        await wait_answered(watch, time.monotonic() + TURN_TIMEOUT_S)
+                        waiting_since = time.monotonic()
+                        await wait_answered(watch, waiting_since + TURN_TIMEOUT_S, lambda task=task: not task.done())
+                    if task.done():
+                        task.result()  # an MqttError: reconnect
                 finally:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                         await task
-        except aiomqtt.MqttError:  # the broker is being restarted: try again shortly
-            await asyncio.sleep(1.0)
+        except aiomqtt.MqttError:  # the broker is being restarted: try again at once, as devices do
+            await asyncio.sleep(0.2)
     watch.expire()
     tally.lost += len(watch.open)
-    if time.monotonic() - last_event > TURN_TIMEOUT_S:
+    if sent_since_connect and not events_since_connect:  # connected, speaking, and the server never answered
         tally.crashed += 1
 
 
