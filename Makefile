@@ -44,6 +44,8 @@ test: install system-deps
 bench: install prepare
 	$(BIN)/python -m bench.embedded_latency
 	$(BIN)/python -m bench.engine_throughput
+	$(BIN)/python -m bench.server_latency
+	$(BIN)/python -m bench.stalls
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-output
