@@ -20,3 +20,21 @@ def test_modules_do_not_import_torch(modules):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False", f"{modules} pulled in torch"
+
+
+def test_the_realtime_core_is_sans_io():
+    """The session core and everything it imports from the project name no event loop, socket, clock or torch: time
+    comes in as an argument (`now_s`), and work goes out as commands."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "assistant"
+    forbidden = {"asyncio", "socket", "time", "torch", "threading", "concurrent", "websockets", "aiomqtt"}
+    core = list((root / "realtime").glob("*.py"))
+    core += [root / "audio" / "vad.py", root / "audio" / "resample.py", root / "engine" / "api.py", root / "schema.py"]
+    for path in core:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        bad = {n for n in names if n.split(".")[0] in forbidden}
+        assert not bad, f"{path.relative_to(root.parent)} imports {sorted(bad)}"
