@@ -65,7 +65,7 @@ async def test_every_http_request_gets_a_status_line(server, caplog):
     assert await http(port, b"") == b""  # a port scanner's connect-and-close: nothing to answer
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
-    refused = [r for r in caplog.records if "not HTTP/WebSocket" in r.getMessage()]
+    refused = [r for r in caplog.records if "refused a request from" in r.getMessage()]
     assert refused and all("\n" not in r.getMessage() and not r.exc_info for r in refused)
 
 

@@ -92,7 +92,7 @@ class HttpConnection(ServerConnection):
         except (InvalidMessage, ConnectionClosed, EOFError) as exc:
             reason = exc.__cause__ or exc
             peer = self.remote_address[0] if self.remote_address else "?"
-            log.info("refused a connection from %s that is not HTTP/WebSocket: %s", peer, reason)
+            log.info("refused a request from %s (not a WebSocket upgrade or GET this port serves): %s", peer, reason)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.connection_lost_waiter), ANSWER_LINGER_S)
             # returning without the WebSocket open: websockets closes the connection without logging an error
