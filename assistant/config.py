@@ -117,8 +117,11 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
 
     def replace(self, **overrides: Any) -> Config:
-        """Dotted overrides, e.g. `cfg.replace(**{"server.port": 0})`; validated like file values."""
-        return _merge(self, _unflatten(overrides), where="override")
+        """Dotted overrides, e.g. `cfg.replace(**{"server.port": 0})`; validated like file values, and the result
+        passes the same checks across keys as a loaded file (so no `Config` with a bad `mqtt.url` ever exists)."""
+        cfg = _merge(self, _unflatten(overrides), where="override")
+        _check(cfg)
+        return cfg
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -171,9 +174,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: an integer of thousands of digits
             raise ConfigError(f"config file {f} is not valid TOML: {e}") from None
         cfg = _merge(cfg, data, where=str(f))
-    if overrides:
-        cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
-    _check(cfg)
+    cfg = cfg.replace(**{k: v for k, v in (overrides or {}).items() if v is not None})  # also runs the checks
     return cfg
 
 

@@ -22,7 +22,6 @@ States: idle -> pending -> speech -> idle.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -77,9 +76,6 @@ class TurnDetection(VadParams):
     create_response: bool = True
     interrupt_response: bool = True
     early_prepare_ms: int = field(default=200, metadata=bounds(0, 5000))
-
-    def vad_params(self) -> VadParams:
-        return VadParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VadParams)})
 
 
 @dataclass(frozen=True)

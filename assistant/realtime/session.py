@@ -100,6 +100,7 @@ class Session:
         self.closed = False
         self.accepting = True  # False during shutdown: new input is ignored
         self.last_input_s: float | None = None
+        self._now_s = 0.0  # the time passed with the input being handled
         self._out: list[Output] = []
         self._jobs: deque[_Job] = deque()
         self._current: _Job | None = None  # the job waiting for the engine
@@ -108,7 +109,7 @@ class Session:
         self._cancel_on_start = False  # barge-in arrived before the requested answer started
         self._committed_at_s: float | None = None  # when the turn now being answered ended (latency)
         td = settings.turn_detection
-        self._audio = AudioIn(settings.input_rate_hz, td and td.vad_params(), self.limits.max_buffer_ms)
+        self._audio = AudioIn(settings.input_rate_hz, td, self.limits.max_buffer_ms)
         self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to Speculate
         self._item_id = new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
@@ -230,7 +231,7 @@ class Session:
         self.settings = new
         if new.turn_detection != old.turn_detection:  # an open turn under the old settings is dropped
             self._discard_speculation()
-            self._audio.reconfigure(new.turn_detection and new.turn_detection.vad_params())
+            self._audio.reconfigure(new.turn_detection)
         if new.instructions != old.instructions:
             self._out.append(C.SetInstructions(new.instructions or None))
         self._emit("session.updated", session=self.events.session(new, self.id))
@@ -486,5 +487,3 @@ class Session:
     def _take(self) -> list[Output]:
         out, self._out = self._out, []
         return out
-
-    _now_s: float = 0.0

@@ -64,16 +64,12 @@ class SessionHub:
         self.cfg = cfg
         self.engine = engine
         self.model_name = model_name
-        self.connections: dict[str, Connection] = {}
+        self.sessions: dict[str, Connection] = {}  # id -> the connection of every transport
         self.closing = False
         s = cfg.server
         self.limits = SessionLimits(s.max_message_bytes, s.max_queued_turns, s.max_turn_audio_ms)
         self.transports = transport_limits(cfg)
         self._sweeper: asyncio.Task[None] | None = None
-
-    @property
-    def sessions(self) -> dict[str, Connection]:
-        return self.connections
 
     def open(
         self, transport: str, send: SendFn, close: CloseFn, dialect: Dialect = "ga", input_rate_hz: int | None = None
@@ -81,7 +77,7 @@ class SessionHub:
         if self.closing:
             raise SessionLimitReached("the server is shutting down; reconnect later")
         t = self.transports[transport]
-        n = sum(c.transport == transport for c in self.connections.values())
+        n = sum(c.transport == transport for c in self.sessions.values())
         if n >= t.capacity:
             raise SessionLimitReached(
                 f"{n} {transport} sessions open, the limit is {t.capacity_key}={t.capacity}; retry later"
@@ -90,7 +86,7 @@ class SessionHub:
         settings = SessionSettings(model=self.model_name, turn_detection=self.cfg.vad, **rate)
         session = Session(new_id("sess"), settings, dialect, default_td=self.cfg.vad, limits=self.limits)
         conn = Connection(self, transport, session, send, close)
-        self.connections[conn.id] = conn
+        self.sessions[conn.id] = conn
         self._count()
         self._ensure_sweeper()
         return conn
@@ -100,12 +96,12 @@ class SessionHub:
         return EventFactory(dialect).error(ProtocolError("server_busy", message))
 
     def release(self, conn: Connection) -> None:
-        self.connections.pop(conn.id, None)
+        self.sessions.pop(conn.id, None)
         self._count()
 
     def _count(self) -> None:
         by: dict[str, int] = {}
-        for c in self.connections.values():
+        for c in self.sessions.values():
             by[c.transport] = by.get(c.transport, 0) + 1
         for transport in ("websocket", "mqtt", *by):
             SESSIONS.labels(transport=transport).set(by.get(transport, 0))
@@ -117,10 +113,10 @@ class SessionHub:
 
     async def _sweep(self) -> None:
         shortest_s = min(t.idle_timeout_s for t in self.transports.values())
-        while self.connections:
+        while self.sessions:
             await asyncio.sleep(min(IDLE_SWEEP_MAX_S, shortest_s / 4))
             now_s = time.monotonic()
-            for conn in list(self.connections.values()):
+            for conn in list(self.sessions.values()):
                 idle_s = self.transports[conn.transport].idle_timeout_s
                 silent_s = now_s - conn.last_input_s
                 if silent_s >= idle_s and conn.idle and not conn.closed:
@@ -133,7 +129,7 @@ class SessionHub:
     async def shutdown(self, grace_s: float) -> None:
         """Refuse new sessions, let in-flight work finish for up to `grace_s`, then cancel and close all."""
         self.closing = True
-        conns = list(self.connections.values())
+        conns = list(self.sessions.values())
         for c in conns:
             c.session.stop_accepting()
         if conns and grace_s > 0:

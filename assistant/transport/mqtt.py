@@ -357,14 +357,7 @@ async def run_mqtt_bridge(
 
     `health_checks` (the server's `/healthz` table) gets an `mqtt` entry: a problem while the bridge is not serving
     (broker unreachable, restarting after an error, not started)."""
-    try:
-        bridge = MqttBridge(cfg, hub, stop_event)
-    except ValueError as e:  # a bad mqtt.url: the server keeps serving WebSocket clients, the log says why
-        problem = f"MQTT bridge not started: {e}"
-        log.error("%s", problem)
-        if health_checks is not None:
-            health_checks["mqtt"] = lambda: problem
-        return
+    bridge = MqttBridge(cfg, hub, stop_event)  # mqtt.url was checked when the config was loaded
     if health_checks is not None:
         health_checks["mqtt"] = bridge.health
     await bridge.supervise()
