@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e '.[embedded,client,dev]'
+	$(BIN)/pip install -e '.[embedded,client,dev,voice]'
 	# The Qwen tokenizer file ships in this wheel; its dependencies are not needed and it is never imported.
 	$(BIN)/pip install --no-deps dashscope==2.0.2
 	touch $@
