@@ -18,6 +18,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from assistant.audio.vad import TurnDetection
+from assistant.audio.voice import MAX_SPEED, MIN_SPEED, VOICE_PACKAGES, VoiceParams
 from assistant.schema import SettingError, bounds, coerce_type
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.toml"
@@ -101,6 +102,18 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class VoiceConfig:
+    name: str = "joe"
+    speed: float = field(default=1.0, metadata=bounds(MIN_SPEED, MAX_SPEED))
+    output_rate_hz: int = field(default=24000, metadata=bounds(8000, 48000))
+    threads: int = field(default=1, metadata=bounds(1, 64))
+    max_concurrent: int = field(default=1, metadata=bounds(1, 64))
+
+    def params(self) -> VoiceParams:
+        return VoiceParams(name=self.name, threads=self.threads, max_concurrent=self.max_concurrent)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -114,6 +127,7 @@ class Config:
     engine: EngineConfig = EngineConfig()
     vad: TurnDetection = TurnDetection()
     mqtt: MqttConfig = MqttConfig()
+    voice: VoiceConfig = VoiceConfig()
     logging: LoggingConfig = LoggingConfig()
 
     def replace(self, **overrides: Any) -> Config:
@@ -210,5 +224,10 @@ def _check(cfg: Config) -> None:
             parse_mqtt_url(cfg.mqtt.url, cfg.mqtt.tls)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.voice.name and cfg.voice.name not in VOICE_PACKAGES:
+        raise ConfigError(
+            f"config key 'voice.name': expected one of {sorted(VOICE_PACKAGES)} or \"\" (text only), "
+            f"got {cfg.voice.name!r}"
+        )
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("config keys 'server.tls_cert' and 'server.tls_key' must be set together (or both empty)")
