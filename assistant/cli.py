@@ -47,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", parents=[common], help="run the WebSocket/HTTP server (and the MQTT bridge)")
+    s = sub.add_parser("serve", parents=[common], help="run the WebSocket/HTTP server (and MQTT, Wyoming)")
     s.add_argument("--host", help="interface to listen on (server.host)")
     s.add_argument("--port", type=int, help="TCP port, 0 = any free port (server.port, default 8765)")
     s.add_argument("--model", metavar="DIR|embedded", help="Qwen-Audio-Chat checkpoint directory, or 'embedded'")
     s.add_argument("--mqtt", metavar="mqtt://HOST:PORT", help="also bridge MQTT devices through this broker")
+    s.add_argument("--wyoming", metavar="tcp://HOST:PORT", help="also serve Home Assistant's Wyoming protocol here")
 
     a = sub.add_parser("ask", parents=[common], help="answer one spoken (or typed) question offline and exit")
     a.add_argument("--audio", metavar="FILE", help="audio file (WAV/FLAC/OGG/MP3..., any rate/channels)")
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, object] = {"logging.level": getattr(args, "log_level", None)}
     if args.command == "serve":
         overrides.update({"server.host": args.host, "server.port": args.port, "mqtt.url": args.mqtt})
+        overrides["wyoming.uri"] = args.wyoming
         overrides.update(_model_overrides(args.model))
     elif args.command == "ask":
         overrides.update(_model_overrides(args.model))

@@ -102,6 +102,15 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class WyomingConfig:
+    uri: str = ""
+    max_connections: int = field(default=16, metadata=bounds(1, None))
+    idle_timeout_s: float = field(default=60.0, metadata=bounds(1, None))
+    max_conversations: int = field(default=64, metadata=bounds(1, None))
+    conversation_idle_s: float = field(default=300.0, metadata=bounds(1, None))
+
+
+@dataclass(frozen=True)
 class VoiceConfig:
     name: str = "joe"
     speed: float = field(default=1.0, metadata=bounds(MIN_SPEED, MAX_SPEED))
@@ -127,6 +136,7 @@ class Config:
     engine: EngineConfig = EngineConfig()
     vad: TurnDetection = TurnDetection()
     mqtt: MqttConfig = MqttConfig()
+    wyoming: WyomingConfig = WyomingConfig()
     voice: VoiceConfig = VoiceConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -216,12 +226,29 @@ def parse_mqtt_url(url: str, cfg_tls: bool = False) -> BrokerAddress:
     )
 
 
+def parse_wyoming_uri(uri: str) -> tuple[str, int]:
+    """`tcp://HOST:PORT` (port 0 = any free port) -> (host, port)."""
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number or out of range, a malformed IPv6 address
+        host = port = None
+    if not uri.startswith("tcp://") or not host or port is None or parts.path not in ("", "/"):
+        raise ValueError(f"config key 'wyoming.uri': expected tcp://HOST:PORT (e.g. tcp://0.0.0.0:10700), got {uri!r}")
+    return host, port
+
+
 def _check(cfg: Config) -> None:
     if cfg.model.backend == "qwen-audio" and not cfg.model.path:
         raise ConfigError("config key 'model.path': the qwen-audio backend needs a checkpoint directory, got ''")
     if cfg.mqtt.url:
         try:
             parse_mqtt_url(cfg.mqtt.url, cfg.mqtt.tls)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.wyoming.uri:
+        try:
+            parse_wyoming_uri(cfg.wyoming.uri)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if cfg.voice.name and cfg.voice.name not in VOICE_PACKAGES:

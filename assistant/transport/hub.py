@@ -6,8 +6,8 @@ and graceful shutdown. Transports ask it for a `Connection` (`open`) and never k
     await hub.shutdown(grace_s)                                                # refuse new, finish, close all
 
 Capacity and idle timeout are per transport (`TransportLimits`: WebSocket `server.max_sessions` /
-`server.idle_timeout_s`, MQTT `mqtt.max_devices` / `mqtt.device_idle_timeout_s`), so one transport can never lock
-another out. Idle sweep: a
+`server.idle_timeout_s`, MQTT `mqtt.max_devices` / `mqtt.device_idle_timeout_s`, Wyoming `wyoming.*`), so one
+transport can never lock another out. Idle sweep: a
 session with no client input for its transport's timeout and nothing in flight is ended by the hub
 (`Connection.end`, the transport's close code 1000 "idle timeout").
 """
@@ -52,10 +52,15 @@ class TransportLimits:
 
 
 def transport_limits(cfg: Config) -> dict[str, TransportLimits]:
-    s, m = cfg.server, cfg.mqtt
+    s, m, w = cfg.server, cfg.mqtt, cfg.wyoming
     return {
         "websocket": TransportLimits(s.max_sessions, s.idle_timeout_s, "server.max_sessions"),
         "mqtt": TransportLimits(m.max_devices, m.device_idle_timeout_s, "mqtt.max_devices"),
+        # Wyoming: connections (each transcription is a session of its connection), and conversations by id
+        "wyoming": TransportLimits(w.max_connections, w.idle_timeout_s, "wyoming.max_connections"),
+        "wyoming_conversation": TransportLimits(
+            w.max_conversations, w.conversation_idle_s, "wyoming.max_conversations"
+        ),
     }
 
 

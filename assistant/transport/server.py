@@ -1,14 +1,16 @@
 """The process: `serve(cfg)` is `python -m assistant serve`; `running_server(...)` starts the same server in tests.
 
-`serve` starts listening at once (`/healthz` says 503), loads the backend on the engine's worker thread (never on
-the loop, and on the one thread that will run the model), attaches the session hub, optionally runs the MQTT
-bridge, and shuts down gracefully on SIGINT/SIGTERM: stop accepting, let answers finish for `shutdown_grace_s`,
-cancel the rest, close every socket with 1001.
+`serve` starts listening at once (`/healthz` says 503; the Wyoming port, when configured, answers `describe`),
+loads the backend on the engine's worker thread (never on the loop, and on the one thread that will run the model),
+attaches the session hub, optionally runs the MQTT bridge, and shuts down gracefully on SIGINT/SIGTERM: stop
+accepting, let answers finish for `shutdown_grace_s`, cancel the rest, close every socket with 1001. The process's
+shared parts are built here once: the engine, the hub and the voice (`SpeechPool`, shared by every transport).
 
     async with running_server(cfg.replace(**{"server.port": 0}), backend=backend) as srv:
         srv.ws_url      # "ws://127.0.0.1:PORT/v1/realtime"
         srv.http_url    # "http://127.0.0.1:PORT"
         srv.hub         # the SessionHub every transport shares
+        srv.wyoming     # the Wyoming server when `wyoming.uri` is set (srv.wyoming.port)
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from assistant.audio.voice import SpeechPool, installed_voices
 from assistant.config import Config
 from assistant.transport.hub import SessionHub
 from assistant.transport.websocket import CLOSE_TIMEOUT_S, REALTIME_PATH, AssistantServer
+from assistant.transport.wyoming import WyomingServer
 
 log = logging.getLogger("assistant.server")
 
@@ -39,6 +43,30 @@ class RunningServer:
     hub: SessionHub
     engine: Any
     app: AssistantServer
+    voice: SpeechPool | None = None
+    wyoming: WyomingServer | None = None
+
+
+def speech_pool(cfg: Config) -> SpeechPool | None:
+    """The process's one voice (loaded on first use), or None when speech is off or the voice is not installed."""
+    name = cfg.voice.name
+    if not name:
+        return None
+    if name not in installed_voices():
+        log.warning("voice %r is not installed (pip install -e '.[voice]'): answers are text only", name)
+        return None
+    return SpeechPool(cfg.voice.params())
+
+
+async def _start_wyoming(cfg: Config, voice: SpeechPool | None, app: AssistantServer) -> WyomingServer | None:
+    if not cfg.wyoming.uri:
+        return None
+    wy = WyomingServer(cfg, voice)
+    await wy.start()
+    app.health_checks["wyoming"] = wy.health
+    if voice is not None:
+        voice.load()  # in the pool's thread: the first synthesis does not pay for it
+    return wy
 
 
 @contextlib.asynccontextmanager
@@ -52,7 +80,11 @@ async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -
         await engine.start()
     app = AssistantServer(cfg)
     await app.start()
+    voice = speech_pool(cfg)
+    wy = await _start_wyoming(cfg, voice, app)
     hub = app.attach(engine)
+    if wy is not None:
+        wy.attach(hub)
     scheme = "wss" if cfg.server.tls_cert else "ws"
     host = cfg.server.host
     try:
@@ -64,9 +96,11 @@ async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -
             hub=hub,
             engine=engine,
             app=app,
+            voice=voice,
+            wyoming=wy,
         )
     finally:
-        await app.shutdown()
+        await _shutdown(cfg, app, wy, voice)
         if own_engine:
             await engine.stop()
 
@@ -102,9 +136,17 @@ async def _serve_main(cfg: Config) -> int:
     base = f"{scheme}://{shown_host}:{app.port}"
     print(f"Voice assistant: open {base}/ in a browser (WebSocket {base.replace('http', 'ws', 1)}{REALTIME_PATH})")
     print(f"Loading the {cfg.model.backend} model; {base}/healthz answers 200 once it is ready.", flush=True)
+    voice = speech_pool(cfg)
+    wy: WyomingServer | None = None
     engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
     mqtt_task: asyncio.Task[Any] | None = None
     try:
+        try:
+            wy = await _start_wyoming(cfg, voice, app)
+        except OSError as e:  # the port is taken, the host is not ours
+            log.error("could not start the Wyoming server on %s: %s", cfg.wyoming.uri, e)
+            print(f"error: could not listen on wyoming.uri {cfg.wyoming.uri}: {e}", flush=True)
+            return 1
         load = asyncio.create_task(engine.start())
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -120,6 +162,9 @@ async def _serve_main(cfg: Config) -> int:
             print(f"error: could not load the model: {e}", flush=True)
             return 1
         hub = app.attach(engine, model_name=cfg.model.backend)
+        if wy is not None:
+            wy.attach(hub)
+            print(f"Wyoming (Home Assistant): port {wy.port} offers {', '.join(wy.services())}", flush=True)
         if cfg.mqtt.url:
             from assistant.transport.mqtt import run_mqtt_bridge
 
@@ -128,7 +173,7 @@ async def _serve_main(cfg: Config) -> int:
         await stop.wait()
     finally:
         log.info("shutting down")
-        await app.shutdown()
+        await _shutdown(cfg, app, wy, voice)
         if mqtt_task is not None:
             stop.set()
             try:
@@ -138,3 +183,13 @@ async def _serve_main(cfg: Config) -> int:
         if engine.ready:  # a load still running is abandoned with its daemon thread
             await engine.stop()
     return 0
+
+
+async def _shutdown(cfg: Config, app: AssistantServer, wy: WyomingServer | None, voice: SpeechPool | None) -> None:
+    """Every transport stops accepting and finishes its requests (for `shutdown_grace_s`) together."""
+    parts = [app.shutdown()]
+    if wy is not None:
+        parts.append(wy.shutdown(cfg.server.shutdown_grace_s))
+    await asyncio.gather(*parts)
+    if voice is not None:
+        voice.close()
