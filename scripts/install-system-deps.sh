@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system programs the tests use (Mosquitto broker, espeak-ng voices, sox, Chromium, PortAudio),
+# Installs the system programs the tests use (Mosquitto broker, espeak-ng voices, sox, Chromium, PortAudio, ffmpeg
+# for Home Assistant's text-to-speech conversion),
 # only those missing. Needs root (CI runs as root) or sudo.
 set -euo pipefail
 need=()
@@ -8,6 +9,7 @@ command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v sox >/dev/null 2>&1 || need+=(sox)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 ldconfig -p 2>/dev/null | grep -q libportaudio.so.2 || need+=(libportaudio2)
+command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${need[*]}"
 SUDO=""

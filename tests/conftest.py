@@ -176,3 +176,9 @@ def embedded_questions(tmp_path_factory):
 
 
 # ---- end of engineer B block ---------------------------------------------------------------------------------------
+
+
+# ---- Wyoming / Home Assistant -------------------------------------------------------------------------------------
+# tests/home_assistant/ is run by Home Assistant's own venv (tests/test_home_assistant.py), never by this pytest.
+collect_ignore = ["home_assistant"]
+# ---- end of Wyoming / Home Assistant block ---------------------------------------------------------------------------

@@ -119,7 +119,9 @@ def build_info(cfg: Config, voice: SpeechPool | None) -> Info:
         )
     else:
         llm = _artifact("qwen-audio-chat", "Qwen-Audio-Chat", "Qwen", "https://github.com/QwenLM/Qwen-Audio")
-    handle_langs = sorted(LANGUAGE_NAMES)  # the LLM is told to answer in the language asked
+    # A question arrives in any language Whisper hears (or typed); the LLM is told to answer in the one asked.
+    # Home Assistant (2025.1) offers a conversation agent only for the languages listed here.
+    handle_langs = list(WHISPER_LANGUAGES)
     info.handle.append(
         HandleProgram(**{**llm, "name": "assistant"}, models=[HandleModel(**llm, languages=handle_langs)])
     )

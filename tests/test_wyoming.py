@@ -1,0 +1,186 @@
+"""The Wyoming server against the real `wyoming` client (AsyncTcpClient), on port 0.
+
+Without a model: `describe` answered before the model is loaded, bad messages (an `error` each, the connection goes
+on), connection capacity and idle timeout. With the real embedded weights and the real voice (slow): an espeak-ng
+question transcribed, two turns of one conversation, a sentence synthesised (plain and streaming) and transcribed
+back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import wave
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+from wyoming.asr import Transcribe, Transcript
+from wyoming.audio import AudioChunk
+from wyoming.client import AsyncTcpClient
+from wyoming.handle import Handled, NotHandled
+from wyoming.info import Describe, Info
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
+
+from assistant.transport.server import running_server, speech_pool
+from assistant.transport.wyoming import WyomingServer
+from tests.server_util import TIMEOUT_S
+from tests.wyoming_util import ask, audio_events, client, read_until, spoken, transcribe, words, wy_cfg
+
+
+# ---- without a model -------------------------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def loading_server(**overrides: Any) -> AsyncIterator[WyomingServer]:
+    """The Wyoming server as `serve` runs it while the model is still loading (no hub attached yet)."""
+    cfg = wy_cfg(**overrides)
+    voice = speech_pool(cfg)
+    wy = WyomingServer(cfg, voice)
+    await wy.start()
+    try:
+        yield wy
+    finally:
+        await wy.shutdown(0)
+        if voice is not None:
+            voice.close()
+
+
+async def test_describe_is_answered_while_the_model_loads_and_asr_handle_say_so():
+    async with loading_server() as wy:
+        [ev] = await ask(wy.port, Describe().event(), until="info")
+        info = Info.from_event(ev)
+        assert [p.name for p in info.asr] == ["assistant-asr"] and "en" in info.asr[0].models[0].languages
+        assert [p.name for p in info.handle] == ["assistant"]
+        assert info.handle[0].models[0].languages == info.asr[0].models[0].languages  # what Whisper hears
+        assert [p.name for p in info.tts] == ["assistant-tts"] and info.tts[0].supports_synthesize_streaming
+        assert info.tts[0].voices[0].name == "joe" and info.tts[0].voices[0].languages == ["en"]
+
+        events = await ask(wy.port, Transcribe().event(), *audio_events(b"\0" * 3200, 16000), until="error")
+        assert events[-1].data["code"] == "model_loading"
+        [ev] = await ask(wy.port, Transcript("hello", context={"conversation_id": "c"}).event(), until="not-handled")
+        assert "loading" in NotHandled.from_event(ev).text
+
+
+async def test_bad_messages_get_an_error_and_the_connection_goes_on():
+    async with loading_server(**{"server.max_message_bytes": 4096}) as wy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", wy.port)
+        c = AsyncTcpClient("127.0.0.1", wy.port)
+        c._reader, c._writer = reader, writer  # the package's client reading our raw connection
+
+        async def error_after(raw: bytes) -> dict[str, Any]:
+            writer.write(raw)
+            await writer.drain()
+            [ev] = await asyncio.wait_for(read_until(c, "error"), TIMEOUT_S)
+            return ev.data
+
+        assert (await error_after(b"this is not json\n"))["code"] == "invalid_json"
+        assert (await error_after(b'["a list"]\n'))["code"] == "invalid_event"
+        assert (await error_after(b'{"type": "synthesize", "data": {"text": 5}}\n'))["code"] == "invalid_event"
+        big = json.dumps({"type": "audio-chunk", "payload_length": 10000}).encode() + b"\n" + b"\0" * 10000
+        assert (await error_after(big))["code"] == "message_too_large"
+        chunk = AudioChunk(16000, 2, 1, b"\0" * 320).event()
+        await c.write_event(chunk)
+        assert (await read_until(c, "error"))[-1].data["code"] == "audio_not_started"
+        unknown = json.dumps({"type": "not-a-wyoming-event"}).encode() + b"\n"
+        writer.write(unknown)  # unknown types are dropped, as the protocol asks of servers
+        await c.write_event(Describe().event())
+        assert [e.type for e in await read_until(c, "info")] == ["info"]
+        over = json.dumps({"type": "audio-chunk", "payload_length": 10**9}).encode() + b"\n"
+        assert (await error_after(over))["code"] == "message_too_large"  # far over the limit: then closed
+        assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""
+        writer.close()
+
+
+async def test_connections_over_capacity_are_refused_and_idle_ones_closed():
+    async with loading_server(**{"wyoming.max_connections": 1, "wyoming.idle_timeout_s": 1}) as wy:
+        async with client(wy.port) as first:
+            await first.write_event(Describe().event())
+            await read_until(first, "info")
+            async with client(wy.port) as second:
+                ev = await second.read_event()
+                assert ev.type == "error" and ev.data["code"] == "server_busy"
+                assert "wyoming.max_connections=1" in ev.data["text"]
+                assert await second.read_event() is None  # closed
+            assert await first.read_event() is None  # idle for 1 s: closed
+        async with client(wy.port) as third:  # the slot is free again
+            await third.write_event(Describe().event())
+            await read_until(third, "info")
+
+
+# ---- the real model and voice (slow) -------------------------------------------------------------------------------
+@pytest.fixture
+async def wyoming_server(embedded_backend):
+    async with running_server(wy_cfg(), backend=embedded_backend) as srv:
+        yield srv
+
+
+@pytest.mark.slow
+async def test_a_spoken_question_is_transcribed(wyoming_server, question_wav):
+    with wave.open(str(question_wav)) as w:  # espeak-ng's 22.05 kHz: the server resamples
+        rate, pcm = w.getframerate(), w.readframes(w.getnframes())
+    text = words(await transcribe(wyoming_server.wyoming.port, pcm, rate))
+    assert "capital" in text and "france" in text
+
+
+@pytest.mark.slow
+async def test_a_conversation_remembers_its_earlier_turn(wyoming_server):
+    port = wyoming_server.wyoming.port
+
+    async def handle(text: str, conv_id: str) -> Handled:
+        [ev] = await ask(
+            port,
+            Transcript(text, context={"conversation_id": conv_id}, language="en").event(),
+            until=("handled", "not-handled"),
+        )
+        assert ev.type == "handled", ev
+        return Handled.from_event(ev)
+
+    first = await handle("My name is Alice.", "kitchen-1")
+    assert first.context == {"conversation_id": "kitchen-1"}
+    second = await handle("What is my name?", "kitchen-1")
+    assert "alice" in second.text.lower()
+    other = await handle("What is my name?", "hall-1")  # another conversation has no such history
+    assert "alice" not in other.text.lower()
+
+
+@pytest.mark.slow
+async def test_a_synthesised_sentence_transcribes_back(wyoming_server):
+    port = wyoming_server.wyoming.port
+    voice = SynthesizeVoice(name="joe")
+    events = await ask(port, Synthesize("What is the capital of France?", voice=voice).event(), until="audio-stop")
+    assert events[0].type == "audio-start" and not [e for e in events if e.type == "error"]
+    pcm, rate = spoken(events)
+    assert rate == 24000 and len(pcm) // 2 > rate  # more than a second of speech
+    text = words(await transcribe(port, pcm, rate))
+    assert "capital" in text and "france" in text
+
+
+@pytest.mark.slow
+async def test_streaming_synthesis_speaks_each_clause_as_its_text_arrives(wyoming_server):
+    port = wyoming_server.wyoming.port
+    async with client(port) as c:
+        await c.write_event(SynthesizeStart().event())
+        for piece in ("The capital of Fr", "ance is Paris. "):
+            await c.write_event(SynthesizeChunk(piece).event())
+        first = await read_until(c, "audio-chunk")  # the first sentence is spoken before the text stream ends
+        assert [e.type for e in first] == ["audio-start", "audio-chunk"]
+        for piece in ("It is a very", " beautiful city."):
+            await c.write_event(SynthesizeChunk(piece).event())
+        whole = "The capital of France is Paris. It is a very beautiful city."
+        await c.write_event(Synthesize(whole).event())  # the copy for older servers: ignored inside a stream
+        await c.write_event(SynthesizeStop().event())
+        rest = await read_until(c, "synthesize-stopped")
+    assert [e.type for e in rest[-2:]] == ["audio-stop", "synthesize-stopped"]
+    pcm, rate = spoken(first + rest)
+    text = words(await transcribe(port, pcm, rate))
+    assert "paris" in text and "beautiful city" in text
+
+
+@pytest.mark.slow
+async def test_text_the_voice_cannot_read_gets_an_error_and_the_rest_is_spoken(wyoming_server):
+    events = await ask(wyoming_server.wyoming.port, Synthesize("法国的首都是巴黎。 Paris.").event(), until="audio-stop")
+    errors = [e.data for e in events if e.type == "error"]
+    assert [e["code"] for e in errors] == ["unspeakable_text"]
+    pcm, _ = spoken(events)
+    assert np.abs(np.frombuffer(pcm, "<i2")).max() > 1000
