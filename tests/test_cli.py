@@ -52,6 +52,11 @@ def test_a_bad_mqtt_url_fails_at_start_naming_the_key():
     assert r.returncode == 2 and "mqtt.url" in r.stderr and "mqtt://HOST" in r.stderr
 
 
+def test_a_bad_wyoming_uri_fails_at_start_naming_the_key():
+    r = run("serve", "--port", "0", "--wyoming", "tcp://0.0.0.0")
+    assert r.returncode == 2 and "wyoming.uri" in r.stderr and "tcp://HOST:PORT" in r.stderr
+
+
 def test_sigterm_while_the_model_loads_exits_cleanly_and_says_why(tmp_path):
     """The checkpoint's config.json is a FIFO nobody writes: the load blocks in the worker until the signal."""
     ckpt = tmp_path / "ckpt"

@@ -20,6 +20,7 @@ import pytest
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk
 from wyoming.client import AsyncTcpClient
+from wyoming.event import Event
 from wyoming.handle import Handled, NotHandled
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
@@ -50,10 +51,10 @@ async def test_describe_is_answered_while_the_model_loads_and_asr_handle_say_so(
     async with loading_server() as wy:
         [ev] = await ask(wy.port, Describe().event(), until="info")
         info = Info.from_event(ev)
-        assert [p.name for p in info.asr] == ["assistant-asr"] and "en" in info.asr[0].models[0].languages
-        assert [p.name for p in info.handle] == ["assistant"]
+        assert [p.name for p in info.asr] == ["qwen-assistant"] and "en" in info.asr[0].models[0].languages
+        assert [p.name for p in info.handle] == ["qwen-assistant"]
         assert info.handle[0].models[0].languages == info.asr[0].models[0].languages  # what Whisper hears
-        assert [p.name for p in info.tts] == ["assistant-tts"] and info.tts[0].supports_synthesize_streaming
+        assert [p.name for p in info.tts] == ["qwen-assistant"] and info.tts[0].supports_synthesize_streaming
         assert info.tts[0].voices[0].name == "joe" and info.tts[0].voices[0].languages == ["en"]
 
         events = await ask(wy.port, Transcribe().event(), *audio_events(b"\0" * 3200, 16000), until="error")
@@ -184,3 +185,73 @@ async def test_text_the_voice_cannot_read_gets_an_error_and_the_rest_is_spoken(w
     assert [e["code"] for e in errors] == ["unspeakable_text"]
     pcm, _ = spoken(events)
     assert np.abs(np.frombuffer(pcm, "<i2")).max() > 1000
+
+
+# ---- handle's bounds, on the tiny random Qwen-Audio checkpoint (its answers are noise; the mechanics are not) -------
+@contextlib.asynccontextmanager
+async def tiny_server(tiny_qwen_dir, server_tiny_backend, **overrides: Any):
+    model = {"model.backend": "qwen-audio", "model.path": str(tiny_qwen_dir), "generation.max_new_tokens": 4}
+    async with running_server(wy_cfg(**{**model, **overrides}), backend=server_tiny_backend) as srv:
+        yield srv
+
+
+async def handle(port: int, text: str, conv_id: str | None, language: str | None = None) -> Event:
+    context = {"conversation_id": conv_id} if conv_id else None
+    [ev] = await ask(port, Transcript(text, context=context, language=language).event(), until=HANDLE_ENDS)
+    return ev
+
+
+HANDLE_ENDS = ("handled", "not-handled")
+
+
+def conversations(srv) -> list[Any]:
+    return [c for c in srv.hub.sessions.values() if c.transport == "wyoming_conversation"]
+
+
+async def test_qwen_audio_offers_no_asr_and_says_so(tiny_qwen_dir, server_tiny_backend):
+    async with tiny_server(tiny_qwen_dir, server_tiny_backend) as srv:
+        [ev] = await ask(srv.wyoming.port, Describe().event(), until="info")
+        info = Info.from_event(ev)
+        assert info.asr == [] and [p.name for p in info.handle] == ["qwen-assistant"]
+        events = await ask(srv.wyoming.port, *audio_events(b"\0" * 3200, 16000), until="error")
+        assert events[-1].data["code"] == "service_unavailable"
+
+
+async def test_a_turn_over_the_token_limit_is_not_handled_with_the_reason(tiny_qwen_dir, server_tiny_backend):
+    async with tiny_server(tiny_qwen_dir, server_tiny_backend, **{"engine.max_turn_tokens": 16}) as srv:
+        ev = await handle(srv.wyoming.port, "word " * 200, "c1")
+        assert ev.type == "not-handled" and "engine.max_turn_tokens" in ev.data["text"], ev
+        assert (await handle(srv.wyoming.port, "Hello.", "c1")).type in HANDLE_ENDS  # the conversation goes on
+
+
+async def test_conversations_are_bounded_least_recently_used_first(tiny_qwen_dir, server_tiny_backend):
+    async with tiny_server(tiny_qwen_dir, server_tiny_backend, **{"wyoming.max_conversations": 2}) as srv:
+        port = srv.wyoming.port
+        for conv_id in ("a", "b", "a", "c"):  # "b" is the least recently used when "c" needs a slot
+            assert (await handle(port, "Hello.", conv_id)).type in HANDLE_ENDS
+        assert sorted(srv.wyoming.conversations._by_id) == ["a", "c"] and len(conversations(srv)) == 2
+        assert (await handle(port, "Hello.", None)).type in HANDLE_ENDS  # no id: one turn ("a" made room for it)
+        assert list(srv.wyoming.conversations._by_id) == ["c"] and len(conversations(srv)) == 1
+
+
+async def test_an_unused_conversation_expires(tiny_qwen_dir, server_tiny_backend):
+    async with tiny_server(tiny_qwen_dir, server_tiny_backend, **{"wyoming.conversation_idle_s": 1}) as srv:
+        assert (await handle(srv.wyoming.port, "Hello.", "a")).type in HANDLE_ENDS
+        async with asyncio.timeout(TIMEOUT_S):
+            while conversations(srv):  # idle for wyoming.conversation_idle_s: ended by the hub's sweep
+                await asyncio.sleep(0.1)
+        assert len(srv.wyoming.conversations) == 0
+
+
+async def test_one_request_at_a_time_per_conversation_and_the_language_asked(tiny_qwen_dir, server_tiny_backend):
+    async with tiny_server(tiny_qwen_dir, server_tiny_backend) as srv:
+        convs = srv.wyoming.conversations
+        # Both requests reach the conversation before the engine can answer the first (no await in between).
+        first, second = await asyncio.gather(
+            convs.answer("Erzähl mir etwas.", "de-DE", "k"), convs.answer("And now?", None, "k")
+        )
+        assert isinstance(first, Handled | NotHandled) and "still answering" not in (first.text or "")
+        assert isinstance(second, NotHandled) and "still answering" in second.text
+        [conv] = conversations(srv)
+        assert conv.session.settings.instructions.endswith("Answer in German.")
+        assert (await handle(srv.wyoming.port, "And now?", "k")).type in HANDLE_ENDS  # answered once it is free

@@ -47,6 +47,9 @@ log = logging.getLogger("assistant.wyoming")
 
 ASR_TRANSPORT = "wyoming"  # hub transport of transcriptions (capacity: wyoming.max_connections)
 CONVERSATION_TRANSPORT = "wyoming_conversation"  # hub transport of conversations (wyoming.max_conversations)
+# The name of every program in `info`: Home Assistant names its entities after it (stt.qwen_assistant,
+# conversation.qwen_assistant, tts.qwen_assistant) and its integration entry after the first one.
+PROGRAM = "qwen-assistant"
 SAMPLES_PER_CHUNK = 1024  # audio-chunk size sent by tts (what wyoming-piper sends)
 SPEECH_LOOKAHEAD = 2  # clauses of one stream queued in the shared pool at once (others' clauses interleave)
 
@@ -112,7 +115,7 @@ def build_info(cfg: Config, voice: SpeechPool | None) -> Info:
         asr = _artifact(
             model, f"Whisper {cfg.embedded.whisper}, embedded", "OpenAI", "https://github.com/openai/whisper"
         )
-        info.asr.append(AsrProgram(**{**asr, "name": "assistant-asr"}, models=[AsrModel(**asr, languages=langs)]))
+        info.asr.append(AsrProgram(**{**asr, "name": PROGRAM}, models=[AsrModel(**asr, languages=langs)]))
     if cfg.model.backend == "embedded":
         llm = _artifact(
             "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct", "Qwen", "https://qwenlm.github.io"
@@ -122,14 +125,12 @@ def build_info(cfg: Config, voice: SpeechPool | None) -> Info:
     # A question arrives in any language Whisper hears (or typed); the LLM is told to answer in the one asked.
     # Home Assistant (2025.1) offers a conversation agent only for the languages listed here.
     handle_langs = list(WHISPER_LANGUAGES)
-    info.handle.append(
-        HandleProgram(**{**llm, "name": "assistant"}, models=[HandleModel(**llm, languages=handle_langs)])
-    )
+    info.handle.append(HandleProgram(**{**llm, "name": PROGRAM}, models=[HandleModel(**llm, languages=handle_langs)]))
     if voice is not None:
         name = voice.params.name
         tts = _artifact(name, f"Piper voice {name}", "Piper (rhasspy)", "https://github.com/rhasspy/piper")
         v = TtsVoice(**tts, languages=[voice_language(name)])
-        info.tts.append(TtsProgram(**{**tts, "name": "assistant-tts"}, voices=[v], supports_synthesize_streaming=True))
+        info.tts.append(TtsProgram(**{**tts, "name": PROGRAM}, voices=[v], supports_synthesize_streaming=True))
     return info
 
 
@@ -287,6 +288,9 @@ class Conversations:
                     raise
                 log.info("conversation %s forgotten to make room (wyoming.max_conversations)", idle)
                 await self._forget(idle)
+        if conv_id in self._by_id:  # opened by a request that arrived while this one made room: share it
+            await conv.conn.close()
+            return self._by_id[conv_id]
         self._by_id[conv_id] = conv
         await conv.conn.start()
         return conv
