@@ -11,6 +11,7 @@ import pytest
     "modules",
     [
         ["assistant.transport.server", "assistant.transport.websocket", "assistant.transport.mqtt"],
+        ["assistant.transport.wyoming", "assistant.transport.wyoming_services"],
         ["assistant.realtime.session", "assistant.realtime.protocol", "assistant.realtime.events"],
         ["assistant.cli", "assistant.config", "assistant.engine.api", "assistant.backends.base"],
     ],

@@ -11,11 +11,10 @@ voice pool's threads, so nothing here blocks the loop.
     wy.attach(hub)                      # once the model is loaded: asr and handle work from now on
     await wy.shutdown(grace_s)
 
-Framing: the `wyoming` package's events and writer. Reading is ours (`read_event`): the package's reader ends the
-connection on a malformed header and reads any declared length into memory. Here a header that is not JSON, a field
-of the wrong type or a message over `server.max_message_bytes` gets an `error` event (code, text) and the connection
-goes on; a message declared over `HARD_SIZE_FACTOR` x the limit ends it. Unknown event types are dropped, as the
-protocol asks of servers. Not `AsyncTcpServer.run()`: it installs its own SIGTERM handler (../shared/WYOMING.md).
+Framing: the `wyoming` package's events and writer; reading is `wyoming_events.read_event` (bounded). A header that
+is not JSON, a field of the wrong type or a message over `server.max_message_bytes` gets an `error` event (code,
+text) and the connection goes on; a message declared far over the limit ends it. Unknown event types are dropped, as
+the protocol asks of servers. Not `AsyncTcpServer.run()`: it installs its own SIGTERM handler (../shared/WYOMING.md).
 
 Bounds per connection (`hub.transport_limits(cfg)["wyoming"]`): at most `wyoming.max_connections` (more get `error`
 `server_busy` and are closed); a connection with nothing received for `wyoming.idle_timeout_s` and nothing in flight
@@ -28,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -47,7 +45,7 @@ from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
 from assistant.audio.voice import SpeechPool
 from assistant.config import Config, parse_wyoming_uri
 from assistant.transport.hub import SessionHub, transport_limits
-from assistant.transport.websocket import HARD_SIZE_FACTOR
+from assistant.transport.wyoming_events import BadMessage, field, read_event
 from assistant.transport.wyoming_services import (
     ASR_TRANSPORT,
     Conversations,
@@ -63,77 +61,6 @@ log = logging.getLogger("assistant.wyoming")
 SEND_TIMEOUT_S = 30.0  # one event must drain to the peer within this
 IDLE_CHECK_MAX_S = 5.0
 REQUESTS = Counter("assistant_wyoming_requests_total", "Wyoming requests by service, outcome", ["service", "outcome"])
-
-
-class BadMessage(Exception):
-    def __init__(self, code: str, text: str, fatal: bool = False) -> None:
-        super().__init__(text)
-        self.code, self.text, self.fatal = code, text, fatal
-
-
-def _length(header: dict[str, Any], key: str) -> int:
-    value = header.get(key)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadMessage("invalid_event", f"'{key}' must be a non-negative integer, got {value!r}", fatal=True)
-    return value
-
-
-async def read_event(reader: asyncio.StreamReader, max_bytes: int) -> Event | None:
-    """The next event (None at EOF), or BadMessage. `reader`'s limit must be `max_bytes` (the header line's bound)."""
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError as e:
-        if not e.partial.strip():
-            return None
-        line = e.partial
-    except asyncio.LimitOverrunError:
-        while True:  # drop the over-long header up to its newline
-            try:
-                await reader.readuntil(b"\n")
-                break
-            except asyncio.LimitOverrunError as e:
-                await reader.readexactly(e.consumed)
-        raise BadMessage("message_too_large", f"header line over server.max_message_bytes={max_bytes}") from None
-    try:
-        header = json.loads(line)
-    except (ValueError, RecursionError) as e:
-        raise BadMessage("invalid_json", f"expected a JSON header line, could not parse it: {e}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
-        raise BadMessage("invalid_event", "expected a JSON object with a string 'type' as the header line")
-    data_len, payload_len = _length(header, "data_length"), _length(header, "payload_length")
-    size = len(line) + data_len + payload_len
-    if size > max_bytes:
-        fatal = size > max_bytes * HARD_SIZE_FACTOR
-        if not fatal:
-            await reader.readexactly(data_len + payload_len)  # bounded: at most HARD_SIZE_FACTOR x the limit
-        msg = f"{header['type']} of {size} bytes exceeds server.max_message_bytes={max_bytes}; send smaller chunks"
-        raise BadMessage("message_too_large", msg, fatal)
-    data = header.get("data") or {}
-    extra = await reader.readexactly(data_len) if data_len else b""
-    payload = await reader.readexactly(payload_len) if payload_len else None
-    if extra:
-        try:
-            more = json.loads(extra)
-        except (ValueError, RecursionError) as e:
-            raise BadMessage("invalid_json", f"{header['type']}: its data is not JSON: {e}") from None
-        if not isinstance(more, dict) or not isinstance(data, dict):
-            raise BadMessage("invalid_event", f"{header['type']}: 'data' must be a JSON object")
-        data = {**data, **more}
-    if not isinstance(data, dict):
-        raise BadMessage("invalid_event", f"{header['type']}: 'data' must be a JSON object, got {data!r}")
-    return Event(type=header["type"], data=data, payload=payload)
-
-
-def _field(ev: Event, name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
-    value = ev.data.get(name)
-    if value is None and not required:
-        return None
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise WyomingError("invalid_event", f"{ev.type}: '{name}' must be a {want}, got {value!r}")
-    return value
 
 
 class WyomingServer:
@@ -348,14 +275,14 @@ class _Client:
 
     async def _transcribe(self, ev: Event) -> None:
         Transcribe.from_event(ev)  # the language is Whisper's to detect
-        _field(ev, "language", str, required=False)
+        field(ev, "language", str, required=False)
 
     async def _audio_start(self, ev: Event) -> None:
         self._audio_refused = True  # until this start is accepted
         self._one_at_a_time("asr")
         if self._asr is not None:
             raise WyomingError("request_in_progress", "audio-start while the previous audio was not stopped")
-        rate, width, channels = (_field(ev, k, int) for k in ("rate", "width", "channels"))
+        rate, width, channels = (field(ev, k, int) for k in ("rate", "width", "channels"))
         if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
             raise WyomingError("sample_rate_out_of_range", f"audio-start: rate must be {MIN_RATE_HZ}..{MAX_RATE_HZ} Hz")
         if width not in (1, 2, 3, 4) or channels not in (1, 2):
@@ -373,7 +300,7 @@ class _Client:
                 self._audio_refused = True  # one error per stream, not one per chunk
                 raise WyomingError("audio_not_started", "audio-chunk without audio-start; send audio-start first")
             return
-        rate, width, channels = (_field(ev, k, int) for k in ("rate", "width", "channels"))
+        rate, width, channels = (field(ev, k, int) for k in ("rate", "width", "channels"))
         if rate != self._asr_rate_hz:
             msg = f"audio-chunk at {rate} Hz after audio-start at {self._asr_rate_hz} Hz"
             raise WyomingError("invalid_audio", msg)
@@ -416,9 +343,9 @@ class _Client:
 
     # ---- handle --------------------------------------------------------------------------------------------------
     async def _handle(self, ev: Event) -> None:
-        text = _field(ev, "text", str)
-        language = _field(ev, "language", str, required=False)
-        context = _field(ev, "context", dict, required=False) or {}
+        text = field(ev, "text", str)
+        language = field(ev, "language", str, required=False)
+        context = field(ev, "context", dict, required=False) or {}
         conv_id = context.get("conversation_id")
         if conv_id is not None and not isinstance(conv_id, str):
             msg = f"transcript: context.conversation_id must be a string, got {conv_id!r}"
@@ -456,7 +383,7 @@ class _Client:
     async def _synthesize(self, ev: Event) -> None:
         if self._tts is not None:
             return  # inside a stream: this is the copy of the whole text sent for older servers
-        text = _field(ev, "text", str)
+        text = field(ev, "text", str)
         self._one_at_a_time("tts")
         Synthesize.from_event(ev)
         stream = self._speech(ev)
@@ -480,7 +407,7 @@ class _Client:
         self._tts = self._speech(ev)
 
     async def _synthesize_chunk(self, ev: Event) -> None:
-        text = _field(ev, "text", str)
+        text = field(ev, "text", str)
         if self._tts is None:
             raise WyomingError("invalid_event", "synthesize-chunk outside a stream; send synthesize-start first")
         SynthesizeChunk.from_event(ev)

@@ -348,7 +348,7 @@ class SpeechStream:
         """Speak what is left, then wait until `audio-stop` is sent."""
         for clause in self._splitter.flush():
             await self._submit(clause)
-        await self._queue.put(None)
+        await self._put(None)
         await self._sender
 
     async def cancel(self) -> None:
@@ -363,9 +363,21 @@ class SpeechStream:
     async def _submit(self, clause: str) -> None:
         why = unspeakable_reason(clause, self.pool.params.name)
         if why is not None:
-            await self._queue.put(WyomingError("unspeakable_text", f"not spoken ({why}): {clause[:60]!r}"))
+            await self._put(WyomingError("unspeakable_text", f"not spoken ({why}): {clause[:60]!r}"))
         else:
-            await self._queue.put(self.pool.submit(clause, self.voice.speed, self.voice.output_rate_hz))
+            await self._put(self.pool.submit(clause, self.voice.speed, self.voice.output_rate_hz))
+
+    async def _put(self, item: Future[Speech] | WyomingError | None) -> None:
+        """Queue `item`, or raise the sender's error if it ended (e.g. the peer stopped reading): never wait forever
+        for a sender that is gone."""
+        put = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait([put, self._sender], return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            if isinstance(item, Future):
+                item.cancel()
+            self._sender.result()  # raises what ended it
+            raise ConnectionError("the speech stream ended")
 
     async def _send(self) -> None:
         while (item := await self._queue.get()) is not None:
