@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import wave
 from collections.abc import AsyncIterator
 from typing import Any
@@ -255,3 +259,28 @@ async def test_one_request_at_a_time_per_conversation_and_the_language_asked(tin
         [conv] = conversations(srv)
         assert conv.session.settings.instructions.endswith("Answer in German.")
         assert (await handle(srv.wyoming.port, "And now?", "k")).type in HANDLE_ENDS  # answered once it is free
+
+
+def test_serve_answers_describe_while_loading_and_stops_on_sigterm(tmp_path):
+    """`serve --wyoming`: the port answers while the model loads (the checkpoint's config.json is a FIFO nobody
+    writes), and SIGTERM still reaches the server's own handler (wyoming's `run()` would have replaced it)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    os.mkfifo(ckpt / "config.json")
+    cmd = [sys.executable, "-m", "assistant", "serve", "--port", "0", "--model", str(ckpt)]
+    proc = subprocess.Popen([*cmd, "--wyoming", "tcp://127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        port = None
+        for line in proc.stdout:
+            if line.startswith(b"Wyoming (Home Assistant): port "):
+                port = int(line.split()[4])
+                break
+        assert port is not None, proc.stderr.read().decode()
+        [ev] = asyncio.run(ask(port, Describe().event(), until="info"))
+        assert Info.from_event(ev).handle[0].name == "qwen-assistant"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert b"stopped (signal) while loading the model" in err and b"Traceback" not in err

@@ -147,6 +147,11 @@ async def _serve_main(cfg: Config) -> int:
             log.error("could not start the Wyoming server on %s: %s", cfg.wyoming.uri, e)
             print(f"error: could not listen on wyoming.uri {cfg.wyoming.uri}: {e}", flush=True)
             return 1
+        if wy is not None:
+            services = ", ".join(wy.services())
+            print(
+                f"Wyoming (Home Assistant): port {wy.port} offers {services} (requests wait for the model)", flush=True
+            )
         load = asyncio.create_task(engine.start())
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([load, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -164,7 +169,6 @@ async def _serve_main(cfg: Config) -> int:
         hub = app.attach(engine, model_name=cfg.model.backend)
         if wy is not None:
             wy.attach(hub)
-            print(f"Wyoming (Home Assistant): port {wy.port} offers {', '.join(wy.services())}", flush=True)
         if cfg.mqtt.url:
             from assistant.transport.mqtt import run_mqtt_bridge
 
