@@ -154,7 +154,9 @@ def run_tls_cert(cfg: Config, hosts: list[str], out: str | None, days: int | Non
 
     from assistant.transport.tls import DEFAULT_DAYS, default_tls_dir, make_self_signed, read_cert, setup_text
 
-    files = make_self_signed(hosts, Path(out) if out else default_tls_dir(), days or DEFAULT_DAYS, force)
+    files = make_self_signed(
+        hosts, Path(out) if out else default_tls_dir(), DEFAULT_DAYS if days is None else days, force
+    )
     print(setup_text(files, read_cert(files.cert), cfg.server.port or 8765), end="")
     return 0
 
