@@ -27,7 +27,7 @@ async function main() {
   rt.on("error", (err) => errors.push(err.error ?? { message: err.message }));
   rt.socket.on("close", (code) => {
     if (!finished) {
-      console.error(`the server closed the connection (${code}) before the conversation ended`);
+      console.error(`the connection closed (${code}) before the conversation ended:`, JSON.stringify(errors));
       process.exit(1);
     }
   });
