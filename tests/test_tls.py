@@ -86,6 +86,9 @@ def test_bad_requests_are_refused_with_the_fix(made_cert, tmp_path):
     r = cli("tls-cert", "--days", "0", "--out", str(tmp_path))
     assert r.returncode == 2 and "--days" in r.stderr
     assert not (tmp_path / "cert.pem").exists()
+    (tmp_path / "a-file").write_text("")
+    r = cli("tls-cert", "--out", str(tmp_path / "a-file"))
+    assert r.returncode == 2 and "cannot write the certificate" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.fixture

@@ -118,7 +118,16 @@ def make_self_signed(hosts: Iterable[str], out_dir: Path, days: int = DEFAULT_DA
             f"{files.cert} already exists; pass --force to replace it (clients that trust it must then be given "
             "the new certificate), or --out DIR for another directory"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _write_pair(names, out_dir, days, files)
+    except OSError as e:
+        raise TlsError(
+            f"cannot write the certificate into {out_dir}: {e}; choose another directory with --out DIR"
+        ) from None
+
+
+def _write_pair(names: list[str], out_dir: Path, days: int, files: CertFiles) -> CertFiles:
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".new-") as tmp:  # 0700: the key is never readable by others
         cert, key = Path(tmp) / CERT_NAME, Path(tmp) / KEY_NAME
         cmd = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", str(days)]
