@@ -6,11 +6,11 @@ trust the certificate.
 
 The certificate is a self-signed *leaf*, not a local CA: `basicConstraints CA:FALSE`, `extendedKeyUsage serverAuth`,
 an EC P-256 key, and a `subjectAltName` entry per host name or IP address (clients match only those; the subject CN
-is a label). Node (`NODE_EXTRA_CA_CERTS`), Python (`cafile` / `SSL_CERT_FILE`) and curl accept such a certificate as
-its own trust anchor (tests/test_tls.py, tests/test_node_sdk.py), so no CA key exists that could sign certificates
-for other names, and Firefox's "accept the risk" works (it refuses a CA certificate used as a server's). The cost:
-adding a host name means a new certificate that clients must trust again. The `openssl` program (Debian's
-`openssl`) makes it: the `cryptography` package is not a dependency of this project.
+is a label). Node (`NODE_EXTRA_CA_CERTS`) and Python (`cafile` / `SSL_CERT_FILE`) accept such a certificate as its
+own trust anchor (tests/test_node_sdk.py, tests/test_tls.py), so no CA key exists that could sign certificates for
+other names, and a browser's "accept the risk" works (Firefox allows no exception for a CA certificate used as a
+server's). The cost: adding a host name means a new certificate that clients must trust again. The `openssl`
+program (Debian's `openssl`) makes it: the `cryptography` package is not a dependency of this project.
 """
 
 from __future__ import annotations
