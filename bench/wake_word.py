@@ -113,6 +113,11 @@ class Clip:
     pcm: np.ndarray
     phrase_end_ms: int | None = None  # wake clips: stream time where the phrase ends (approximate)
 
+    @property
+    def name(self) -> str:
+        noise = "clean" if self.snr_db is None else f"{self.snr_db:g}dB"
+        return f"{self.voice}/{self.speed}/{noise}: {self.text}"
+
 
 def build_set(models: list[str], voices: tuple[str, ...], speeds: tuple[int, ...], snrs: tuple) -> list[Clip]:
     phrases = {m: WakeWordDetector(m).phrase for m in models}
@@ -150,6 +155,7 @@ def score(models: list[str], clips: list[Clip]) -> dict:
         hits, delays, cpu_s, audio_s = 0, [], 0.0, 0.0
         wake_n = false_ordinary = false_confusable = false_other = 0
         misses: list[str] = []
+        false_clips: list[str] = []
         by_snr: dict[str, list[int]] = {}
         for c in clips:
             found, cpu = detect(m, c.pcm)
@@ -159,14 +165,17 @@ def score(models: list[str], clips: list[Clip]) -> dict:
                 wake_n += 1
                 ok = any(t > LEAD_MS for t in found)
                 hits += ok
-                snr_key = "clean" if c.snr_db is None else f"{c.snr_db:g}dB"
+                snr_key = c.name.split(":")[0].rsplit("/", 1)[1]
                 by_snr.setdefault(snr_key, [0, 0])[0] += ok
                 by_snr[snr_key][1] += 1
                 if ok and c.phrase_end_ms is not None:
                     delays.append(min(t for t in found if t > LEAD_MS) - c.phrase_end_ms)
                 if not ok:
-                    misses.append(f"{c.voice}/{c.speed}/{snr_key}: {c.text}")
-            elif c.kind == "ordinary":
+                    misses.append(c.name)
+                continue
+            if found:
+                false_clips.append(f"{c.kind} {c.name}")
+            if c.kind == "ordinary":
                 false_ordinary += len(found)
             elif c.kind == "confusable":
                 false_confusable += len(found)
@@ -183,6 +192,7 @@ def score(models: list[str], clips: list[Clip]) -> dict:
             "delay_ms_range": [int(min(delays)), int(max(delays))] if delays else None,
             "cpu_ms_per_audio_s": round(cpu_s * 1000 / audio_s, 2),
             "misses": misses,
+            "false_trigger_clips": false_clips,
         }
     return per_model
 
