@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import wave
 
 import numpy as np
 import pytest
@@ -18,10 +19,28 @@ from assistant.audio.wake_word import WakeWordSettings
 from assistant.transport.hub import SessionHub
 from assistant.transport.server import running_server
 from bench.wake_word import speak
-from tests.server_util import chunks, make_cfg, recv_event, recv_until, send_json, silence
+from tests.server_util import chunks, make_cfg, recv_event, recv_until, send_json, silence, tiny_qwen_cfg
+from tests.test_client_desktop import run_desktop
 from tests.test_mqtt_bridge import Watcher, _answered, _cfg, ask_by_device, bridge
 
 FOLLOW_UP_MS = 3000
+
+
+def question_then_wake_word() -> np.ndarray:
+    """A question without the wake word, then the same one after it (espeak-ng)."""
+    return np.concatenate(
+        [silence(300), speak("What is the capital of France?"), silence(1500)]
+        + [silence(500), speak("Alexa, what is the capital of France?"), silence(300)]
+    )
+
+
+def write_wav(path, pcm: np.ndarray):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.astype("<i2").tobytes())
+    return path
 
 
 async def send_audio(ws, pcm: np.ndarray) -> None:
@@ -115,18 +134,7 @@ async def test_a_device_behind_the_mqtt_wake_word_is_heard_only_after_it(
 ):
     """`mqtt.wake_word = "alexa"`: the device client streams a question without the wake word, then one with it; only
     the second becomes a turn (tiny random model: the answer's text is noise)."""
-    import wave
-
-    pcm = np.concatenate(
-        [silence(300), speak("What is the capital of France?"), silence(1500)]
-        + [silence(500), speak("Alexa, what is the capital of France?"), silence(300)]
-    )
-    wav = tmp_path / "device.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.astype("<i2").tobytes())
+    wav = write_wav(tmp_path / "device.wav", question_then_wake_word())
     cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"mqtt.wake_word": "alexa"})
     async with bridge(cfg, server_tiny_backend), Watcher(mosquitto.url) as w:
         await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
@@ -139,3 +147,15 @@ async def test_a_device_behind_the_mqtt_wake_word_is_heard_only_after_it(
     first_turn_event = next(t for t in types if t.startswith("input_audio_buffer."))
     assert first_turn_event == "input_audio_buffer.wake_word_detected", types
     assert types.count("input_audio_buffer.committed") == 1
+
+
+@pytest.mark.slow  # espeak-ng
+async def test_desktop_client_with_a_wake_word(tiny_qwen_dir, server_tiny_backend, tmp_path):
+    """`clients.desktop --wake-word alexa --wav`: the question without it is not heard, the one after it is answered."""
+    wav = write_wav(tmp_path / "desk.wav", question_then_wake_word())
+    async with running_server(tiny_qwen_cfg(tiny_qwen_dir), backend=server_tiny_backend) as server:
+        rc, out, err = await run_desktop("--url", server.ws_url, "--wav", str(wav), "--wake-word", "alexa")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines.count("[wake word: alexa]") == 1 and lines.count("[speech]") == 1, out
+    assert lines.index("[wake word: alexa]") < lines.index("[speech]")
