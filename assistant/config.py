@@ -4,7 +4,8 @@
 every key; a user file given with `--config` overlays it key by key. Loading is strict: an unknown key or a value of
 the wrong type, outside its range or not finite fails at start, naming the key, what was expected and what came
 (`assistant.schema` checks every field by its declaration). The `[vad]` section is the sessions' own
-`TurnDetection` (the server-wide default of every session). Nothing here reads argv or the environment at import time.
+`TurnDetection` (the server-wide default of every session), the `[wake_word]` section the sessions' `WakeWordSettings`.
+Nothing here reads argv or the environment at import time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from assistant.audio.vad import TurnDetection
 from assistant.audio.voice import MAX_SPEED, MIN_SPEED, VOICE_PACKAGES, VoiceParams
+from assistant.audio.wake_word import WakeWordSettings, check_wake_word_name
 from assistant.schema import SettingError, bounds, coerce_type
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.toml"
@@ -99,6 +101,7 @@ class MqttConfig:
     reconnect_max_s: float = field(default=30.0, metadata=bounds(0.1, None))
     max_devices: int = field(default=32, metadata=bounds(1, None))
     device_idle_timeout_s: float = field(default=600.0, metadata=bounds(1, None))
+    wake_word: str = ""  # the device sessions' wake word ("" = off); follow_up_ms from [wake_word]
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class Config:
     generation: GenerationConfig = GenerationConfig()
     engine: EngineConfig = EngineConfig()
     vad: TurnDetection = TurnDetection()
+    wake_word: WakeWordSettings = WakeWordSettings()
     mqtt: MqttConfig = MqttConfig()
     voice: VoiceConfig = VoiceConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -229,5 +233,9 @@ def _check(cfg: Config) -> None:
             f"config key 'voice.name': expected one of {sorted(VOICE_PACKAGES)} or \"\" (text only), "
             f"got {cfg.voice.name!r}"
         )
+    try:
+        check_wake_word_name("mqtt.wake_word", cfg.mqtt.wake_word, allow_off=True)
+    except SettingError as e:
+        raise ConfigError(f"config key {e}") from None
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("config keys 'server.tls_cert' and 'server.tls_key' must be set together (or both empty)")

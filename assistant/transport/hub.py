@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
+from assistant.audio.wake_word import WakeWordSettings
 from assistant.config import Config
 from assistant.engine.api import new_id
 from assistant.realtime.events import EventFactory
@@ -59,6 +61,13 @@ def transport_limits(cfg: Config) -> dict[str, TransportLimits]:
     }
 
 
+def transport_wake_word(cfg: Config, transport: str) -> WakeWordSettings | None:
+    """The wake word a new session of `transport` starts with (None = off): MQTT devices `mqtt.wake_word`, others
+    `wake_word.name`; `wake_word.follow_up_ms` for all."""
+    name = cfg.mqtt.wake_word if transport == "mqtt" else cfg.wake_word.name
+    return dataclasses.replace(cfg.wake_word, name=name) if name else None
+
+
 class SessionHub:
     def __init__(self, cfg: Config, engine: Any, model_name: str = "local") -> None:
         self.cfg = cfg
@@ -83,8 +92,12 @@ class SessionHub:
                 f"{n} {transport} sessions open, the limit is {t.capacity_key}={t.capacity}; retry later"
             )
         rate = {} if input_rate_hz is None else {"input_rate_hz": input_rate_hz}  # None: the dialect's default
-        settings = SessionSettings(model=self.model_name, turn_detection=self.cfg.vad, **rate)
-        session = Session(new_id("sess"), settings, dialect, default_td=self.cfg.vad, limits=self.limits)
+        wake = transport_wake_word(self.cfg, transport)
+        settings = SessionSettings(model=self.model_name, turn_detection=self.cfg.vad, wake_word=wake, **rate)
+        cfg = self.cfg
+        session = Session(
+            new_id("sess"), settings, dialect, default_td=cfg.vad, default_wake=cfg.wake_word, limits=self.limits
+        )
         conn = Connection(self, transport, session, send, close)
         self.sessions[conn.id] = conn
         self._count()
