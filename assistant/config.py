@@ -108,6 +108,7 @@ class VoiceConfig:
     output_rate_hz: int = field(default=24000, metadata=bounds(8000, 48000))
     threads: int = field(default=1, metadata=bounds(1, 64))
     max_concurrent: int = field(default=1, metadata=bounds(1, 64))
+    first_clause_chars: int = field(default=0, metadata=bounds(0, 200))
 
     def params(self) -> VoiceParams:
         return VoiceParams(name=self.name, threads=self.threads, max_concurrent=self.max_concurrent)

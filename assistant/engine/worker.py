@@ -53,6 +53,7 @@ from assistant.engine.commands import (
     RespondCmd,
     SpeculateCmd,
     StopCmd,
+    TruncateReplyCmd,
     refuse_stopped,
 )
 from assistant.engine.conversation import CachePlan, Conversation, evict_lru, merge_turns, plan_cache
@@ -172,7 +173,9 @@ class Worker:
         return keep_running
 
     # ---- sessions and user turns --------------------------------------------------------------------------------
-    def _session(self, cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd) -> None:
+    def _session(
+        self, cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd | TruncateReplyCmd
+    ) -> None:
         if isinstance(cmd, OpenSessionCmd):
             cache = self.lm.new_cache()
             cache.release()  # storage grows on the first prefill; an idle session costs nothing
@@ -184,6 +187,9 @@ class Worker:
             return
         if isinstance(cmd, InstructionsCmd):
             conv.system = cmd.instructions or self.backend.default_system_prompt
+            return
+        if isinstance(cmd, TruncateReplyCmd):
+            conv.truncate_reply(cmd.response_id, cmd.text)
             return
         closing = isinstance(cmd, CloseSessionCmd)
         for job in self.waiting + self.active:
@@ -377,7 +383,7 @@ class Worker:
             if status == "cancelled" and not text:
                 conv.restore_pending(job.turns, job.encode_ms)
             else:
-                conv.record(merge_turns(job.turns), text)
+                conv.record(merge_turns(job.turns), text, job.response_id)
         done = job.done(status, reason, text, error)
         conv.busy = False
         conv.touch()
