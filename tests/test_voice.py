@@ -66,6 +66,25 @@ def test_nothing_is_lost_or_reordered_whatever_the_chunking(text, step):
     assert "".join("".join(clauses).split()) == "".join(text.split())
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab .,!?;:\n3。e")), max_size=300), st.integers(1, 50), st.integers(0, 30))
+def test_raw_pieces_are_the_streamed_text_exactly(text, step, first_clause_chars):
+    s = ClauseSplitter(first_clause_chars=first_clause_chars)
+    pieces: list[str] = []
+    for i in range(0, len(text), step):
+        pieces += s.feed_raw(text[i : i + step])
+    assert "".join(pieces + s.flush_raw()) == text
+
+
+def test_the_first_clause_may_end_early_at_a_word_boundary():
+    tokens = ["The", " capital", " of", " France", " is", " Paris", ".", " It", " is", " on", " the", " Seine", "."]
+    s = ClauseSplitter(first_clause_chars=10)
+    out = [c for t in tokens for c in s.feed(t)] + s.flush()
+    # "The capital" is complete once " of" shows the word ended; later clauses wait for their sentence end
+    assert out == ["The capital", "of France is Paris.", "It is on the Seine."]
+    assert ClauseSplitter().feed("The capital of") == []  # off by default
+
+
 def test_text_that_the_english_voice_cannot_read_is_reported_not_spoken():
     assert text_language("法国的首都是巴黎。") == "zh"
     assert text_language("Paris, France.") == "en"
