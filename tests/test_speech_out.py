@@ -221,6 +221,8 @@ def test_truncate_and_retrieve_errors_name_the_item():
     for event, code in bad:
         [err] = validated(sim.run(s.receive_event({**event, "event_id": "e1"}, 0.2)), "ga")
         assert err["error"]["code"] == code and err["error"]["event_id"] == "e1", event
+    [err] = sim.run(s.receive_event({"type": "conversation.item.retrieve", "item_id": "x" * 100000}, 0.2))
+    assert err["error"]["code"] == "item_not_found" and len(err["error"]["message"]) < 400  # not echoed whole
     [user] = sim.run(s.receive_event({"type": "conversation.item.retrieve", "item_id": user_id}, 0.3))
     assert user["item"]["content"] == [{"type": "input_text", "text": "hi"}]
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from assistant.audio.speech_text import heard_text
 from assistant.realtime.protocol import ItemTruncate, ProtocolError
+from assistant.schema import shown
 
 if TYPE_CHECKING:
     from assistant.engine.api import ResponseDone
@@ -76,7 +77,7 @@ class Items:
         item = self._items.get(item_id)
         if item is None:
             msg = (
-                f"no item {item_id!r} in this session (it keeps its newest {self.limit} items; conversation.reset "
+                f"no item {shown(item_id)} in this session (it keeps its newest {self.limit} items; conversation.reset "
                 "forgets all)"
             )
             raise ProtocolError("item_not_found", msg, "item_id", event_id)

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from assistant.schema import shown
+
 Dialect = Literal["ga", "beta"]
 OPENAI_RATE_HZ = 24000  # the OpenAI formats' PCM16 rate: the default input rate in both dialects
 MIN_COMMIT_MS = 100  # OpenAI refuses commits holding less audio than this (input_audio_buffer_commit_empty)
@@ -179,7 +181,7 @@ def max_tokens(value: Any, param: str, eid: str | None) -> int | None:
 def output_modality(mods: Any, param: str, eid: str | None) -> bool:
     """An `output_modalities` / `modalities` list -> True for audio (which always carries its transcript)."""
     if not isinstance(mods, list) or not mods or not all(m in ("text", "audio") for m in mods):
-        raise ProtocolError("invalid_event", f"{param} must list 'text' and/or 'audio', got {mods!r}", param, eid)
+        raise ProtocolError("invalid_event", f"{param} must list 'text' and/or 'audio', got {shown(mods)}", param, eid)
     return "audio" in mods
 
 
@@ -187,7 +189,7 @@ def _int_field(obj: dict[str, Any], key: str, eid: str | None, default: int | No
     value = obj.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31:
         etype = obj.get("type")
-        raise ProtocolError("invalid_event", f"{etype}: {key} must be an integer >= 0, got {value!r}", key, eid)
+        raise ProtocolError("invalid_event", f"{etype}: {key} must be an integer >= 0, got {shown(value)}", key, eid)
     return value
 
 
@@ -195,7 +197,7 @@ def _item_id(obj: dict[str, Any], eid: str | None) -> str:
     item_id = obj.get("item_id")
     if not isinstance(item_id, str):
         etype = obj.get("type")
-        raise ProtocolError("invalid_event", f"{etype} needs a string item_id, got {item_id!r}", "item_id", eid)
+        raise ProtocolError("invalid_event", f"{etype} needs a string item_id, got {shown(item_id)}", "item_id", eid)
     return item_id
 
 

@@ -24,7 +24,7 @@ from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
 from assistant.audio.speech_text import MAX_SPEED, MIN_SPEED, OPENAI_VOICES
 from assistant.audio.vad import TurnDetection
 from assistant.realtime.protocol import OPENAI_RATE_HZ, ProtocolError, max_tokens, output_modality
-from assistant.schema import SettingError, bounds, check_fields, coerce
+from assistant.schema import SettingError, bounds, check_fields, coerce, shown
 
 OutputFormat = Literal["pcm16", "g711_ulaw", "g711_alaw"]  # beta names; GA `audio/pcm`, `audio/pcmu`, `audio/pcma`
 GA_OUTPUT_FORMATS: dict[str, OutputFormat] = {
@@ -206,14 +206,14 @@ def _parse_audio_output(
     fmt = beta.get("output_audio_format")
     if fmt is not None:
         if fmt not in ("pcm16", "g711_ulaw", "g711_alaw"):
-            msg = f"session.output_audio_format must be 'pcm16', 'g711_ulaw' or 'g711_alaw', got {fmt!r}"
+            msg = f"session.output_audio_format must be 'pcm16', 'g711_ulaw' or 'g711_alaw', got {shown(fmt)}"
             raise ProtocolError("unsupported_audio_format", msg, "session.output_audio_format", eid)
         ch["format"] = fmt
     gfmt = ga.get("format")
     if gfmt is not None:
         param = "session.audio.output.format"
         if not isinstance(gfmt, dict) or gfmt.get("type", "audio/pcm") not in GA_OUTPUT_FORMATS:
-            msg = f"{param} must be {{'type': 'audio/pcm' | 'audio/pcmu' | 'audio/pcma'}}, got {gfmt!r}"
+            msg = f"{param} must be {{'type': 'audio/pcm' | 'audio/pcmu' | 'audio/pcma'}}, got {shown(gfmt)}"
             raise ProtocolError("unsupported_audio_format", msg, param, eid)
         ch["format"] = GA_OUTPUT_FORMATS[gfmt.get("type", "audio/pcm")]
         if gfmt.get("rate") is not None and ch["format"] == "pcm16":
@@ -230,7 +230,7 @@ def _voice(cur: AudioOutput, value: Any, param: str, eid: str | None) -> tuple[s
     if isinstance(value, str) and value in OPENAI_VOICES:
         return cur.voices[0], value
     msg = (
-        f"{param}: voice {value!r} is not installed here; installed: {', '.join(cur.voices)} "
+        f"{param}: voice {shown(value)} is not installed here; installed: {', '.join(cur.voices)} "
         f"(OpenAI's voice names {', '.join(sorted(OPENAI_VOICES))} are accepted and speak with {cur.voices[0]})"
     )
     raise ProtocolError("unknown_voice", msg, param, eid)
