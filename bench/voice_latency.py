@@ -12,10 +12,12 @@ spoken by default. Measured on the client's clock from the moment the last speec
 and from the server's `response.done.timings_ms` (ms after the response started): `prefill`, `first_token`,
 `first_clause` (the first clause complete), `synthesis` (the first clause's synthesis), `first_audio`.
 
-Variants run alternately per question on one engine and share it (one worker thread, so one model load):
-- `default`: the shipped settings (`[voice] threads = 1`, the engine's torch threads as they are, 2 here);
-- `torch1`: the engine's torch threads set to 1 while the voice runs beside it;
-- `onnx2`: the voice with 2 onnxruntime threads (oversubscribed with torch's 2);
+Variants run alternately per question on one engine and share it (one worker thread, so one model load; its torch
+threads are set before each turn):
+- `default`: the shipped settings: `[voice] threads = 1`, `[engine] threads = 0` (automatic: the cores minus the
+  voice's threads, 1 on a 2-core machine);
+- `torch2`: the engine on 2 torch threads beside the voice's 1 (torch's default before the budget: every core);
+- `onnx2`: the voice on 2 onnxruntime threads (the engine's automatic budget is then 1);
 - `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary.
 One session at a time for every variant, and 4 sessions at once (4 different questions, started together) for the
 variants of `--multi`. p50/p90 per variant and session count; every turn is in the result file,
@@ -47,11 +49,11 @@ from bench.spoken_set import ANSWER_TOKENS, QUESTIONS, correct, synthesize
 FRAME_MS = 20
 TAIL_SILENCE_MS = 1500
 TIMEOUT_S = 300.0
-VARIANTS = {  # name -> (engine torch threads or None = as loaded, onnxruntime threads, first_clause_chars)
-    "default": (None, 1, 0),
-    "torch1": (1, 1, 0),
-    "onnx2": (None, 2, 0),
-    "first_clause": (None, 1, 24),
+VARIANTS = {  # name -> (engine torch threads or 0 = the automatic budget, onnxruntime threads, first_clause_chars)
+    "default": (0, 1, 0),
+    "torch2": (2, 1, 0),
+    "onnx2": (0, 2, 0),
+    "first_clause": (0, 1, 24),
 }
 SERVER_MS = ("prefill", "first_token", "first_clause", "synthesis", "first_audio")
 
@@ -133,6 +135,7 @@ async def main(args: argparse.Namespace) -> dict:
     for pool in pools.values():
         pool.load().result()
     rows: dict[str, list[dict]] = {}
+    torch_threads: dict[str, int] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             questions = [
@@ -143,13 +146,15 @@ async def main(args: argparse.Namespace) -> dict:
                 servers = {}
                 for name in dict.fromkeys(variants + multi):
                     threads, onnx, first = VARIANTS[name]
-                    vcfg = load_config(overrides={**base, "voice.threads": onnx, "voice.first_clause_chars": first})
+                    over = {"engine.threads": threads, "voice.threads": onnx, "voice.first_clause_chars": first}
+                    vcfg = load_config(overrides={**base, **over})
+                    torch_threads[name] = vcfg.engine_threads(speaking=True)
                     servers[name] = await stack.enter_async_context(
                         running_server(vcfg, engine=engine, speech=pools[onnx])
                     )
 
                 async def run(name: str, sessions: int, i: int) -> None:
-                    threads = VARIANTS[name][0] or loaded_threads
+                    threads = torch_threads[name]
                     await engine.call(lambda b: torch.set_num_threads(threads))
                     picked = [questions[(i + k) % len(questions)] for k in range(sessions)]
                     got = await asyncio.gather(*(one_turn(servers[name].ws_url, pcm) for _, _, pcm in picked))
@@ -180,14 +185,16 @@ async def main(args: argparse.Namespace) -> dict:
         s["correct"] = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
         summary[key] = s
         print("summary", key, json.dumps(s), flush=True)
-    return {"engine_torch_threads": loaded_threads, "variants": VARIANTS, "summary": summary, "turns": rows}
+    variants_used = {n: {"torch_threads": torch_threads[n], "onnx_threads": VARIANTS[n][1],
+                         "first_clause_chars": VARIANTS[n][2]} for n in torch_threads}  # fmt: skip
+    return {"engine_torch_threads": loaded_threads, "variants": variants_used, "summary": summary, "turns": rows}
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=len(QUESTIONS))
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--variants", default="default,torch1,onnx2,first_clause", help="one session at a time")
+    ap.add_argument("--variants", default="default,torch2,onnx2,first_clause", help="one session at a time")
     ap.add_argument("--multi", default="default,first_clause", help="variants also run with 4 sessions at once")
     ap.add_argument("--notes", default="", help="written into the result file")
     args = ap.parse_args()

@@ -44,10 +44,14 @@ def test_sentences_and_long_clauses_split_where_a_reader_pauses():
 def test_a_clause_is_released_as_soon_as_it_is_complete_not_at_the_end():
     s = ClauseSplitter()
     assert s.feed("Paris is the capital") == []
-    assert s.feed(".") == []  # the '.' only counts once the next character shows the sentence ended (not "2.1")
-    assert s.feed(" It is") == ["Paris is the capital."]
-    assert s.feed(" big") == []
-    assert s.flush() == ["It is big"]
+    assert s.feed(".") == ["Paris is the capital."]  # a '.' after a word ends the sentence at once
+    assert s.feed(" It has 2") == []
+    assert s.feed(".") == []  # after a digit it may be a decimal point: wait for the next character
+    assert s.feed("1 million people") == []
+    assert s.feed("!") == ["It has 2.1 million people!"]
+    assert s.feed(" Dr") == [] and s.feed(".") == []  # an abbreviation
+    assert s.feed(" Who is big") == []
+    assert s.flush() == ["Dr. Who is big"]
     assert s.flush() == []
 
 

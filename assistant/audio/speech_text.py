@@ -33,6 +33,7 @@ MAX_SPEED = 1.5
 # punctuation is cut at a space so the first audio never waits for a whole paragraph.
 MIN_CLAUSE_CHARS = 40
 MAX_CLAUSE_CHARS = 220
+MAX_FIRST_CLAUSE_CHARS = MAX_CLAUSE_CHARS  # the `first_clause_chars` setting's upper bound
 _SENTENCE_END = ".!?"
 _CLAUSE_END = ",;:"
 _CJK_END = "。！？；\n"
@@ -119,16 +120,20 @@ class ClauseSplitter:
 
     def _cut_at(self) -> int | None:
         """Index just past the first clause end in the pending text, or None while no clause is complete yet.
-        A '.', '!' or '?' counts only when followed by whitespace (decimals, 'e.g.x' and the last word of a
-        still-streaming sentence do not end it)."""
+        A '.', '!' or '?' counts when followed by whitespace, or when it is the last character streamed so far and
+        cannot be the start of something else: '!' and '?' always, '.' after a word of two letters or more (after a
+        digit it may be a decimal point, after one letter the start of 'e.g.'). Abbreviations ('e.g.', 'Mr.') never
+        end a sentence. Waiting for the next token would cost the first audio one more decode step."""
         text = self._pending
         first = self._released == 0 and self.first_clause_chars > 0
         min_chars = 1 if first else self.min_clause_chars
+        last = len(text) - 1
         for i, ch in enumerate(text):
             if ch in _CJK_END:
                 return i + 1
-            followed = i + 1 < len(text) and text[i + 1].isspace()
-            if ch in _SENTENCE_END and followed and not self._abbreviation(text, i):
+            followed = i < last and text[i + 1].isspace()
+            at_end = i == last and (ch != "." or (i > 1 and text[i - 1].isalpha() and text[i - 2].isalpha()))
+            if ch in _SENTENCE_END and (followed or at_end) and not self._abbreviation(text, i):
                 return i + 1
             if ch in _CLAUSE_END and followed and len(text[:i].strip()) >= min_chars:
                 return i + 1

@@ -104,6 +104,8 @@ class Worker:
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.cfg.threads:  # the budget applies to this thread, which runs all model code
+            torch.set_num_threads(self.cfg.threads)
         try:
             self._attach(self._load())
         except BaseException as e:  # handed to Engine.start, which raises it on the loop

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from assistant.audio.g711 import RATE_HZ as G711_RATE_HZ
 from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
-from assistant.audio.speech_text import MAX_SPEED, MIN_SPEED, OPENAI_VOICES
+from assistant.audio.speech_text import MAX_FIRST_CLAUSE_CHARS, MAX_SPEED, MIN_SPEED, OPENAI_VOICES
 from assistant.audio.vad import TurnDetection
 from assistant.realtime.protocol import OPENAI_RATE_HZ, ProtocolError, max_tokens, output_modality
 from assistant.schema import SettingError, bounds, check_fields, coerce, shown
@@ -44,7 +44,7 @@ class AudioOutput:
     speed: float = field(default=1.0, metadata=bounds(MIN_SPEED, MAX_SPEED))
     format: OutputFormat = "pcm16"
     pcm_rate_hz: int = field(default=OPENAI_RATE_HZ, metadata=bounds(MIN_RATE_HZ, MAX_RATE_HZ))  # for pcm16
-    first_clause_chars: int = field(default=0, metadata=bounds(0, 200))  # server policy (`[voice]`), see speech_text
+    first_clause_chars: int = field(default=0, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))  # `[voice]` policy
 
     def __post_init__(self) -> None:
         check_fields(self)

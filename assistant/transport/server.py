@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -115,9 +116,16 @@ async def _serve_main(cfg: Config) -> int:
     base = f"{scheme}://{shown_host}:{app.port}"
     print(f"Voice assistant: open {base}/ in a browser (WebSocket {base.replace('http', 'ws', 1)}{REALTIME_PATH})")
     print(f"Loading the {cfg.model.backend} model; {base}/healthz answers 200 once it is ready.", flush=True)
-    engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
     speech = open_pool(cfg.voice.params())  # loads on its own thread, beside the model
     voice_loaded = speech.load() if speech is not None else None
+    threads = cfg.engine_threads(speaking=speech is not None)
+    log.info(
+        "thread budget: %d torch threads for the engine, %s",
+        threads,
+        f"{cfg.voice.threads} for the voice" if speech else "no voice",
+    )
+    engine_cfg = dataclasses.replace(cfg.engine, threads=threads)
+    engine = Engine.loading(lambda: load_backend(cfg), engine_cfg, cfg.generation)
     mqtt_task: asyncio.Task[Any] | None = None
     try:
         load = asyncio.create_task(engine.start())
