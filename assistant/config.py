@@ -11,6 +11,7 @@ Nothing here reads argv or the environment at import time.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
+from assistant.audio.speech_text import MAX_FIRST_CLAUSE_CHARS
 from assistant.audio.vad import TurnDetection
 from assistant.audio.voice import MAX_SPEED, MIN_SPEED, VOICE_PACKAGES, VoiceParams
 from assistant.audio.wake_word import WakeWordSettings, check_wake_word_name
@@ -87,6 +90,7 @@ class EngineConfig:
     cache_budget_tokens: int = field(default=65536, metadata=bounds(0, None))
     delta_queue_size: int = field(default=256, metadata=bounds(1, None))
     max_turn_tokens: int = field(default=1024, metadata=bounds(16, None))
+    threads: int = field(default=0, metadata=bounds(0, 1024))  # 0 = automatic, see `Config.engine_threads`
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,10 @@ class MqttConfig:
 class VoiceConfig:
     name: str = "joe"
     speed: float = field(default=1.0, metadata=bounds(MIN_SPEED, MAX_SPEED))
-    output_rate_hz: int = field(default=24000, metadata=bounds(8000, 48000))
+    output_rate_hz: int = field(default=24000, metadata=bounds(MIN_RATE_HZ, MAX_RATE_HZ))
     threads: int = field(default=1, metadata=bounds(1, 64))
     max_concurrent: int = field(default=1, metadata=bounds(1, 64))
+    first_clause_chars: int = field(default=0, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))
 
     def params(self) -> VoiceParams:
         return VoiceParams(name=self.name, threads=self.threads, max_concurrent=self.max_concurrent)
@@ -133,6 +138,13 @@ class Config:
     mqtt: MqttConfig = MqttConfig()
     voice: VoiceConfig = VoiceConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    def engine_threads(self, speaking: bool) -> int:
+        """The engine's torch threads: `[engine] threads`, or the CPU's cores minus the voice's onnxruntime threads
+        when answers are spoken (at least 1), so the two never ask for more threads than there are cores."""
+        if self.engine.threads:
+            return self.engine.threads
+        return max(1, (os.cpu_count() or 1) - (self.voice.threads if speaking else 0))
 
     def replace(self, **overrides: Any) -> Config:
         """Dotted overrides, e.g. `cfg.replace(**{"server.port": 0})`; validated like file values, and the result

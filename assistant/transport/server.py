@@ -1,20 +1,23 @@
 """The process: `serve(cfg)` is `python -m assistant serve`; `running_server(...)` starts the same server in tests.
 
 `serve` starts listening at once (`/healthz` says 503), loads the backend on the engine's worker thread (never on
-the loop, and on the one thread that will run the model), attaches the session hub, optionally runs the MQTT
-bridge, and shuts down gracefully on SIGINT/SIGTERM: stop accepting, let answers finish for `shutdown_grace_s`,
-cancel the rest, close every socket with 1001.
+the loop, and on the one thread that will run the model) and the voice (`[voice]`, on its pool's thread; without
+the `voice` extra the server says so in one log line and answers in text), attaches the session hub, optionally
+runs the MQTT bridge, and shuts down gracefully on SIGINT/SIGTERM: stop accepting, let answers finish for
+`shutdown_grace_s`, cancel the rest, close every socket with 1001.
 
     async with running_server(cfg.replace(**{"server.port": 0}), backend=backend) as srv:
         srv.ws_url      # "ws://127.0.0.1:PORT/v1/realtime"
         srv.http_url    # "http://127.0.0.1:PORT"
         srv.hub         # the SessionHub every transport shares
+    running_server(cfg, backend=backend, speech=pool)   # share one loaded voice pool between test servers
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -23,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from assistant.audio.voice import SpeechPool, open_pool
 from assistant.config import Config
 from assistant.transport.hub import SessionHub
 from assistant.transport.websocket import CLOSE_TIMEOUT_S, REALTIME_PATH, AssistantServer
@@ -42,17 +46,25 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -> AsyncIterator[RunningServer]:
-    """A real server on `cfg.server.host:port` around an already-loaded `backend` (or a started `engine`)."""
+async def running_server(
+    cfg: Config, backend: Any = None, engine: Any = None, speech: SpeechPool | None = None
+) -> AsyncIterator[RunningServer]:
+    """A real server on `cfg.server.host:port` around an already-loaded `backend` (or a started `engine`). The voice
+    is `speech` when given, else `[voice]`'s (loaded here; none when `voice.name` is "")."""
     from assistant.engine.engine import Engine
 
     own_engine = engine is None
     if own_engine:
         engine = Engine(backend, cfg.engine, cfg.generation)
         await engine.start()
+    own_speech = speech is None
+    if own_speech:
+        speech = open_pool(cfg.voice.params())
+        if speech is not None:
+            await asyncio.wrap_future(speech.load())
     app = AssistantServer(cfg)
     await app.start()
-    hub = app.attach(engine)
+    hub = app.attach(engine, speech=speech)
     scheme = "wss" if cfg.server.tls_cert else "ws"
     host = cfg.server.host
     try:
@@ -69,6 +81,8 @@ async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -
         await app.shutdown()
         if own_engine:
             await engine.stop()
+        if own_speech and speech is not None:
+            speech.close()
 
 
 _STOPPED_WHILE_LOADING = -1
@@ -102,7 +116,16 @@ async def _serve_main(cfg: Config) -> int:
     base = f"{scheme}://{shown_host}:{app.port}"
     print(f"Voice assistant: open {base}/ in a browser (WebSocket {base.replace('http', 'ws', 1)}{REALTIME_PATH})")
     print(f"Loading the {cfg.model.backend} model; {base}/healthz answers 200 once it is ready.", flush=True)
-    engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
+    speech = open_pool(cfg.voice.params())  # loads on its own thread, beside the model
+    voice_loaded = speech.load() if speech is not None else None
+    threads = cfg.engine_threads(speaking=speech is not None)
+    log.info(
+        "thread budget: %d torch threads for the engine, %s",
+        threads,
+        f"{cfg.voice.threads} for the voice" if speech else "no voice",
+    )
+    engine_cfg = dataclasses.replace(cfg.engine, threads=threads)
+    engine = Engine.loading(lambda: load_backend(cfg), engine_cfg, cfg.generation)
     mqtt_task: asyncio.Task[Any] | None = None
     try:
         load = asyncio.create_task(engine.start())
@@ -119,7 +142,13 @@ async def _serve_main(cfg: Config) -> int:
             log.error("could not load the %s model: %s", cfg.model.backend, e)
             print(f"error: could not load the model: {e}", flush=True)
             return 1
-        hub = app.attach(engine, model_name=cfg.model.backend)
+        if voice_loaded is not None:
+            try:
+                await asyncio.wrap_future(voice_loaded)
+            except Exception as e:  # a broken voice must not take the text answers down with it
+                log.error("could not load voice %r: %s; answers are text only", cfg.voice.name, e)
+                speech = None
+        hub = app.attach(engine, model_name=cfg.model.backend, speech=speech)
         if cfg.mqtt.url:
             from assistant.transport.mqtt import run_mqtt_bridge
 
@@ -137,4 +166,6 @@ async def _serve_main(cfg: Config) -> int:
                 log.warning("MQTT bridge ended with %r", e)
         if engine.ready:  # a load still running is abandoned with its daemon thread
             await engine.stop()
+        if speech is not None:
+            speech.close()
     return 0

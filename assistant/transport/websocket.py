@@ -88,9 +88,10 @@ class AssistantServer:
         )
         self.port = next(iter(self._server.sockets)).getsockname()[1]
 
-    def attach(self, engine: Any, model_name: str = "local") -> SessionHub:
+    def attach(self, engine: Any, model_name: str = "local", speech: Any = None) -> SessionHub:
+        """Serve sessions on `engine`; `speech` is the shared voice pool (None: answers are text only)."""
         self.engine = engine
-        self.hub = SessionHub(self.cfg, engine, model_name)
+        self.hub = SessionHub(self.cfg, engine, model_name, speech)
         return self.hub
 
     @property
