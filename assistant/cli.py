@@ -1,5 +1,6 @@
-"""Command line: `python -m assistant {serve,ask,prepare}`. Parses flags, loads the config, sets up logging,
-dispatches. `serve` is `assistant.transport.server.serve`, `prepare` is `assistant.weights.cache.run_prepare`, and
+"""Command line: `python -m assistant {serve,ask,tls-cert,prepare}`. Parses flags, loads the config, sets up logging,
+dispatches. `serve` is `assistant.transport.server.serve`, `prepare` is `assistant.weights.cache.run_prepare`,
+`tls-cert` (and `serve --tls-self-signed`) is `assistant.transport.tls`, and
 `ask` is here: one spoken (or typed) question offline, on either backend, through the same `prepare` ->
 `build_prompt` path as the server and the plain single-sequence loop (`engine.decoding.generate_stream`: no engine
 thread). It streams the answer to stdout, or with `--json` prints one object: `prompt_token_ids`,
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="TCP port, 0 = any free port (server.port, default 8765)")
     s.add_argument("--model", metavar="DIR|embedded", help="Qwen-Audio-Chat checkpoint directory, or 'embedded'")
     s.add_argument("--mqtt", metavar="mqtt://HOST:PORT", help="also bridge MQTT devices through this broker")
+    s.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve wss:// and https:// (server.tls_cert)")
+    s.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (server.tls_key)")
+    s.add_argument(
+        "--tls-self-signed",
+        action="store_true",
+        help="serve TLS with the self-signed certificate of `tls-cert` (made, or renewed, when needed)",
+    )
     s.add_argument("--wyoming", metavar="tcp://HOST:PORT", help="also serve Home Assistant's Wyoming protocol here")
 
     a = sub.add_parser("ask", parents=[common], help="answer one spoken (or typed) question offline and exit")
@@ -61,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--greedy", action="store_true", help="greedy decoding (reproducible)")
     a.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens")
     a.add_argument("--json", action="store_true", help="print one JSON object (prompt/output token ids, text)")
+
+    t = sub.add_parser(
+        "tls-cert",
+        parents=[common],
+        help="make a self-signed TLS certificate and print how to serve with it and make clients trust it",
+    )
+    t.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME|IP",
+        help="a host name or IP address clients connect to (repeatable; localhost, 127.0.0.1 and ::1 are always in)",
+    )
+    t.add_argument("--out", metavar="DIR", help="directory for cert.pem and key.pem (default: the config dir)")
+    t.add_argument("--days", type=int, default=None, metavar="N", help="validity in days (default 825)")
+    t.add_argument("--force", action="store_true", help="replace an existing certificate in that directory")
 
     pr = sub.add_parser(
         "prepare", parents=[common], help="verify and convert the embedded model weights into the cache (once)"
@@ -74,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, object] = {"logging.level": getattr(args, "log_level", None)}
     if args.command == "serve":
         overrides.update({"server.host": args.host, "server.port": args.port, "mqtt.url": args.mqtt})
+        overrides.update({"server.tls_cert": args.tls_cert, "server.tls_key": args.tls_key})
         overrides["wyoming.uri"] = args.wyoming
         overrides.update(_model_overrides(args.model))
     elif args.command == "ask":
@@ -87,18 +112,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.logging.level)
+    from assistant.transport.tls import TlsError
+
     try:
         if args.command == "serve":
             from assistant.transport.server import serve
 
+            if args.tls_self_signed:
+                cfg = use_self_signed(cfg)
             return serve(cfg)
+        if args.command == "tls-cert":
+            return run_tls_cert(cfg, args.host, args.out, args.days, args.force)
         if args.command == "ask":
             return run_ask(cfg, audio=args.audio, text=args.text, as_json=args.json)
         from assistant.weights.cache import run_prepare
 
         return run_prepare(cfg, force=args.force)
+    except TlsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def use_self_signed(cfg: Config) -> Config:
+    """`serve --tls-self-signed`: `cfg` serving the self-signed certificate (made now if missing or unfit)."""
+    from assistant.transport.tls import TlsError, ensure_self_signed, read_cert, setup_text
+
+    if cfg.server.tls_cert:
+        raise TlsError("--tls-self-signed and server.tls_cert (--tls-cert) both name a certificate; use one")
+    files, why_new = ensure_self_signed(cfg.server.host)
+    if why_new is not None:
+        print(f"Made a new self-signed certificate ({why_new}).")
+        print(setup_text(files, read_cert(files.cert), cfg.server.port or 8765), flush=True)
+    else:
+        print(f"TLS: {files.cert} (clients trust it with NODE_EXTRA_CA_CERTS / SSL_CERT_FILE)", flush=True)
+    return cfg.replace(**{"server.tls_cert": str(files.cert), "server.tls_key": str(files.key)})
+
+
+def run_tls_cert(cfg: Config, hosts: list[str], out: str | None, days: int | None, force: bool) -> int:
+    """`tls-cert`: make the certificate, print the config lines and how clients trust it."""
+    from pathlib import Path
+
+    from assistant.transport.tls import DEFAULT_DAYS, default_tls_dir, make_self_signed, read_cert, setup_text
+
+    files = make_self_signed(
+        hosts, Path(out) if out else default_tls_dir(), DEFAULT_DAYS if days is None else days, force
+    )
+    print(setup_text(files, read_cert(files.cert), cfg.server.port or 8765), end="")
+    return 0
 
 
 def setup_logging(level: str = "info") -> None:

@@ -4,12 +4,14 @@
 every key; a user file given with `--config` overlays it key by key. Loading is strict: an unknown key or a value of
 the wrong type, outside its range or not finite fails at start, naming the key, what was expected and what came
 (`assistant.schema` checks every field by its declaration). The `[vad]` section is the sessions' own
-`TurnDetection` (the server-wide default of every session). Nothing here reads argv or the environment at import time.
+`TurnDetection` (the server-wide default of every session), the `[wake_word]` section the sessions' `WakeWordSettings`.
+Nothing here reads argv or the environment at import time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
+from assistant.audio.speech_text import MAX_FIRST_CLAUSE_CHARS
 from assistant.audio.vad import TurnDetection
 from assistant.audio.voice import MAX_SPEED, MIN_SPEED, VOICE_PACKAGES, VoiceParams
+from assistant.audio.wake_word import WakeWordSettings, check_wake_word_name
 from assistant.schema import SettingError, bounds, coerce_type
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.toml"
@@ -85,6 +90,7 @@ class EngineConfig:
     cache_budget_tokens: int = field(default=65536, metadata=bounds(0, None))
     delta_queue_size: int = field(default=256, metadata=bounds(1, None))
     max_turn_tokens: int = field(default=1024, metadata=bounds(16, None))
+    threads: int = field(default=0, metadata=bounds(0, 1024))  # 0 = automatic, see `Config.engine_threads`
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ class MqttConfig:
     reconnect_max_s: float = field(default=30.0, metadata=bounds(0.1, None))
     max_devices: int = field(default=32, metadata=bounds(1, None))
     device_idle_timeout_s: float = field(default=600.0, metadata=bounds(1, None))
+    wake_word: str = ""  # the device sessions' wake word ("" = off); follow_up_ms from [wake_word]
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,10 @@ class WyomingConfig:
 class VoiceConfig:
     name: str = "joe"
     speed: float = field(default=1.0, metadata=bounds(MIN_SPEED, MAX_SPEED))
-    output_rate_hz: int = field(default=24000, metadata=bounds(8000, 48000))
+    output_rate_hz: int = field(default=24000, metadata=bounds(MIN_RATE_HZ, MAX_RATE_HZ))
     threads: int = field(default=1, metadata=bounds(1, 64))
     max_concurrent: int = field(default=1, metadata=bounds(1, 64))
+    first_clause_chars: int = field(default=0, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))
 
     def params(self) -> VoiceParams:
         return VoiceParams(name=self.name, threads=self.threads, max_concurrent=self.max_concurrent)
@@ -135,10 +143,18 @@ class Config:
     generation: GenerationConfig = GenerationConfig()
     engine: EngineConfig = EngineConfig()
     vad: TurnDetection = TurnDetection()
+    wake_word: WakeWordSettings = WakeWordSettings()
     mqtt: MqttConfig = MqttConfig()
     wyoming: WyomingConfig = WyomingConfig()
     voice: VoiceConfig = VoiceConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    def engine_threads(self, speaking: bool) -> int:
+        """The engine's torch threads: `[engine] threads`, or the CPU's cores minus the voice's onnxruntime threads
+        when answers are spoken (at least 1), so the two never ask for more threads than there are cores."""
+        if self.engine.threads:
+            return self.engine.threads
+        return max(1, (os.cpu_count() or 1) - (self.voice.threads if speaking else 0))
 
     def replace(self, **overrides: Any) -> Config:
         """Dotted overrides, e.g. `cfg.replace(**{"server.port": 0})`; validated like file values, and the result
@@ -256,5 +272,9 @@ def _check(cfg: Config) -> None:
             f"config key 'voice.name': expected one of {sorted(VOICE_PACKAGES)} or \"\" (text only), "
             f"got {cfg.voice.name!r}"
         )
+    try:
+        check_wake_word_name("mqtt.wake_word", cfg.mqtt.wake_word, allow_off=True)
+    except SettingError as e:
+        raise ConfigError(f"config key {e}") from None
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("config keys 'server.tls_cert' and 'server.tls_key' must be set together (or both empty)")

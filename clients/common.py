@@ -37,13 +37,32 @@ SendEvent = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 # ----------------------------------------------------------------------------------------------- client events
-def session_update(input_rate_hz: int = INPUT_RATE_HZ, push_to_talk: bool = False) -> dict[str, Any]:
+WAKE_WORD_OFF = "off"  # `--wake-word off`: no wake word, even when the server's default has one
+
+
+def session_update(
+    input_rate_hz: int = INPUT_RATE_HZ,
+    push_to_talk: bool = False,
+    wake_word: str | None = None,
+    follow_up_ms: int | None = None,
+) -> dict[str, Any]:
     """The first event our clients send: raw PCM16 at `input_rate_hz` (extension) and the turn-taking mode.
 
-    Push-to-talk switches server VAD off (`turn_detection: null`): the client commits and asks for the answer."""
+    Push-to-talk switches server VAD off (`turn_detection: null`): the client commits and asks for the answer.
+    `wake_word` (extension): only speech after it is heard (`WAKE_WORD_OFF` turns the server's default off; None
+    leaves the server's default); `follow_up_ms` is how long after an answer speech needs no wake word."""
     session: dict[str, Any] = {"type": "realtime", "output_modalities": ["text"], "input_sample_rate": input_rate_hz}
+    audio_input: dict[str, Any] = {}
     if push_to_talk:
-        session["audio"] = {"input": {"turn_detection": None}}
+        audio_input["turn_detection"] = None
+    if wake_word == WAKE_WORD_OFF:
+        audio_input["wake_word"] = None
+    elif wake_word is not None:
+        audio_input["wake_word"] = {"name": wake_word}
+        if follow_up_ms is not None:
+            audio_input["wake_word"]["follow_up_ms"] = follow_up_ms
+    if audio_input:
+        session["audio"] = {"input": audio_input}
     return {"type": "session.update", "session": session}
 
 
@@ -89,6 +108,7 @@ class TurnView:
     errors: list[dict[str, Any]] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
     active_responses: int = 0
+    wake_words: int = 0  # wake_word_detected events seen
     _turn_end_s: float | None = None
     _first_delta_seen: bool = False
     _line_open: bool = False
@@ -111,6 +131,10 @@ class TurnView:
         kind = event.get("type", "")
         if kind in ("session.created", "session.updated"):
             self._set_state("listening")
+        elif kind == "input_audio_buffer.wake_word_detected":
+            self.wake_words += 1
+            if self.show_state:
+                self._write_line(f"[wake word: {event.get('name', '')}]")
         elif kind == "input_audio_buffer.speech_started":
             self._set_state("speech")
         elif kind == "input_audio_buffer.speech_stopped":
@@ -275,6 +299,17 @@ def add_audio_arguments(p: argparse.ArgumentParser, device_flag: str) -> None:
     input option: `--device` on the desktop, `--input-device` on MQTT (where `--device` is the device id)."""
     p.add_argument("--wav", metavar="FILE", help="stream this WAV file at real-time speed instead of the microphone")
     p.add_argument("--push-to-talk", action="store_true", help="no server VAD: Enter starts and ends each turn")
+    p.add_argument(
+        "--wake-word",
+        metavar="NAME",
+        help="hands-free: only speech after this wake word is heard (alexa, hey_mycroft, okay_nabu, hey_jarvis; "
+        f"'{WAKE_WORD_OFF}' turns a server default off); default: the server's setting",
+    )
+    p.add_argument(
+        "--follow-up-ms",
+        type=int,
+        help="with --wake-word: after an answer, speech within this many ms needs no wake word",
+    )
     p.add_argument(
         device_flag, type=_input_device, help="sounddevice input device name or index (default: the system default)"
     )

@@ -1,10 +1,13 @@
-"""Desktop client: `python -m clients.desktop [--url ws://...] [--token T] [--wav FILE] [--push-to-talk]`.
+"""Desktop client: `python -m clients.desktop [--url ws://...] [--token T] [--wav FILE] [--push-to-talk]
+[--wake-word NAME]`.
 
 Owns the WebSocket conversation of one desktop user: captures the microphone with sounddevice (16 kHz mono PCM16 in
 small blocks) or streams a WAV file at real-time speed, sends it as binary frames (our protocol extension), prints
 the user's transcript and the answer as it streams (`clients.common.TurnView`), and reconnects with exponential
 backoff when the server goes away. With `--wav` it exits after the answer to the file's last turn (exit code 0).
-The audio sources are in `clients.audio_source`, the conversation loops in `clients.common`.
+`--wake-word alexa` makes it hands-free: the server hears only speech after the wake word (and, for `--follow-up-ms`
+after each answer, speech without it). The audio sources are in `clients.audio_source`, the conversation loops in
+`clients.common`.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ async def _converse(ws: ClientConnection, view: TurnView, args: argparse.Namespa
         await ws.send(json.dumps(event))
 
     view.new_connection()
-    await send_event(session_update(input_rate_hz(source), push_to_talk=args.push_to_talk))
+    await send_event(session_update(input_rate_hz(source), args.push_to_talk, args.wake_word, args.follow_up_ms))
     # Re-raises ConnectionClosed etc. for the reconnect loop.
     if await run_until_either_ends(_receive(ws, view), conversation(ws.send, send_event, view, source, args)):
         raise ConnectionClosed(None, None)  # the server closed the connection cleanly: reconnect like after any loss

@@ -3,7 +3,8 @@
 Owns one device's side of the MQTT bridge protocol (DESIGN.md): PCM16 16 kHz chunks to `<prefix>/<device>/audio`,
 JSON client events to `<prefix>/<device>/control`, server events (same JSON as the WebSocket) read from
 `<prefix>/<device>/events`. Audio comes from the microphone or `--wav FILE` (streamed at real time); the answer is
-printed as it streams. Reconnects with backoff when the broker goes away.
+printed as it streams. Reconnects with backoff when the broker goes away. `--wake-word NAME` sets this device's
+wake word (the server's default for devices is `mqtt.wake_word`; `--wake-word off` turns it off).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ async def _converse(client: aiomqtt.Client, view: TurnView, args: argparse.Names
     view.new_connection()
     if args.reset:
         await send_event({"type": "conversation.reset"})
-    await send_event(session_update(input_rate_hz(source), push_to_talk=args.push_to_talk))
+    await send_event(session_update(input_rate_hz(source), args.push_to_talk, args.wake_word, args.follow_up_ms))
     # Re-raises MqttError for the reconnect loop.
     if await run_until_either_ends(_receive(client, view), conversation(send_audio, send_event, view, source, args)):
         raise aiomqtt.MqttError("the broker closed the connection")

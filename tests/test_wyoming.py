@@ -29,7 +29,8 @@ from wyoming.handle import Handled, NotHandled
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-from assistant.transport.server import running_server, speech_pool
+from assistant.audio.voice import open_pool
+from assistant.transport.server import running_server
 from assistant.transport.wyoming import WyomingServer
 from tests.server_util import TIMEOUT_S
 from tests.wyoming_util import ask, audio_events, client, read_until, spoken, transcribe, words, wy_cfg
@@ -40,7 +41,7 @@ from tests.wyoming_util import ask, audio_events, client, read_until, spoken, tr
 async def loading_server(**overrides: Any) -> AsyncIterator[WyomingServer]:
     """The Wyoming server as `serve` runs it while the model is still loading (no hub attached yet)."""
     cfg = wy_cfg(**overrides)
-    voice = speech_pool(cfg)
+    voice = open_pool(cfg.voice.params())
     wy = WyomingServer(cfg, voice)
     await wy.start()
     try:
@@ -115,8 +116,8 @@ async def test_connections_over_capacity_are_refused_and_idle_ones_closed():
 
 # ---- the real model and voice (slow) -------------------------------------------------------------------------------
 @pytest.fixture
-async def wyoming_server(embedded_backend):
-    async with running_server(wy_cfg(), backend=embedded_backend) as srv:
+async def wyoming_server(embedded_backend, speech_pool):
+    async with running_server(wy_cfg(), backend=embedded_backend, speech=speech_pool) as srv:
         yield srv
 
 
@@ -195,7 +196,8 @@ async def test_text_the_voice_cannot_read_gets_an_error_and_the_rest_is_spoken(w
 @contextlib.asynccontextmanager
 async def tiny_server(tiny_qwen_dir, server_tiny_backend, **overrides: Any):
     model = {"model.backend": "qwen-audio", "model.path": str(tiny_qwen_dir), "generation.max_new_tokens": 4}
-    async with running_server(wy_cfg(**{**model, **overrides}), backend=server_tiny_backend) as srv:
+    cfg = wy_cfg(**{**model, "voice.name": "", **overrides})  # no tts needed here
+    async with running_server(cfg, backend=server_tiny_backend) as srv:
         yield srv
 
 

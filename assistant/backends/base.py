@@ -61,6 +61,7 @@ class Exchange:
 
     user: PreparedTurn
     reply: str
+    response_id: str | None = None  # the response that said `reply` (so what was heard can cut it later)
 
 
 @dataclass

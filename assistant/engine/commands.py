@@ -52,6 +52,13 @@ class InstructionsCmd:
 
 
 @dataclass(frozen=True)
+class TruncateReplyCmd:
+    session_id: str
+    response_id: str
+    text: str  # what the listener heard of that reply
+
+
+@dataclass(frozen=True)
 class PrepareCmd:
     session_id: str
     utterance: Utterance
@@ -107,6 +114,7 @@ Command = (
     | CloseSessionCmd
     | ResetSessionCmd
     | InstructionsCmd
+    | TruncateReplyCmd
     | PrepareCmd
     | SpeculateCmd
     | DiscardCmd

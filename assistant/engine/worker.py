@@ -20,6 +20,8 @@ What a response leaves in the history (the user heard what was streamed):
 - completed / incomplete (max tokens): the answered turns with the reply text;
 - cancelled after some text: the answered turns with the partial reply (what was actually said);
 - cancelled before any text: the turns go back to pending and are answered with the next response;
+- a spoken answer cut short: later, only what the listener heard (`TruncateReplyCmd` from the session core, which
+  knows what audio was sent and played; `Conversation.truncate_reply`);
 - failed: the turns are dropped (retrying a turn that broke the model would likely break it again) and the
   session's cache is reset; the engine keeps serving everyone else.
 """
@@ -53,6 +55,7 @@ from assistant.engine.commands import (
     RespondCmd,
     SpeculateCmd,
     StopCmd,
+    TruncateReplyCmd,
     refuse_stopped,
 )
 from assistant.engine.conversation import CachePlan, Conversation, evict_lru, merge_turns, plan_cache
@@ -103,6 +106,8 @@ class Worker:
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.cfg.threads:  # the budget applies to this thread, which runs all model code
+            torch.set_num_threads(self.cfg.threads)
         try:
             self._attach(self._load())
         except BaseException as e:  # handed to Engine.start, which raises it on the loop
@@ -172,7 +177,9 @@ class Worker:
         return keep_running
 
     # ---- sessions and user turns --------------------------------------------------------------------------------
-    def _session(self, cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd) -> None:
+    def _session(
+        self, cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd | TruncateReplyCmd
+    ) -> None:
         if isinstance(cmd, OpenSessionCmd):
             cache = self.lm.new_cache()
             cache.release()  # storage grows on the first prefill; an idle session costs nothing
@@ -184,6 +191,9 @@ class Worker:
             return
         if isinstance(cmd, InstructionsCmd):
             conv.system = cmd.instructions or self.backend.default_system_prompt
+            return
+        if isinstance(cmd, TruncateReplyCmd):
+            conv.truncate_reply(cmd.response_id, cmd.text)
             return
         closing = isinstance(cmd, CloseSessionCmd)
         for job in self.waiting + self.active:
@@ -377,7 +387,7 @@ class Worker:
             if status == "cancelled" and not text:
                 conv.restore_pending(job.turns, job.encode_ms)
             else:
-                conv.record(merge_turns(job.turns), text)
+                conv.record(merge_turns(job.turns), text, job.response_id)
         done = job.done(status, reason, text, error)
         conv.busy = False
         conv.touch()

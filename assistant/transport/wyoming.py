@@ -85,8 +85,15 @@ class WyomingServer:
         return [k for k in ("asr", "handle", "tts") if self.info.data[k]]
 
     def attach(self, hub: SessionHub) -> None:
+        """asr and handle work from now on."""
         self.hub = hub
         self.conversations = Conversations(hub)
+
+    def set_voice(self, voice: SpeechPool | None) -> None:
+        """The voice as it loaded (None: it failed; tts is no longer offered)."""
+        if voice is not self.voice:
+            self.voice = voice
+            self.info = build_info(self.cfg, voice).event()
 
     def health(self) -> str | None:
         """None while accepting connections (the `wyoming` check of /healthz)."""

@@ -135,10 +135,17 @@ def build_info(cfg: Config, voice: SpeechPool | None) -> Info:
 
 
 # ---- asr -------------------------------------------------------------------------------------------------------------
-_PUSH_TO_TALK = {
+# A transcription: push-to-talk (audio-stop commits), no wake word (Home Assistant's satellites do that), text out.
+_ASR_SESSION = {
     "type": "session.update",
-    "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+    "session": {
+        "type": "realtime",
+        "output_modalities": ["text"],
+        "audio": {"input": {"turn_detection": None, "wake_word": None}},
+    },
 }
+# A conversation answers in text: Home Assistant speaks it with the tts it chose.
+_CONVERSATION_SESSION = {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}}
 # Session errors after which the transcript still comes (the turn was only shortened).
 _ASR_WARNINGS = frozenset({"input_audio_buffer_truncated", "invalid_audio"})
 
@@ -165,7 +172,7 @@ class Transcription:
         except SessionLimitReached as e:
             raise WyomingError("server_busy", str(e)) from None
         await self._conn.start()
-        self._conn.receive_event(_PUSH_TO_TALK)
+        self._conn.receive_event(_ASR_SESSION)
 
     def feed(self, pcm: bytes) -> None:
         self._conn.receive_audio(pcm)
@@ -293,6 +300,7 @@ class Conversations:
             return self._by_id[conv_id]
         self._by_id[conv_id] = conv
         await conv.conn.start()
+        conv.conn.receive_event(_CONVERSATION_SESSION)
         return conv
 
     async def _forget(self, conv_id: str) -> None:

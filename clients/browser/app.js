@@ -1,10 +1,15 @@
 // Browser client: microphone -> AudioWorklet (16 kHz PCM16) -> WebSocket (binary frames, our protocol extension);
 // server events -> the page: VAD state, each user turn, each answer as it streams (elements with class "assistant"),
-// per-turn latency, errors in plain words. No build step: plain ES modules served by the assistant server at GET /.
+// per-turn latency, errors in plain words, and a wake-word toggle (our extension: session.audio.input.wake_word; the
+// toggle shows the server's setting and changes it). No build step: plain ES modules served by the server at GET /.
 import { MODEL_RATE_HZ } from "./downsample.js";
 
 const $ = (id) => document.getElementById(id);
-const ui = { start: $("start"), stop: $("stop"), vad: $("vad"), connection: $("connection"), error: $("error"), log: $("log") };
+const ui = {
+  start: $("start"), stop: $("stop"), vad: $("vad"), connection: $("connection"), error: $("error"), log: $("log"),
+  wake: $("wake"), wakeName: $("wake-name"),
+};
+let wakeTouched = false; // the user changed the toggle before connecting: the first session.update carries it
 
 let session = null; // the running capture + connection, or null
 
@@ -24,6 +29,32 @@ function addTurn(cls, text) {
   ui.log.append(el);
   el.scrollIntoView({ block: "end" });
   return el;
+}
+
+function wakeWordSetting() {
+  return ui.wake.checked ? { name: ui.wakeName.value } : null;
+}
+
+function listening() {
+  const phrase = ui.wake.checked ? ui.wakeName.options[ui.wakeName.selectedIndex].text : null;
+  setVad("listening", phrase ? `say “${phrase}”` : "listening");
+}
+
+function showWakeWord(sessionObj) {
+  // Both dialects: GA nests it under audio.input, beta has it at the top level.
+  const input = sessionObj && sessionObj.audio && sessionObj.audio.input;
+  const w = input ? input.wake_word : sessionObj && sessionObj.wake_word;
+  ui.wake.checked = Boolean(w);
+  ui.wake.dataset.server = w ? w.name : ""; // what the server has now
+  if (w) ui.wakeName.value = w.name;
+}
+
+function sendWakeWord() {
+  wakeTouched = true;
+  if (session && session.ws.readyState === WebSocket.OPEN) {
+    const update = { type: "realtime", audio: { input: { wake_word: wakeWordSetting() } } };
+    session.ws.send(JSON.stringify({ type: "session.update", session: update }));
+  }
 }
 
 function serverUrl() {
@@ -61,7 +92,12 @@ class Conversation {
     switch (ev.type) {
       case "session.created":
       case "session.updated":
-        setVad("listening");
+        showWakeWord(ev.session);
+        listening();
+        break;
+      case "input_audio_buffer.wake_word_detected":
+        setVad("wake", `heard “${ev.name}”`);
+        addTurn("wake", `heard “${ev.name}”`);
         break;
       case "input_audio_buffer.speech_started":
         setVad("speech", "hearing you");
@@ -133,7 +169,7 @@ class Conversation {
     }
     this.answerEl = null;
     this.turnEndMs = null;
-    setVad("listening");
+    listening();
   }
 }
 
@@ -184,7 +220,9 @@ async function start() {
 
   ws.onopen = () => {
     ui.connection.textContent = `connected (${context.sampleRate} Hz mic → ${MODEL_RATE_HZ} Hz)`;
-    ws.send(JSON.stringify({ type: "session.update", session: { type: "realtime", output_modalities: ["text"], input_sample_rate: MODEL_RATE_HZ } }));
+    const update = { type: "realtime", output_modalities: ["text"], input_sample_rate: MODEL_RATE_HZ };
+    if (wakeTouched) update.audio = { input: { wake_word: wakeWordSetting() } }; // else: the server's default
+    ws.send(JSON.stringify({ type: "session.update", session: update }));
     capture.port.onmessage = (e) => {
       if (ws.readyState === WebSocket.OPEN) ws.send(e.data);
     };
@@ -240,3 +278,7 @@ ui.start.addEventListener("click", () => {
   });
 });
 ui.stop.addEventListener("click", stop);
+ui.wake.addEventListener("change", sendWakeWord);
+ui.wakeName.addEventListener("change", () => {
+  if (ui.wake.checked) sendWakeWord();
+});
