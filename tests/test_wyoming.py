@@ -286,3 +286,13 @@ def test_serve_answers_describe_while_loading_and_stops_on_sigterm(tmp_path):
         proc.kill()
     assert proc.returncode == 0, err
     assert b"stopped (signal) while loading the model" in err and b"Traceback" not in err
+
+
+async def test_healthz_names_wyoming_when_its_port_stops_accepting(tiny_qwen_dir, server_tiny_backend):
+    from tests.test_mqtt_failures import healthz
+
+    async with tiny_server(tiny_qwen_dir, server_tiny_backend) as srv:
+        assert await asyncio.to_thread(healthz, srv.http_url) == (200, "ok\n")
+        srv.wyoming._server.close()  # what /healthz must notice, however it happens
+        status, body = await asyncio.to_thread(healthz, srv.http_url)
+        assert status == 503 and body.startswith("wyoming: ") and "not accepting" in body
