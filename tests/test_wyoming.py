@@ -83,6 +83,8 @@ async def test_bad_messages_get_an_error_and_the_connection_goes_on():
         assert (await error_after(b"this is not json\n"))["code"] == "invalid_json"
         assert (await error_after(b'["a list"]\n'))["code"] == "invalid_event"
         assert (await error_after(b'{"type": "synthesize", "data": {"text": 5}}\n'))["code"] == "invalid_event"
+        voice_as_text = b'{"type": "synthesize", "data": {"text": "Hi.", "voice": "joe"}}\n'  # voice is an object
+        assert (await error_after(voice_as_text))["code"] == "invalid_event"
         big = json.dumps({"type": "audio-chunk", "payload_length": 10000}).encode() + b"\n" + b"\0" * 10000
         assert (await error_after(big))["code"] == "message_too_large"
         chunk = AudioChunk(16000, 2, 1, b"\0" * 320).event()
