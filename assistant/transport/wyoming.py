@@ -234,6 +234,9 @@ class _Client:
                 await coro
             except (ConnectionError, TimeoutError):
                 self.writer.close()
+            except Exception:  # a bug, not the peer's doing: logged once, this connection ends, others go on
+                log.exception("wyoming %s: unexpected error in %s; closing the connection", self.peer, service)
+                self.writer.close()
             finally:
                 self._tasks.pop(service, None)
                 if not self.busy:
