@@ -152,14 +152,14 @@ _ASR_WARNINGS = frozenset({"input_audio_buffer_truncated", "invalid_audio"})
 
 class Transcription:
     """One `transcribe`: audio in, one transcript out, through a realtime session in push-to-talk (its buffer bound,
-    resampling and checks). `report(event)` forwards the session's warnings; `close(code, reason)` ends the
+    resampling and checks). `report(error)` forwards the session's warnings; `close(code, reason)` ends the
     Wyoming connection when the hub ends the session (idle, shutdown)."""
 
     def __init__(
         self,
         hub: SessionHub,
         rate_hz: int,
-        report: Callable[[Event], None],
+        report: Callable[[WyomingError], None],
         close: Callable[[int, str], Awaitable[None]],
     ) -> None:
         self.hub, self.rate_hz, self._report, self._close = hub, rate_hz, report, close
@@ -275,6 +275,8 @@ class Conversations:
         if conv is not None and not conv.conn.closed:
             self._by_id.move_to_end(conv_id)
             return conv
+        if conv is not None:  # its session was closed under it (shutdown)
+            del self._by_id[conv_id]
         conv = _Conversation()
 
         def on_event(ev: dict[str, Any]) -> None:
