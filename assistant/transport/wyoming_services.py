@@ -35,6 +35,7 @@ from assistant.audio.voice import (
     ClauseSplitter,
     Speech,
     SpeechPool,
+    has_words,
     unspeakable_reason,
     voice_language,
 )
@@ -345,7 +346,7 @@ class SpeechStream:
 
     def __init__(self, pool: SpeechPool, voice: VoiceConfig, write: Callable[[Event], Awaitable[None]]) -> None:
         self.pool, self.voice, self._write = pool, voice, write
-        self._splitter = ClauseSplitter()
+        self._splitter = ClauseSplitter(first_clause_chars=voice.first_clause_chars)  # the realtime answers' policy
         self._queue: asyncio.Queue[Future[Speech] | WyomingError | None] = asyncio.Queue(SPEECH_LOOKAHEAD)
         self._sender = asyncio.get_running_loop().create_task(self._send(), name="wyoming-tts")
         self._started = False
@@ -371,6 +372,8 @@ class SpeechStream:
                 item.cancel()  # not started yet: the pool skips it
 
     async def _submit(self, clause: str) -> None:
+        if not has_words(clause):  # punctuation, symbols: nothing to say, nothing to report
+            return
         why = unspeakable_reason(clause, self.pool.params.name)
         if why is not None:
             await self._put(WyomingError("unspeakable_text", f"not spoken ({why}): {clause[:60]!r}"))
