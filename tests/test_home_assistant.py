@@ -91,8 +91,9 @@ async def test_home_assistant_runs_an_assist_pipeline_on_our_wyoming_port(
     question.write_bytes(wav_pcm16(question_wav).astype("<i2").tobytes())  # what a satellite streams: 16 kHz mono
     result, answer_wav = tmp_path / "result.json", tmp_path / "answer.wav"
     async with running_server(wy_cfg(), backend=embedded_backend, speech=speech_pool) as srv:
+        ours = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")  # Home Assistant's Python sees only its own venv
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in ours},
             "WYOMING_HOST": "127.0.0.1",
             "WYOMING_PORT": str(srv.wyoming.port),
             "QUESTION_PCM": str(question),
