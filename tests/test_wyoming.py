@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soxr
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk
 from wyoming.client import AsyncTcpClient
@@ -28,11 +29,13 @@ from wyoming.event import Event
 from wyoming.handle import Handled, NotHandled
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
+from wyoming.wake import Detect, Detection
 
 from assistant.audio.voice import open_pool
 from assistant.transport.server import running_server
 from assistant.transport.wyoming import WyomingServer
-from tests.server_util import TIMEOUT_S
+from bench.wake_word import speak
+from tests.server_util import TIMEOUT_S, silence
 from tests.wyoming_util import ask, audio_events, client, read_until, spoken, transcribe, words, wy_cfg
 
 
@@ -61,6 +64,8 @@ async def test_describe_is_answered_while_the_model_loads_and_asr_handle_say_so(
         assert info.handle[0].models[0].languages == info.asr[0].models[0].languages  # what Whisper hears
         assert [p.name for p in info.tts] == ["qwen-assistant"] and info.tts[0].supports_synthesize_streaming
         assert info.tts[0].voices[0].name == "joe" and info.tts[0].voices[0].languages == ["en"]
+        assert [p.name for p in info.wake] == ["qwen-assistant"]
+        assert {m.name: m.phrase for m in info.wake[0].models}["hey_jarvis"] == "Hey Jarvis"
 
         events = await ask(wy.port, Transcribe().event(), *audio_events(b"\0" * 3200, 16000), until="error")
         assert events[-1].data["code"] == "model_loading"
@@ -98,6 +103,33 @@ async def test_bad_messages_get_an_error_and_the_connection_goes_on():
         assert (await error_after(over))["code"] == "message_too_large"  # far over the limit: then closed
         assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""
         writer.close()
+
+
+@pytest.mark.slow  # espeak-ng
+async def test_wake_word_detection_works_while_the_model_loads():
+    """`detect` then audio: `detection` with the model's name and the stream time for "Alexa, ...", `not-detected`
+    at audio-stop for speech without it; a name that is not installed is an error listing the installed ones. At
+    22050 Hz, as a satellite might send, to check the conversion to the models' 16 kHz."""
+    rate_hz = 22050
+
+    def said(text: str) -> np.ndarray:
+        return soxr.resample(speak(text), 16000, rate_hz).astype(np.int16)
+
+    wake, plain = said("Alexa, what is the capital of France?"), said("What is the capital of France?")
+    lead_in = silence(500, rate_hz)
+    async with loading_server() as wy:
+        events = await ask(
+            wy.port, Detect(names=["alexa"]).event(), *audio_events(np.concatenate([lead_in, wake]).tobytes(), rate_hz),
+            until=("detection", "not-detected"),
+        )  # fmt: skip
+        det = Detection.from_event(events[-1])
+        assert det.name == "alexa" and 500 < det.timestamp < 500 + len(wake) * 1000 // rate_hz, det
+        events = await ask(
+            wy.port, Detect().event(), *audio_events(plain.tobytes(), rate_hz), until=("detection", "not-detected")
+        )
+        assert events[-1].type == "not-detected"
+        [err] = await ask(wy.port, Detect(names=["hey_siri"]).event(), until="error")
+        assert err.data["code"] == "unknown_wake_word" and "alexa" in err.data["text"]
 
 
 async def test_connections_over_capacity_are_refused_and_idle_ones_closed():

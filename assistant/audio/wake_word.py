@@ -16,6 +16,7 @@ a whole feature step, the feature front end's 30 ms window and the model's own s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -62,6 +63,13 @@ def _models_dir() -> Path:
 def installed_wake_words() -> tuple[str, ...]:
     """The wake-word models this installation has, sorted (each is `<name>.json` + `.tflite` in the wheel)."""
     return tuple(sorted(p.stem for p in _models_dir().glob("*.json") if p.with_suffix(".tflite").exists()))
+
+
+@cache
+def wake_phrase(name: str) -> str:
+    """How the model's wake word is said ("Hey Jarvis"), from its config in the wheel (no model loaded)."""
+    check_wake_word_name("wake_word", name)
+    return str(json.loads((_models_dir() / f"{name}.json").read_text(encoding="utf-8"))["wake_word"])
 
 
 def check_wake_word_name(key: str, name: str, allow_off: bool = False) -> None:

@@ -1,6 +1,7 @@
 """The Wyoming transport: Home Assistant (or any Wyoming client) reaches the speech recogniser (`asr`), the LLM as a
-conversation agent (`handle`) and the voice (`tts`) on one TCP port (`[wyoming] uri`, `serve --wyoming`), all in one
-`info` answer to `describe`, which is answered at once, also while the model loads.
+conversation agent (`handle`), the voice (`tts`) and the wake words (`wake`: `detect`, then audio) on one TCP port
+(`[wyoming] uri`, `serve --wyoming`), all in one `info` answer to `describe`, which is answered at once, also while
+the model loads.
 
 A thin asyncio shell like websocket.py and mqtt.py: it reads events with bounds, answers `describe`, and hands each
 request to the service that owns it (`wyoming_services.py`); model work runs on the engine's worker, synthesis on the
@@ -39,6 +40,7 @@ from wyoming.error import Error
 from wyoming.event import Event, async_write_event
 from wyoming.handle import NotHandled
 from wyoming.tts import SynthesizeStopped
+from wyoming.wake import Detection, NotDetected
 
 from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
 from assistant.audio.voice import SpeechPool
@@ -50,9 +52,11 @@ from assistant.transport.wyoming_services import (
     Conversations,
     SpeechStream,
     Transcription,
+    WakeStream,
     WyomingError,
     asr_available,
     build_info,
+    wake_names,
 )
 
 log = logging.getLogger("assistant.wyoming")
@@ -148,6 +152,9 @@ class _Client:
         self._asr_rate_hz = 0
         self._audio_refused = False  # the audio-start was refused: its chunks are dropped without more errors
         self._tts: SpeechStream | None = None  # the streaming synthesis (synthesize-start .. -stop)
+        self._wake_names: list[str] | None = None  # set by `detect`: the next audio stream goes to these models
+        self._wake: WakeStream | None = None  # the audio stream being listened to for a wake word
+        self._wake_converter: AudioChunkConverter | None = None
         self._reports = itertools.count()
         self._closed = False
 
@@ -254,6 +261,7 @@ class _Client:
         handlers: dict[str, Callable[[Event], Coroutine[Any, Any, None]]] = {
             "describe": self._describe,
             "transcribe": self._transcribe,
+            "detect": self._detect,
             "audio-start": self._audio_start,
             "audio-chunk": self._audio_chunk,
             "audio-stop": self._audio_stop,
@@ -283,11 +291,42 @@ class _Client:
 
     async def _transcribe(self, ev: Event) -> None:
         field(ev, "language", str, required=False)  # checked, not used: Whisper detects the language itself
+        self._wake_names = None  # this audio stream is for the recogniser
+
+    # ---- wake ----------------------------------------------------------------------------------------------------
+    async def _detect(self, ev: Event) -> None:
+        """`detect {names?}`: the next audio stream is listened to for these wake words (`detection` each time one
+        fires, `not-detected` at audio-stop when none did). Needs no model: it works while the LLM loads."""
+        if self._wake is not None or self._asr is not None:
+            raise WyomingError("request_in_progress", "detect while an audio stream is open; send audio-stop first")
+        self._wake_names = wake_names((ev.data or {}).get("names"))
+
+    def _wake_start(self, rate: int, width: int, channels: int) -> None:
+        names, self._wake_names = self._wake_names, None
+        assert names is not None
+        self._wake = WakeStream(names, rate)
+        self._wake_converter = None if (width, channels) == (2, 1) else AudioChunkConverter(width=2, channels=1)
+
+    async def _wake_chunk(self, chunk: AudioChunk) -> None:
+        assert self._wake is not None
+        if self._wake_converter is not None:
+            try:
+                chunk = self._wake_converter.convert(chunk)
+            except Exception as e:  # audioop.error: a length that is not whole samples
+                raise WyomingError("invalid_audio", f"audio-chunk is not {chunk.width}-byte PCM: {e}") from e
+        for d in self._wake.feed(chunk.audio):
+            await self.write(Detection(name=d.name, timestamp=d.audio_end_ms).event())
+
+    async def _wake_stop(self) -> None:
+        wake, self._wake = self._wake, None
+        assert wake is not None
+        REQUESTS.labels(service="wake", outcome="detected" if wake.detected else "not_detected").inc()
+        if not wake.detected:
+            await self.write(NotDetected().event())
 
     async def _audio_start(self, ev: Event) -> None:
         self._audio_refused = True  # until this start is accepted
-        self._one_at_a_time("asr")
-        if self._asr is not None:
+        if self._asr is not None or self._wake is not None:
             raise WyomingError("request_in_progress", "audio-start while the previous audio was not stopped")
         rate, width, channels = (field(ev, k, int) for k in ("rate", "width", "channels"))
         if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
@@ -295,6 +334,11 @@ class _Client:
         if width not in (1, 2, 3, 4) or channels not in (1, 2):
             msg = f"audio-start: expected width 1-4 (bytes) and 1-2 channels, got {width} and {channels}"
             raise WyomingError("invalid_audio", msg)
+        if self._wake_names is not None:  # after `detect`: this stream is for the wake-word models
+            self._wake_start(rate, width, channels)
+            self._audio_refused = False
+            return
+        self._one_at_a_time("asr")
         hub = self._require_model("asr")
         asr = Transcription(hub, rate, self._report, self._end)
         await asr.open()
@@ -302,6 +346,10 @@ class _Client:
         self._asr_converter = None if (width, channels) == (2, 1) else AudioChunkConverter(width=2, channels=1)
 
     async def _audio_chunk(self, ev: Event) -> None:
+        if self._wake is not None:
+            rate, width, channels = (field(ev, k, int) for k in ("rate", "width", "channels"))
+            await self._wake_chunk(AudioChunk(rate, width, channels, ev.payload or b""))
+            return
         if self._asr is None:
             if not self._audio_refused:
                 self._audio_refused = True  # one error per stream, not one per chunk
@@ -321,6 +369,9 @@ class _Client:
         self._asr.feed(chunk.audio)
 
     async def _audio_stop(self, ev: Event) -> None:
+        if self._wake is not None:
+            await self._wake_stop()
+            return
         asr, self._asr = self._asr, None
         if asr is None:
             refused, self._audio_refused = self._audio_refused, False

@@ -3,7 +3,7 @@
 text turn is `conversation.item.create` + `response.create`, so history, its token budget and KV-cache reuse are
 exactly a realtime session's) and `tts` (the process's one `SpeechPool`, clause by clause).
 
-    info = build_info(cfg, voice)                     # describe -> info (add `wake=` here when that service lands)
+    info = build_info(cfg, voice)                     # describe -> info (asr, handle, tts, wake)
     t = Transcription(hub, rate_hz, report, close); await t.open(); t.feed(pcm); text = await t.finish()
     reply = await conversations.answer(text, language, conversation_id)      # Handled | NotHandled, never raises
     s = SpeechStream(pool, cfg.voice, write); await s.feed(text) ...; await s.finish()
@@ -28,9 +28,21 @@ from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
 from wyoming.event import Event
 from wyoming.handle import Handled, NotHandled
-from wyoming.info import AsrModel, AsrProgram, Attribution, HandleModel, HandleProgram, Info, TtsProgram, TtsVoice
+from wyoming.info import (
+    AsrModel,
+    AsrProgram,
+    Attribution,
+    HandleModel,
+    HandleProgram,
+    Info,
+    TtsProgram,
+    TtsVoice,
+    WakeModel,
+    WakeProgram,
+)
 
 import assistant
+from assistant.audio.resample import StreamResampler
 from assistant.audio.voice import (
     ClauseSplitter,
     Speech,
@@ -39,6 +51,7 @@ from assistant.audio.voice import (
     unspeakable_reason,
     voice_language,
 )
+from assistant.audio.wake_word import Detection, WakeWordDetector, installed_wake_words, wake_phrase
 from assistant.config import Config, VoiceConfig
 from assistant.engine.api import new_id
 from assistant.realtime.protocol import ERROR_CODES as REALTIME_ERROR_CODES
@@ -63,6 +76,7 @@ WYOMING_ERROR_CODES: dict[str, str] = {
     "request_in_progress": "a second request of the same kind on one connection before the first one ended",
     "audio_not_started": "audio-chunk or audio-stop without audio-start first",
     "tts_failed": "the voice failed on a clause (logged); the rest is still spoken",
+    "unknown_wake_word": "detect names a wake-word model this server does not have (the message lists them)",
 }
 
 # Whisper's language tokens (the multilingual models), what its language detection may return.
@@ -132,7 +146,50 @@ def build_info(cfg: Config, voice: SpeechPool | None) -> Info:
         tts = _artifact(name, f"Piper voice {name}", "Piper (rhasspy)", "https://github.com/rhasspy/piper")
         v = TtsVoice(**tts, languages=[voice_language(name)])
         info.tts.append(TtsProgram(**{**tts, "name": PROGRAM}, voices=[v], supports_synthesize_streaming=True))
+    by = ("pymicro-wakeword (microWakeWord)", "https://github.com/OHF-Voice/pymicro-wakeword")
+    models = [
+        WakeModel(**_artifact(n, wake_phrase(n), *by), languages=["en"], phrase=wake_phrase(n))
+        for n in installed_wake_words()
+    ]
+    info.wake.append(WakeProgram(**{**_artifact(PROGRAM, "Wake words, embedded", *by)}, models=models))
     return info
+
+
+# ---- wake ------------------------------------------------------------------------------------------------------------
+def wake_names(names: Any) -> list[str]:
+    """The models a `detect {names}` asks for (every installed one for none/empty), or `WyomingError` naming them."""
+    installed = installed_wake_words()
+    if names is None or names == []:
+        return list(installed)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WyomingError("invalid_event", f"detect: names must be a list of strings, got {str(names)[:200]}")
+    unknown = [n for n in names if n not in installed]
+    if unknown:
+        shown_unknown = ", ".join(repr(n[:60]) for n in unknown[:8])
+        msg = f"detect: wake word(s) {shown_unknown} not installed; installed: {', '.join(installed)}"
+        raise WyomingError("unknown_wake_word", msg)
+    return list(dict.fromkeys(names))
+
+
+class WakeStream:
+    """One `detect`: the named wake-word models (every installed one when none is named) listen to one audio stream
+    (any rate, 16-bit mono: the transport converts width and channels). Detections are stamped in milliseconds of
+    audio since `audio-start`, which is what a satellite reads. Pure computation (~4 ms of CPU per second of audio per
+    model), so it runs on the event loop and needs no model loaded."""
+
+    def __init__(self, names: list[str], rate_hz: int) -> None:
+        wanted = names
+        self._detectors = [WakeWordDetector(n) for n in wanted]
+        self._resampler = StreamResampler(rate_hz)
+        self.detected = False
+
+    def feed(self, pcm: bytes) -> list[Detection]:
+        if len(pcm) % 2:
+            raise WyomingError("invalid_audio", f"audio-chunk of {len(pcm)} bytes is not whole 16-bit samples")
+        samples = self._resampler.process(np.frombuffer(pcm, dtype=np.int16))
+        found = sorted((d for det in self._detectors for d in det.process(samples)), key=lambda d: d.audio_end_ms)
+        self.detected = self.detected or bool(found)
+        return found
 
 
 # ---- asr -------------------------------------------------------------------------------------------------------------
