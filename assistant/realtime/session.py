@@ -418,7 +418,11 @@ class Session:
             self._error(P.ProtocolError(out.code, out.message))
             self._response_done(ResponseDone.refused(out.response_id, out.message, out.code))
         elif isinstance(out, C.ResponseFinished):
-            self._response_done(out.done)
+            done, r = out.done, self._response
+            if done.status == "failed" and r is not None and done.response_id == r.response_id:
+                # the client hears why, as for a failed turn (e.g. `upstream_unavailable`); the session goes on
+                self._error(P.ProtocolError(done.error_code or "response_failed", done.error or "the model failed"))
+            self._response_done(done)
         return self._take()
 
     def _turn_done(self, out: C.TurnPrepared | C.TurnFailed) -> None:

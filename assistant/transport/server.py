@@ -53,6 +53,7 @@ async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -
     app = AssistantServer(cfg)
     await app.start()
     hub = app.attach(engine)
+    watch_backend(app, engine)
     scheme = "wss" if cfg.server.tls_cert else "ws"
     host = cfg.server.host
     try:
@@ -69,6 +70,13 @@ async def running_server(cfg: Config, backend: Any = None, engine: Any = None) -
         await app.shutdown()
         if own_engine:
             await engine.stop()
+
+
+def watch_backend(app: AssistantServer, engine: Any) -> None:
+    """A backend with its own health (`openai`: are its model servers up?) gets a /healthz entry."""
+    health = getattr(engine.backend, "health", None)
+    if callable(health):
+        app.health_checks["upstream"] = health
 
 
 _STOPPED_WHILE_LOADING = -1
@@ -120,6 +128,7 @@ async def _serve_main(cfg: Config) -> int:
             print(f"error: could not load the model: {e}", flush=True)
             return 1
         hub = app.attach(engine, model_name=cfg.model.backend)
+        watch_backend(app, engine)
         if cfg.mqtt.url:
             from assistant.transport.mqtt import run_mqtt_bridge
 
