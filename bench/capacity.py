@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import websockets
 
 from assistant.config import load_config
@@ -141,12 +142,16 @@ async def run_embedded(base: dict, args) -> dict:
     cfg = load_config(overrides=base)
     engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
     await engine.start()
+    if args.threads:  # on the worker, the thread that runs the model
+        await engine.call(lambda _backend: torch.set_num_threads(args.threads))
+    threads = await engine.call(lambda _backend: torch.get_num_threads())
     try:
         async with running_server(cfg, engine=engine) as srv:
             out = await sweep(srv, args.levels, args.turns, args.think_s, args.seed, args.target_ms)
     finally:
         await engine.stop()
     out["assistant_rss_mib"] = rss_mib(["self"])  # the first backend run: the embedded model is what this holds
+    out["engine_torch_threads"] = threads
     return out
 
 
@@ -197,13 +202,15 @@ def cli() -> None:
     p.add_argument("--base-url", default="", help="a running vLLM server's API root (default: start one)")
     p.add_argument("--model", default="embedded", help="its served model name")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the embedded engine (0: torch's default)")
+    p.add_argument("--tag", default="", help="appended to the result file name (a second run the same day)")
     args = p.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
     args.levels = [int(x) for x in args.sessions.split(",")]
-    record = Record("capacity", {k: v for k, v in vars(args).items()})
+    record = Record("capacity", {k: v for k, v in vars(args).items()}, tag=args.tag)
     numbers = asyncio.run(main(args))
     print(json.dumps(numbers, indent=1))
-    print(record.write(numbers, torch_threads=__import__("torch").get_num_threads()))
+    print(record.write(numbers, torch_threads=torch.get_num_threads()))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import wave
 
 import numpy as np
@@ -257,3 +258,35 @@ async def test_a_failing_model_server_is_an_error_event_and_the_session_goes_on(
     finally:
         for s in servers:
             await s.stop()
+
+
+# ---- configuration and commands ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({}, "needs at least one server URL"),
+        ({"openai.base_urls": ["http://127.0.0.1:8000/v1"]}, "the model name"),
+        ({"openai.base_urls": ["127.0.0.1:8000"], "openai.model": "m"}, "expected http(s)://HOST"),
+        ({"openai.base_urls": ["http://a/v1", "http://a/v1"], "openai.model": "m"}, "each server once"),
+        ({"openai.base_urls": ["http://a/v1"], "openai.model": "m", "openai.audio_input": "mel"}, "transcript"),
+    ],
+)
+def test_openai_config_is_checked_at_start(overrides, words):
+    from assistant.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(overrides={"model.backend": "openai", **overrides})
+
+
+def test_ask_and_export_refuse_clearly(tmp_path, capsys):
+    from assistant.cli import main
+
+    conf = tmp_path / "openai.toml"
+    conf.write_text('[model]\nbackend = "openai"\n[openai]\nbase_urls = ["http://127.0.0.1:9/v1"]\nmodel = "m"\n')
+    assert main(["ask", "--config", str(conf), "--text", "hi"]) == 2
+    assert "use serve" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["export-hf", str(tmp_path / "out")]) == 1
+    assert "not empty; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -15,6 +15,8 @@ Loop, one iteration per decode step:
    session whose cache is empty (new, evicted, rebuilt) first copies the shared system-prompt snapshot
    (`prefix_cache.PrefixSnapshots`), so only the part after the system message is prefilled;
 4. one batched `lm.decode` for every active response, pick each next token, stream its text.
+A remote backend (`openai`, `remote.py`) has no model here: admission starts the answer's HTTP stream instead of a
+prefill, its deltas reach the client without the worker, and its end comes back as a `RemoteDoneCmd`.
 
 What a response leaves in the history (the user heard what was streamed):
 - completed / incomplete (max tokens): the answered turns with the reply text;
