@@ -25,9 +25,10 @@ from assistant.backends.openai_chat import AUDIO_TOKENS_PER_S
 from assistant.transport.server import running_server
 from tests.http_proxy import RecordingProxy
 from tests.server_util import TIMEOUT_S, b64, make_cfg, recv_event, recv_until, send_json, wav_pcm16
-from tests.vllm_env import VllmServer, exported_model
+from tests.vllm_env import INSTALL_TIMEOUT_S, START_TIMEOUT_S, VllmServer, exported_model
 
-pytestmark = pytest.mark.slow
+# the first test also waits for the module's vLLM server, and on a fresh machine for its venv and the export
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(INSTALL_TIMEOUT_S + START_TIMEOUT_S)]
 
 MODEL = "tiny-qwen2-audio"
 AUDIO_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")  # Qwen2-Audio's, names fixed by vLLM's prompt

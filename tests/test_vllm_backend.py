@@ -21,9 +21,10 @@ import websockets
 from assistant.backends.openai_chat import OpenAIBackend
 from tests.http_proxy import RecordingProxy
 from tests.server_util import TIMEOUT_S, chunks, make_cfg, recv_event, recv_until, send_json, silence, wav_pcm16
-from tests.vllm_env import VllmServer, exported_model
+from tests.vllm_env import INSTALL_TIMEOUT_S, START_TIMEOUT_S, VllmServer, exported_model
 
-pytestmark = pytest.mark.slow
+# the first test also waits for the module's vLLM server, and on a fresh machine for its venv and the export
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(INSTALL_TIMEOUT_S + START_TIMEOUT_S)]
 
 MODEL = "embedded"  # --served-model-name
 COUNTING = "Count from one to fifty in English words, separated by commas."  # a long answer, for cancel and kills

@@ -119,14 +119,16 @@ class UpstreamPool:
         self._health_task = asyncio.run_coroutine_threadsafe(self._health_loop(), self._loop)
 
     def close(self) -> None:
-        if not self._thread.is_alive():
-            return
-        if self._health_task is not None:
-            self._health_task.cancel()
-        if self._client is not None:
-            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(timeout=self.timeouts.connect_s)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=self.timeouts.connect_s)
+        if self._thread.is_alive():
+            if self._health_task is not None:
+                self._health_task.cancel()
+            if self._client is not None:
+                closing = asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop)
+                closing.result(timeout=self.timeouts.connect_s)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=self.timeouts.connect_s)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
 
     def health(self) -> str | None:
         """None while some server is healthy, else what is wrong with each (the server's /healthz)."""
