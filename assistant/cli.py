@@ -1,5 +1,6 @@
-"""Command line: `python -m assistant {serve,ask,tls-cert,prepare}`. Parses flags, loads the config, sets up logging,
-dispatches. `serve` is `assistant.transport.server.serve`, `prepare` is `assistant.weights.cache.run_prepare`,
+"""Command line: `python -m assistant {serve,ask,tls-cert,prepare,export-hf}`. Parses flags, loads the config, sets up
+logging, dispatches. `serve` is `assistant.transport.server.serve`, `prepare` is `assistant.weights.cache.run_prepare`,
+`export-hf` is `assistant.weights.export.run_export_hf` (the embedded LLM as a Hugging Face directory for vLLM),
 `tls-cert` (and `serve --tls-self-signed`) is `assistant.transport.tls`, and
 `ask` is here: one spoken (or typed) question offline, on either backend, through the same `prepare` ->
 `build_prompt` path as the server and the plain single-sequence loop (`engine.decoding.generate_stream`: no engine
@@ -90,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", parents=[common], help="verify and convert the embedded model weights into the cache (once)"
     )
     pr.add_argument("--force", action="store_true", help="convert again even if the cache is complete")
+
+    ex = sub.add_parser(
+        "export-hf",
+        parents=[common],
+        help="write the embedded LLM as a Hugging Face model directory (what vLLM serves for backend openai)",
+    )
+    ex.add_argument("dir", metavar="DIR", help="directory to write (config.json, model.safetensors, tokenizer files)")
+    ex.add_argument("--force", action="store_true", help="replace DIR if it exists")
     return p
 
 
@@ -125,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_tls_cert(cfg, args.host, args.out, args.days, args.force)
         if args.command == "ask":
             return run_ask(cfg, audio=args.audio, text=args.text, as_json=args.json)
+        if args.command == "export-hf":
+            from assistant.weights.export import run_export_hf
+
+            return run_export_hf(cfg, args.dir, force=args.force)
         from assistant.weights.cache import run_prepare
 
         return run_prepare(cfg, force=args.force)
@@ -177,6 +190,13 @@ def setup_logging(level: str = "info") -> None:
 def run_ask(cfg: Config, audio: str | None = None, text: str | None = None, as_json: bool = False) -> int:
     if not audio and not text:
         print("error: ask needs --audio FILE, --text TEXT, or both", file=sys.stderr)
+        return 2
+    if cfg.model.backend == "openai":
+        print(
+            "error: ask runs the model in this process; with backend openai the model is a server: use serve "
+            "(or send a chat request to the server directly)",
+            file=sys.stderr,
+        )
         return 2
     samples = None
     if audio:

@@ -53,7 +53,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backend: Literal["embedded", "qwen-audio"] = "embedded"
+    backend: Literal["embedded", "qwen-audio", "openai"] = "embedded"
     path: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -69,6 +69,21 @@ class EmbeddedConfig:
         "You are a helpful voice assistant. Answer in one or two short sentences, "
         "in the language the user speaks. Do not use lists or markdown."
     )
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    """Backend `openai`: an OpenAI-compatible chat server (vLLM) answers; see assistant/backends/openai_chat.py."""
+
+    base_urls: tuple[str, ...] = ()
+    model: str = ""
+    api_key: str = ""
+    audio_input: Literal["transcript", "audio"] = "transcript"
+    connect_timeout_s: float = field(default=5.0, metadata=bounds(0.1, 600))
+    read_timeout_s: float = field(default=60.0, metadata=bounds(0.1, 3600))
+    response_timeout_s: float = field(default=300.0, metadata=bounds(1, 86400))
+    health_interval_s: float = field(default=5.0, metadata=bounds(0.1, 3600))
+    sampling_extensions: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     model: ModelConfig = ModelConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
+    openai: OpenAIConfig = OpenAIConfig()
     generation: GenerationConfig = GenerationConfig()
     engine: EngineConfig = EngineConfig()
     vad: TurnDetection = TurnDetection()
@@ -257,6 +273,8 @@ def parse_wyoming_uri(uri: str) -> tuple[str, int]:
 def _check(cfg: Config) -> None:
     if cfg.model.backend == "qwen-audio" and not cfg.model.path:
         raise ConfigError("config key 'model.path': the qwen-audio backend needs a checkpoint directory, got ''")
+    if cfg.model.backend == "openai":
+        _check_openai(cfg.openai)
     if cfg.mqtt.url:
         try:
             parse_mqtt_url(cfg.mqtt.url, cfg.mqtt.tls)
@@ -278,3 +296,20 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"config key {e}") from None
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("config keys 'server.tls_cert' and 'server.tls_key' must be set together (or both empty)")
+
+
+def _check_openai(o: OpenAIConfig) -> None:
+    if not o.base_urls or not o.model:
+        raise ConfigError(
+            "config keys 'openai.base_urls' and 'openai.model': the openai backend needs at least one server URL "
+            f'(e.g. ["http://127.0.0.1:8000/v1"]) and the model name it serves, got {list(o.base_urls)} and {o.model!r}'
+        )
+    for url in o.base_urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(
+                f"config key 'openai.base_urls': expected http(s)://HOST[:PORT][/PATH] (the API root, e.g. "
+                f"http://127.0.0.1:8000/v1), got {url!r}"
+            )
+    if len(set(o.base_urls)) != len(o.base_urls):
+        raise ConfigError(f"config key 'openai.base_urls': each server once, got {list(o.base_urls)}")

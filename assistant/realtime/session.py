@@ -470,7 +470,11 @@ class Session:
             self._error(P.ProtocolError(out.code, out.message))
             self._engine_finished(ResponseDone.refused(out.response_id, out.message, out.code))
         elif isinstance(out, C.ResponseFinished):
-            self._engine_finished(out.done)
+            done, r = out.done, self._response
+            if done.status == "failed" and r is not None and done.response_id == r.response_id:
+                # the client hears why, as for a failed turn (e.g. `upstream_unavailable`); the session goes on
+                self._error(P.ProtocolError(done.error_code or "response_failed", done.error or "the model failed"))
+            self._engine_finished(done)
         elif isinstance(out, C.ClauseSpoken | C.SpeechFailed):
             r = self._response
             if r is not None and r.speech is not None and out.response_id == r.response_id:

@@ -84,6 +84,7 @@ async def running_server(
     await app.start()
     wy = await _start_wyoming(cfg, speech, app)
     hub = app.attach(engine, speech=speech)
+    watch_backend(app, engine)
     if wy is not None:
         wy.attach(hub)
     scheme = "wss" if cfg.server.tls_cert else "ws"
@@ -105,6 +106,13 @@ async def running_server(
             await engine.stop()
         if own_speech and speech is not None:
             speech.close()
+
+
+def watch_backend(app: AssistantServer, engine: Any) -> None:
+    """A backend with its own health (`openai`: are its model servers up?) gets a /healthz entry."""
+    health = getattr(engine.backend, "health", None)
+    if callable(health):
+        app.health_checks["upstream"] = health
 
 
 _STOPPED_WHILE_LOADING = -1
@@ -183,6 +191,7 @@ async def _serve_main(cfg: Config) -> int:
                 log.error("could not load voice %r: %s; answers are text only", cfg.voice.name, e)
                 speech = None
         hub = app.attach(engine, model_name=cfg.model.backend, speech=speech)
+        watch_backend(app, engine)
         if wy is not None:
             wy.set_voice(speech)
             wy.attach(hub)
