@@ -152,8 +152,8 @@ class OpenAIBackend:
         parts: list[dict[str, Any]] = [
             {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}} for wav in turn.audio_wavs
         ]
-        if turn.user_text:
-            parts.append({"type": "text", "text": turn.user_text})
+        if turn.user_text.strip():  # merged turns join their (possibly empty) texts with newlines
+            parts.append({"type": "text", "text": turn.user_text.strip()})
         tokens += len(turn.audio_wavs) * AUDIO_PART_TOKENS + math.ceil(turn.audio_s * AUDIO_TOKENS_PER_S)
         return {"role": "user", "content": parts}, tokens
 
