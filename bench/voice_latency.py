@@ -178,11 +178,13 @@ async def main(args: argparse.Namespace, save) -> dict:
                 for i in range(len(questions)):
                     for name in variants if i % 2 == 0 else variants[::-1]:  # alternate who goes first
                         await run("one", name, 1, i)
-                save(result())
+                if variants:
+                    save(result())
                 for i in range(min(args.budget_questions, len(questions))):
                     for name in budget if i % 2 == 0 else budget[::-1]:
                         await run("budget", name, 1, i)
-                save(result())
+                if budget:
+                    save(result())
                 for i in range(0, len(questions), 4):
                     for name in multi:
                         await run("four", name, 4, i)
@@ -212,8 +214,9 @@ if __name__ == "__main__":
     ap.add_argument("--budget-questions", type=int, default=6)
     ap.add_argument("--multi", default="default,first_clause", help="phase four: 4 sessions at once")
     ap.add_argument("--notes", default="", help="written into the result file")
+    ap.add_argument("--tag", default="", help="appended to the result file's name (phases run separately)")
     args = ap.parse_args()
-    record = Record("voice_latency", vars(args))
+    record = Record("voice_latency", vars(args), tag=args.tag)
 
     def save(numbers: dict) -> None:
         record.write(numbers, torch_threads=numbers["engine_torch_threads"], notes=args.notes)
