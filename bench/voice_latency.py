@@ -19,8 +19,10 @@ threads are set before each turn):
 - `torch2`: the engine on 2 torch threads beside the voice's 1 (torch's default before the budget: every core);
 - `onnx2`: the voice on 2 onnxruntime threads (the engine's automatic budget is then 1);
 - `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary.
-One session at a time for every variant, and 4 sessions at once (4 different questions, started together) for the
-variants of `--multi`. p50/p90 per variant and session count; every turn is in the result file,
+Three phases, each written to the result file when it ends (a long run killed midway keeps what it measured):
+`one` (`--variants`, one session at a time, every question), `budget` (`--budget-variants`, one session at a time,
+the first `--budget-questions` questions: the thread budget side by side), `four` (`--multi`, 4 sessions at once,
+4 different questions started together). p50/p90 per phase, variant and session count; every turn is in
 `bench/results/voice_latency-YYYYMMDD.json`.
 """
 
@@ -121,7 +123,7 @@ def quantiles(values: list[float]) -> dict:
     return {"p50": round(statistics.median(vals), 1), "p90": round(p90, 1), "n": len(vals)}
 
 
-async def main(args: argparse.Namespace) -> dict:
+async def main(args: argparse.Namespace, save) -> dict:
     from assistant.backends import load_backend
 
     base = {"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": ANSWER_TOKENS}
@@ -130,8 +132,10 @@ async def main(args: argparse.Namespace) -> dict:
     await engine.start()
     loaded_threads = await engine.call(lambda b: torch.get_num_threads())
     variants = [v for v in args.variants.split(",") if v]
+    budget = [v for v in args.budget_variants.split(",") if v]
     multi = [v for v in args.multi.split(",") if v]
-    pools = {n: SpeechPool(VoiceParams(threads=n)) for n in {VARIANTS[v][1] for v in variants + multi}}
+    every = list(dict.fromkeys(variants + budget + multi))
+    pools = {n: SpeechPool(VoiceParams(threads=n)) for n in {VARIANTS[v][1] for v in every}}
     for pool in pools.values():
         pool.load().result()
     rows: dict[str, list[dict]] = {}
@@ -144,7 +148,7 @@ async def main(args: argparse.Namespace) -> dict:
             ]
             async with contextlib.AsyncExitStack() as stack:
                 servers = {}
-                for name in dict.fromkeys(variants + multi):
+                for name in every:
                     threads, onnx, first = VARIANTS[name]
                     over = {"engine.threads": threads, "voice.threads": onnx, "voice.first_clause_chars": first}
                     vcfg = load_config(overrides={**base, **over})
@@ -153,51 +157,68 @@ async def main(args: argparse.Namespace) -> dict:
                         running_server(vcfg, engine=engine, speech=pools[onnx])
                     )
 
-                async def run(name: str, sessions: int, i: int) -> None:
+                async def run(phase: str, name: str, sessions: int, i: int) -> None:
                     threads = torch_threads[name]
                     await engine.call(lambda b: torch.set_num_threads(threads))
                     picked = [questions[(i + k) % len(questions)] for k in range(sessions)]
                     got = await asyncio.gather(*(one_turn(servers[name].ws_url, pcm) for _, _, pcm in picked))
                     for (q, kws, _), row in zip(picked, got, strict=True):
                         row.update(variant=name, sessions=sessions, question=q, correct=correct(row["answer"], kws))
-                        rows.setdefault(f"{name}@{sessions}", []).append(row)
+                        rows.setdefault(f"{phase}:{name}@{sessions}", []).append(row)
                         print(json.dumps(row), flush=True)
 
-                await run(variants[0], 1, 0)  # warm-up (kernels, the system-prompt snapshot): not reported
+                def result() -> dict:
+                    used = {n: {"torch_threads": torch_threads[n], "onnx_threads": VARIANTS[n][1],
+                                "first_clause_chars": VARIANTS[n][2]} for n in torch_threads}  # fmt: skip
+                    summary = {key: summarize(rs) for key, rs in rows.items()}
+                    return {"engine_torch_threads": loaded_threads, "variants": used, "summary": summary, "turns": rows}
+
+                await run("warmup", every[0], 1, 0)  # kernels, the system-prompt snapshot: not reported
                 rows.clear()
-                for rep in range(args.repeats):
-                    for i in range(len(questions)):
-                        order = variants if (i + rep) % 2 == 0 else variants[::-1]  # alternate who goes first
-                        for name in order:
-                            await run(name, 1, i)
-                    for i in range(0, len(questions), 4):
-                        for name in multi:
-                            await run(name, 4, i)
+                for i in range(len(questions)):
+                    for name in variants if i % 2 == 0 else variants[::-1]:  # alternate who goes first
+                        await run("one", name, 1, i)
+                if variants:
+                    save(result())
+                for i in range(min(args.budget_questions, len(questions))):
+                    for name in budget if i % 2 == 0 else budget[::-1]:
+                        await run("budget", name, 1, i)
+                if budget:
+                    save(result())
+                for i in range(0, len(questions), 4):
+                    for name in multi:
+                        await run("four", name, 4, i)
+                final = result()
     finally:
         await engine.call(lambda b: torch.set_num_threads(loaded_threads))
         await engine.stop()
         for pool in pools.values():
             pool.close()
-    summary = {}
-    for key, rs in rows.items():
-        s = {k: quantiles([r[k] for r in rs]) for k in ("first_audio_ms", "vad_ms", "asr_wait_ms", "done_ms")}
-        s.update({k: quantiles([r[f"server_{k}_ms"] for r in rs]) for k in SERVER_MS})
-        s["correct"] = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
-        summary[key] = s
+    for key, s in final["summary"].items():
         print("summary", key, json.dumps(s), flush=True)
-    variants_used = {n: {"torch_threads": torch_threads[n], "onnx_threads": VARIANTS[n][1],
-                         "first_clause_chars": VARIANTS[n][2]} for n in torch_threads}  # fmt: skip
-    return {"engine_torch_threads": loaded_threads, "variants": variants_used, "summary": summary, "turns": rows}
+    return final
+
+
+def summarize(rs: list[dict]) -> dict:
+    s = {k: quantiles([r[k] for r in rs]) for k in ("first_audio_ms", "vad_ms", "asr_wait_ms", "done_ms")}
+    s.update({k: quantiles([r[f"server_{k}_ms"] for r in rs]) for k in SERVER_MS})
+    s["correct"] = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
+    return s
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=len(QUESTIONS))
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--variants", default="default,torch2,onnx2,first_clause", help="one session at a time")
-    ap.add_argument("--multi", default="default,first_clause", help="variants also run with 4 sessions at once")
+    ap.add_argument("--variants", default="default,first_clause", help="phase one: one session at a time")
+    ap.add_argument("--budget-variants", default="default,torch2,onnx2", help="phase budget: thread budgets")
+    ap.add_argument("--budget-questions", type=int, default=6)
+    ap.add_argument("--multi", default="default,first_clause", help="phase four: 4 sessions at once")
     ap.add_argument("--notes", default="", help="written into the result file")
+    ap.add_argument("--tag", default="", help="appended to the result file's name (phases run separately)")
     args = ap.parse_args()
-    record = Record("voice_latency", vars(args))
-    numbers = asyncio.run(main(args))
-    record.write(numbers, torch_threads=numbers["engine_torch_threads"], notes=args.notes)
+    record = Record("voice_latency", vars(args), tag=args.tag)
+
+    def save(numbers: dict) -> None:
+        record.write(numbers, torch_threads=numbers["engine_torch_threads"], notes=args.notes)
+
+    save(asyncio.run(main(args, save)))

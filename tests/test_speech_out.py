@@ -8,7 +8,7 @@ import base64
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.beta.realtime import RealtimeServerEvent as BetaServerEvent
 from openai.types.realtime import RealtimeServerEvent as GAServerEvent
@@ -311,3 +311,38 @@ def test_heard_text_is_a_prefix_that_grows_with_the_audio(pieces, end_ms):
     assert heard_text(pieces, end_ms + 100).startswith(heard)
     if end_ms >= sum(ms for _, ms in pieces) and end_ms > 0:
         assert heard == full
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+FORMAT = JSON | st.fixed_dictionaries(
+    {}, optional={"type": JSON | st.sampled_from(["audio/pcm", "audio/pcmu"]), "rate": JSON | st.just(16000)}
+)
+OUTPUT = st.fixed_dictionaries(
+    {}, optional={"voice": JSON | st.sampled_from(["joe", "ash"]), "speed": JSON | st.just(1.2), "format": FORMAT}
+)
+BETA = st.fixed_dictionaries(
+    {},
+    optional={
+        "voice": JSON | st.just("alloy"),
+        "speed": JSON,
+        "output_audio_format": JSON | st.just("g711_ulaw"),
+        "output_sample_rate": JSON | st.just(16000),
+        "modalities": JSON | st.just(["audio", "text"]),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(BETA, OUTPUT)
+def test_any_audio_output_payload_is_applied_or_refused_with_a_protocol_error(beta, output):
+    st_ = SessionSettings(output_audio=True, audio_out=VOICED)
+    for payload in (beta, {"audio": {"output": output}}):
+        try:
+            new, _ = apply_session_update(st_, payload)
+        except P.ProtocolError:
+            continue
+        assert new.audio_out.voice == "joe" and 8000 <= new.audio_out.rate_hz <= 48000

@@ -262,10 +262,11 @@ def _parse_audio_output(
     gfmt = ga.get("format")
     if gfmt is not None:
         param = "session.audio.output.format"
-        if not isinstance(gfmt, dict) or gfmt.get("type", "audio/pcm") not in GA_OUTPUT_FORMATS:
+        kind = gfmt.get("type", "audio/pcm") if isinstance(gfmt, dict) else None
+        if not isinstance(kind, str) or kind not in GA_OUTPUT_FORMATS:
             msg = f"{param} must be {{'type': 'audio/pcm' | 'audio/pcmu' | 'audio/pcma'}}, got {shown(gfmt)}"
             raise ProtocolError("unsupported_audio_format", msg, param, eid)
-        ch["format"] = GA_OUTPUT_FORMATS[gfmt.get("type", "audio/pcm")]
+        ch["format"] = GA_OUTPUT_FORMATS[kind]
         if gfmt.get("rate") is not None and ch["format"] == "pcm16":
             ch["pcm_rate_hz"] = _parse_rate(gfmt["rate"], param + ".rate", eid)
     if beta.get("output_sample_rate") is not None:  # our extension, wins over the format's rate
