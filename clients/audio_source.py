@@ -231,7 +231,8 @@ class DuplexAudio(Microphone):
         self._webrtc = pywebrtc_audio
         self.output_device = output_device
         self.playout = playout
-        self.echo: Any = None  # pywebrtc_audio.EchoCanceller, made once the stream's rate and latency are known
+        self.echo: Any = None  # pywebrtc_audio.AudioProcessor, made once the stream's rate and latency are known
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         sd = self._sd
@@ -244,11 +245,7 @@ class DuplexAudio(Microphone):
                 "(list them with `python -m sounddevice`), or leave out --duplex."
             ) from None
 
-        def on_audio(indata: Any, outdata: Any, frames: int, time_info: Any, status: Any) -> None:  # PortAudio thread
-            far = self.playout.read(frames).tobytes()
-            outdata[:] = far
-            loop.call_soon_threadsafe(self._put_pair, bytes(indata), far)
-
+        self.loop = loop
         last_error: Exception | None = None
         for rate_hz in dict.fromkeys((self.playout.rate_hz, int(info["default_samplerate"]))):
             try:
@@ -258,7 +255,7 @@ class DuplexAudio(Microphone):
                     device=(self.device, self.output_device),
                     channels=1,
                     dtype="int16",
-                    callback=on_audio,
+                    callback=self.on_audio,
                 )
                 stream.start()
             except sd.PortAudioError as e:
@@ -266,11 +263,23 @@ class DuplexAudio(Microphone):
                 continue
             in_latency_s, out_latency_s = stream.latency
             self.playout.set_card(rate_hz, out_latency_s)
-            delay_ms = round((in_latency_s + out_latency_s) * 1000)  # a hint: AEC3 estimates the delay itself
-            self.echo = self._webrtc.EchoCanceller(sample_rate=rate_hz, num_channels=1, stream_delay_ms=delay_ms)
-            self._stream, self.rate_hz = stream, rate_hz
+            self.start_echo_canceller(rate_hz, round((in_latency_s + out_latency_s) * 1000))
+            self._stream = stream
             return
         raise NoMicrophone(f"cannot open {info['name']!r} for --duplex: {last_error}. Leave out --duplex.")
+
+    def start_echo_canceller(self, rate_hz: int, delay_ms: int) -> None:
+        """The echo canceller for a stream at `rate_hz` (`delay_ms`: a hint, AEC3 estimates the delay itself)."""
+        self.rate_hz = rate_hz
+        self.echo = self._webrtc.AudioProcessor(sample_rate=rate_hz, echo_cancellation=True, stream_delay_ms=delay_ms)
+
+    def on_audio(self, indata: Any, outdata: Any, frames: int, time_info: Any, status: Any) -> None:
+        """The stream's callback (PortAudio's thread): play the next answer block, and hand the captured block with
+        it to the event loop."""
+        far = self.playout.read(frames).tobytes()
+        outdata[:] = far
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._put_pair, bytes(indata), far)
 
     def _put_pair(self, near: bytes, far: bytes) -> None:
         """One captured block and the block played with it: the capture without the answer's echo."""

@@ -199,7 +199,7 @@ class TurnView:
     def _set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
-            if self.show_state:
+            if self.show_state and not (state == "speaking" and self._line_open):  # the answer's line says it
                 self._write_line(f"[{state}]")
 
     def _write_line(self, text: str) -> None:

@@ -44,6 +44,8 @@ def test_topics_route_only_device_audio_and_control() -> None:
     assert t.parse("home/assistant/bridge/control") is None  # the status namespace is not a device
     assert t.parse("other/assistant/kitchen/audio") is None
     assert t.events("kitchen") == "home/assistant/kitchen/events" and t.status == "home/assistant/bridge/status"
+    assert t.out("kitchen", "speech") == "home/assistant/kitchen/speech"
+    assert t.parse("home/assistant/kitchen/speech") is None  # our own output
 
 
 def test_parse_mqtt_url_and_tls() -> None:
@@ -65,12 +67,12 @@ async def test_outbox_drops_oldest_and_counts_per_device() -> None:
     box = Outbox(capacity=2)
     box.put("a", b"1")
     box.put("b", b"2")
-    box.put("b", b"3")  # full: a's oldest event goes
+    box.put("b", b"3", "speech")  # full: a's oldest event goes
     assert box.dropped == {"a": 1}
     first = await box.get()
-    assert first == ("b", b"2")
+    assert first == ("b", "events", b"2")
     box.requeue_front(first)  # a publish that did not complete is delivered first after reconnecting
-    assert [await box.get(), await box.get()] == [("b", b"2"), ("b", b"3")]
+    assert [await box.get(), await box.get()] == [("b", "events", b"2"), ("b", "speech", b"3")]
     assert len(box) == 0
 
 
