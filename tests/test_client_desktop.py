@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import wave
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,34 @@ async def test_no_microphone_is_said_plainly():
     rc, out, err = await run_desktop("--url", "ws://127.0.0.1:9/v1/realtime")
     assert rc == 2
     assert "microphone" in err and "--wav" in err
+
+
+async def test_out_needs_a_voice_and_a_wav_and_says_so(tiny_qwen_dir, server_tiny_backend, question_wav, tmp_path):
+    answer = tmp_path / "answer.wav"
+    async with running_server(_cfg(tiny_qwen_dir), backend=server_tiny_backend) as server:  # no voice
+        rc, _, err = await run_desktop("--url", server.ws_url, "--wav", str(question_wav), "--out", str(answer))
+    assert rc == 1 and "the server has no voice" in err and not answer.exists()
+    rc, _, err = await run_desktop("--out", str(answer))
+    assert rc == 2 and "--out writes the answer to a question from --wav FILE" in err
+    rc, _, err = await run_desktop("--wav", str(question_wav), "--duplex")
+    assert rc == 2 and "--duplex is for talking over a spoken answer" in err
+
+
+@pytest.mark.slow
+async def test_wav_in_answer_wav_out_says_paris(embedded_backend, speech_pool, question_wav, tmp_path) -> None:
+    """`--wav IN --out ANSWER.wav` against the real server and voice: the file holds the spoken answer, and the
+    server's own recogniser hears "Paris" in it; the transcript is printed as the answer streams."""
+    from tests.test_spoken_answers import spoken_cfg, transcribe
+
+    answer = tmp_path / "answer.wav"
+    async with running_server(spoken_cfg(), backend=embedded_backend, speech=speech_pool) as server:
+        rc, out, err = await run_desktop("--url", server.ws_url, "--wav", str(question_wav), "--out", str(answer))
+        assert rc == 0, err
+        with wave.open(str(answer)) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+            pcm = w.readframes(w.getnframes())
+        heard = await transcribe(server, pcm)
+    assert len(pcm) > 2 * 24000  # more than a second of speech
+    assert "paris" in heard.lower(), heard
+    assert "assistant:" in out and "paris" in out.lower(), out
+    assert f"written to {answer}" in err
