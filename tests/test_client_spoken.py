@@ -32,7 +32,8 @@ def frames(ms: int, rate_hz: int = RATE) -> int:
 
 
 def delta(item_id: str, pcm: np.ndarray) -> dict:
-    return {"type": "response.output_audio.delta", "item_id": item_id, "delta": base64.b64encode(pcm.tobytes()).decode()}
+    b64 = base64.b64encode(pcm.tobytes()).decode()
+    return {"type": "response.output_audio.delta", "item_id": item_id, "delta": b64}
 
 
 def test_playout_waits_for_the_jitter_buffer_then_plays_in_order() -> None:
