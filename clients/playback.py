@@ -120,6 +120,12 @@ class Playout:
             tail = (self.tail_ms + self.latency_ms) * self.rate_hz // 1000
             return self._queued > 0 or self._quiet < tail
 
+    @property
+    def queued_ms(self) -> int:
+        """Answer audio received and not played yet."""
+        with self._lock:
+            return self._queued * 1000 // self.rate_hz
+
     def heard_ms(self, item_id: str) -> int:
         with self._lock:
             item = self._items.get(item_id)

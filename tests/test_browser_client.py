@@ -272,13 +272,22 @@ SCRIPTED_MIC = """
 
 
 def speech_b64(text: str) -> str:
+    """`text` said by espeak-ng (16 kHz PCM16, base64) with silence around it, for `__mic.say`."""
     from bench.wake_word import clip, speak
 
     return base64.b64encode(clip(speak(text, speed=150)).astype("<i2").tobytes()).decode()
 
 
+def wav_b64(path: Path) -> str:
+    from tests.server_util import wav_pcm16
+
+    return base64.b64encode(wav_pcm16(path).astype("<i2").tobytes()).decode()
+
+
 @pytest.mark.slow
-async def test_spoken_answer_plays_on_the_page_and_barge_in_truncates_it(embedded_backend, speech_pool) -> None:
+async def test_spoken_answer_plays_on_the_page_and_barge_in_truncates_it(
+    embedded_backend, speech_pool, question_wav
+) -> None:
     """The embedded model and the real voice: the page asks for echo cancellation and noise suppression, plays the
     spoken answer ("Paris") through Web Audio (speaking -> listening once it has played), and when the user talks
     over a long answer it stops at once and sends conversation.item.truncate with what was played, which the server
@@ -300,9 +309,7 @@ async def test_spoken_answer_plays_on_the_page_and_barge_in_truncates_it(embedde
             assert await page.is_checked("#speak") and not await page.is_disabled("#speak")
 
             # 1. A question; its spoken answer plays to the end, then the page listens again.
-            await page.evaluate(
-                "([b, r]) => window.__mic.say(b, r)", [speech_b64("What is the capital of France?"), 16000]
-            )
+            await page.evaluate("([b, r]) => window.__mic.say(b, r)", [wav_b64(question_wav), 16000])
             await page.wait_for_selector(".assistant[data-status]", timeout=TIMEOUT_MS)
             await page.wait_for_function(
                 """() => { const s = window.voiceAssistant.states;

@@ -255,3 +255,116 @@ async def test_duplex_echo_canceller_removes_the_answer_and_keeps_the_user() -> 
     assert echo_db - _db(heard[span]) > 25, (echo_db, _db(heard[span]))
     user_span = slice(len(answer), len(answer) + len(user))
     assert abs(_db(heard[user_span]) - _db(user_track[user_span])) < 3
+
+
+class RecordingView(TurnView):
+    """The desktop's view, keeping every server event it was shown (for the assertions)."""
+
+    def __init__(self) -> None:
+        super().__init__(out=io.StringIO())
+        self.log: list[dict] = []
+
+    def handle(self, event: dict) -> None:
+        self.log.append(event)
+        super().handle(event)
+
+
+@pytest.mark.slow
+async def test_desktop_duplex_hears_the_user_not_the_answer_and_truncates_on_barge_in(
+    embedded_backend, speech_pool
+) -> None:
+    """The desktop client's --duplex path against the real server and voice, the sound card simulated at its
+    callback in real time: the microphone hears the answer 40 ms after the speaker plays it (-8 dB) plus the user.
+    Echo cancellation keeps the answer from barging in on itself; the user's "Stop, please." (said once 1 s has
+    played and 2 s more wait in the jitter buffer) stops it at once and truncates it to what was played, which is
+    all the model remembers of it."""
+    import soxr
+    import websockets
+
+    from assistant.transport.server import running_server
+    from bench.wake_word import clip, speak
+    from clients import desktop
+    from clients.cli import ClientAudio
+    from tests.server_util import worker_conversation
+    from tests.test_spoken_answers import spoken_cfg
+
+    question = soxr.resample(clip(speak("Tell me a long story about a dragon and a knight.")), 16000, RATE)
+    stop_please = soxr.resample(clip(speak("Stop, please.")), 16000, RATE)
+    block, delay = frames(20), frames(40)
+    playout = Playout(RATE)
+    duplex = DuplexAudio(None, None, 20, playout)
+    duplex.loop = asyncio.get_running_loop()
+    duplex.start_echo_canceller(RATE, delay_ms=40)
+    spoken = SpokenAnswers(playout)
+    view = RecordingView()
+    args = desktop.build_parser().parse_args(["--duplex"])
+    said: dict[str, int] = {}  # event log index when the user started to talk over the answer
+
+    async def sound_card() -> None:
+        """PortAudio's part: every 20 ms one callback with the captured block; what it plays comes back as echo."""
+        track, pos = question, 0  # what the user says, and where the microphone is in it
+        played = np.zeros(delay, np.int16)  # the last 40 ms the speaker played, oldest first
+        t0 = loop.time()
+        for n in range(10**6):
+            await asyncio.sleep(max(0.0, t0 + n * 0.02 - loop.time()))
+            if "at" not in said and playout.played_frames > frames(1000) and playout.queued_ms > 2000:  # cut in
+                said["at"] = len(view.log)
+                track = np.concatenate([track[:pos], np.zeros(max(0, pos - len(track)), np.int16), stop_please])
+            near = (played[:block].astype(np.float64) * 0.4).astype(np.int16)  # -8 dB echo
+            voice = track[pos : pos + block]
+            near[: len(voice)] += voice
+            pos += block
+            out = bytearray(2 * block)
+            duplex.on_audio(near.tobytes(), memoryview(out), block, None, None)
+            played = np.concatenate([played[block:], np.frombuffer(out, "<i2")])
+
+    loop = asyncio.get_running_loop()
+    async with running_server(spoken_cfg(**{"generation.max_new_tokens": 120}), backend=embedded_backend,
+                              speech=speech_pool) as server:  # fmt: skip
+        async with websockets.connect(server.ws_url) as ws:
+            card = asyncio.create_task(sound_card())
+            conv = asyncio.create_task(desktop._converse(ws, view, args, ClientAudio(duplex, spoken)))
+            try:
+
+                async def truncated() -> None:
+                    while not {"conversation.item.truncated", "response.done"} <= {e["type"] for e in view.log}:
+                        await asyncio.sleep(0.05)
+
+                await asyncio.wait_for(truncated(), 180)
+            finally:
+                for task in (card, conv):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            session_id = view.log[0]["session"]["id"]
+            done_id = next(e["response"]["id"] for e in view.log if e["type"] == "response.done")
+
+            async def remembered() -> list:
+                """The exchange of the cut answer, once the worker has recorded it (the cancel ends the answer on
+                the worker at its next decode step, after the response.done the client already has)."""
+                while True:
+                    conv = await worker_conversation(server.engine, session_id)
+                    replies = [ex.reply for ex in conv.history if ex.response_id == done_id]
+                    if replies:
+                        return replies
+                    await asyncio.sleep(0.1)
+
+            replies = await asyncio.wait_for(remembered(), 60)
+    types = [e["type"] for e in view.log]
+    assert "at" in said, f"the answer stopped before the user spoke (did its own echo barge in?): {types}"
+    first_audio = types.index("response.output_audio.delta")
+    assert "input_audio_buffer.speech_started" not in types[first_audio : said["at"]]  # no echo barge-in
+    assert "input_audio_buffer.speech_started" in types[said["at"] :]
+    dones = [e["response"] for e in view.log if e["type"] == "response.done"]
+    assert dones, types
+    done = dones[0]
+    assert done["status"] == "cancelled" and done["status_details"]["reason"] == "turn_detected"
+    assert len(spoken.truncated) == 1
+    item_id, heard_ms = spoken.truncated[0]
+    assert item_id == done["output"][0]["id"] and 1000 < heard_ms < 60000
+    deltas = [e for e in view.log if e["type"] == "response.output_audio_transcript.delta"]
+    sent = "".join(e["delta"] for e in deltas if e["item_id"] == item_id).strip()  # every clause the server sent
+    assert len(replies) == 1
+    heard = replies[0]
+    assert heard and len(heard) < len(sent) and sent.startswith(heard)  # the model remembers what was played
+    assert done["output"][0]["content"][0]["transcript"] == heard
