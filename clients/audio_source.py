@@ -214,11 +214,18 @@ class Speaker:
             self._stream = None
 
 
+# AEC3 learns the room from the first ~2 s of audio it plays (bench/duplex_echo.py: the echo left drops by ~20 dB
+# after 2.0 s in every room tried, and before that the server's VAD hears it as speech). Until the canceller has
+# played this much, the microphone is muted while the speaker plays (half duplex), as it always is without --duplex.
+ECHO_WARMUP_MS = 2500
+ECHO_TAIL_MS = 200  # during the warm-up, the microphone stays muted this long after the speaker stops (the echo)
+
+
 class DuplexAudio(Microphone):
     """`--duplex`: microphone and speaker as ONE sounddevice stream, so each captured block comes with the block
     played at the same time: WebRTC AEC3 (pywebrtc-audio) removes that far-end audio from the capture, and the
-    user can talk over the answer without the answer barging in on itself. Runs at the answers' rate (else the
-    device's), and sends the microphone at that rate."""
+    user can talk over the answer without the answer barging in on itself (once the canceller has learnt the room:
+    `ECHO_WARMUP_MS`). Runs at the answers' rate (else the device's), and sends the microphone at that rate."""
 
     def __init__(self, device: str | int | None, output_device: str | int | None, block_ms: int, playout: Playout):
         super().__init__(device, block_ms)
@@ -233,6 +240,8 @@ class DuplexAudio(Microphone):
         self.playout = playout
         self.echo: Any = None  # pywebrtc_audio.AudioProcessor, made once the stream's rate and latency are known
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.far_ms = 0  # answer audio the canceller has played so far (its warm-up)
+        self._far_quiet_ms = ECHO_TAIL_MS  # since the speaker last played answer audio
 
     def open(self, loop: asyncio.AbstractEventLoop) -> None:
         sd = self._sd
@@ -282,8 +291,18 @@ class DuplexAudio(Microphone):
         self.loop.call_soon_threadsafe(self._put_pair, bytes(indata), far)
 
     def _put_pair(self, near: bytes, far: bytes) -> None:
-        """One captured block and the block played with it: the capture without the answer's echo."""
-        self._put(cancel_echo(self.echo, near, far))
+        """One captured block and the block played with it: the capture without the answer's echo (muted while the
+        canceller is still learning the room and the speaker plays)."""
+        clean = cancel_echo(self.echo, near, far)
+        block_ms = len(far) * 500 // self.rate_hz
+        if any(far):  # the Playout gives exact zeros when no answer plays
+            self.far_ms += block_ms
+            self._far_quiet_ms = 0
+        else:
+            self._far_quiet_ms += block_ms
+        if self.far_ms <= ECHO_WARMUP_MS and self._far_quiet_ms < ECHO_TAIL_MS:
+            clean = bytes(len(clean))
+        self._put(clean)
 
 
 def cancel_echo(echo: Any, near: bytes, far: bytes) -> bytes:

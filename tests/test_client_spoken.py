@@ -15,7 +15,7 @@ import wave
 import numpy as np
 import pytest
 
-from clients.audio_source import DuplexAudio, Microphone, Speaker
+from clients.audio_source import ECHO_WARMUP_MS, DuplexAudio, Microphone, Speaker
 from clients.common import MicOptions, TurnView, mic_conversation
 from clients.playback import AnswerRecorder, NoAnswerAudio, Playout, SpokenAnswers
 
@@ -275,9 +275,9 @@ async def test_desktop_duplex_hears_the_user_not_the_answer_and_truncates_on_bar
 ) -> None:
     """The desktop client's --duplex path against the real server and voice, the sound card simulated at its
     callback in real time: the microphone hears the answer 40 ms after the speaker plays it (-8 dB) plus the user.
-    Echo cancellation keeps the answer from barging in on itself; the user's "Stop, please." (said once 1 s has
-    played and 2 s more wait in the jitter buffer) stops it at once and truncates it to what was played, which is
-    all the model remembers of it."""
+    Echo cancellation keeps the answer from barging in on itself; the user's "Stop, please." (said once the
+    canceller's warm-up has played and 2 s more wait in the jitter buffer) stops it at once and truncates it to
+    what was played, which is all the model remembers of it."""
     import soxr
     import websockets
 
@@ -307,7 +307,8 @@ async def test_desktop_duplex_hears_the_user_not_the_answer_and_truncates_on_bar
         t0 = loop.time()
         for n in range(10**6):
             await asyncio.sleep(max(0.0, t0 + n * 0.02 - loop.time()))
-            if "at" not in said and playout.played_frames > frames(1000) and playout.queued_ms > 2000:  # cut in
+            learnt = playout.played_frames > frames(ECHO_WARMUP_MS + 500)  # the canceller knows the room
+            if "at" not in said and learnt and playout.queued_ms > 2000:  # cut in
                 said["at"] = len(view.log)
                 track = np.concatenate([track[:pos], np.zeros(max(0, pos - len(track)), np.int16), stop_please])
             near = (played[:block].astype(np.float64) * 0.4).astype(np.int16)  # -8 dB echo
