@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from clients.audio_source import blocks, load_wav_pcm16, paced, silence
-from clients.common import Backoff, NoAnswer, Reconnects, TurnView, WavOptions, session_update, wav_conversation
+from clients.cli import Backoff, Reconnects
+from clients.common import NoAnswer, TurnView, WavOptions, session_update, wav_conversation
 from clients.mqtt import parse_broker_url
 
 
