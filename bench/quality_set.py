@@ -108,17 +108,16 @@ def espeak_version() -> str:
 def clip_audio(clip: Clip, cache_dir: Path) -> np.ndarray:
     """The clip as 16 kHz mono float32: espeak-ng's speech (cached by voice, speed, text and espeak-ng version)
     after `lead_ms` of digital silence."""
+    from assistant.audio.io import load_audio
+
     key = hashlib.sha256(f"{espeak_version()}|{clip.voice}|{clip.wpm}|{clip.text}".encode()).hexdigest()[:20]
     path = cache_dir / f"{key}.wav"
-    if path.exists():
-        from assistant.audio.io import load_audio
-
-        speech = load_audio(str(path))
-    else:
+    if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_dir / f"{key}.partial.wav"
-        speech = synthesize(clip.text, tmp, voice=clip.voice, wpm=clip.wpm)
+        synthesize(clip.text, tmp, voice=clip.voice, wpm=clip.wpm)
         tmp.rename(path)  # a clip interrupted mid-write is never taken from the cache
+    speech = load_audio(str(path))  # always from the file: a first run hears the same 16-bit samples as a later one
     return np.concatenate([np.zeros(RATE_HZ * clip.lead_ms // 1000, dtype=np.float32), speech])
 
 
