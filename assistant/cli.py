@@ -4,7 +4,8 @@ dispatches. `serve` is `assistant.transport.server.serve`, `prepare` is `assista
 `build_prompt` path as the server and the plain single-sequence loop (`engine.decoding.generate_stream`: no engine
 thread). It streams the answer to stdout, or with `--json` prints one object: `prompt_token_ids`,
 `output_token_ids` (generated ids before the first stop id), `text` (the response text rule of QWEN_AUDIO.md §6),
-`finish_reason` ("stop" or "length") and `backend`.
+`finish_reason` ("stop" or "length") and `backend`. `ask_answer(backend, cfg, samples, text)` is that path on an
+already-loaded backend (what `bench/quality.py` runs for its `ask` rows).
 
 Heavy imports (torch, transformers, the server) happen inside the subcommand that needs them, so `--help` is fast.
 Logging: one line per event that matters (session opened/closed, utterance committed, response done).
