@@ -163,7 +163,7 @@ async def run_items(items: list[Item], cfg, srv, paths=PATHS, cache_dir: Path = 
 
 def totals(rows: list[dict]) -> dict[str, Any]:
     """Per path, kind and split (and both splits): answers right, and the word error rate of every turn's
-    transcript (all errors / all reference words); follow-ups also per `needs`."""
+    transcript (all errors / all reference words); follow-ups also per `needs`; WER per voice, speed, lead."""
 
     def tally(group: list[dict]) -> dict[str, Any]:
         turns = [t for r in group for t in r["turns"]]
@@ -189,6 +189,14 @@ def totals(rows: list[dict]) -> dict[str, Any]:
                 needs = sorted({r["needs"] for r in group})
                 entry["by_needs"] = {n: tally([r for r in group if r["needs"] == n]) for n in needs}
             out[f"{path}/{kind}"] = entry
+    # the recogniser per speaking condition (every turn of every path): which voices and speeds it mishears
+    turns = [t for r in rows for t in r["turns"]]
+    for cond in ("voice", "wpm", "lead_ms"):
+        out[f"wer_by_{cond}"] = {
+            str(v): round(sum(t["word_errors"] for t in g) / max(1, sum(t["ref_words"] for t in g)), 3)
+            for v in sorted({t[cond] for t in turns})
+            if (g := [t for t in turns if t[cond] == v])
+        }
     return out
 
 
@@ -223,7 +231,7 @@ async def main(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str,
         await engine.stop()
     summary = totals(rows)
     for key, entry in summary.items():
-        print(key, json.dumps({s: entry[s] for s in (*SPLITS, "all") if s in entry}))
+        print(key, json.dumps({s: entry[s] for s in (*SPLITS, "all") if s in entry} if "/" in key else entry))
     return {
         "worker_torch_threads": threads,
         "config": {
