@@ -97,7 +97,9 @@ async def _server_turn(ws, audio: np.ndarray) -> dict[str, Any]:
 
 
 async def server_item(ws_url: str, item: Item, audios: list[np.ndarray]) -> list[dict[str, Any]]:
-    async with websockets.connect(ws_url, max_size=None) as ws:
+    # No keepalive pings: on a loaded machine a pong can come late while an answer is computed, and a client that
+    # waits for its answer has no reason to hang up (an earlier run lost its connection that way mid-set).
+    async with websockets.connect(ws_url, max_size=None, ping_interval=None) as ws:
         assert (await _next(ws))["type"] == "session.created"
         await ws.send(json.dumps(SESSION_UPDATE))
         while (ev := await _next(ws))["type"] != "session.updated":
@@ -149,11 +151,14 @@ async def run_items(items: list[Item], cfg, srv, paths=PATHS, cache_dir: Path = 
         for path in paths:
             if path == "ask" and item.kind != "single":
                 continue
-            turns = await (
-                server_item(srv.ws_url, item, audios)
-                if path == "server"
-                else ask_item(srv.engine, cfg, item, audios[0])
-            )
+            try:
+                turns = await (
+                    server_item(srv.ws_url, item, audios)
+                    if path == "server"
+                    else ask_item(srv.engine, cfg, item, audios[0])
+                )
+            except (OSError, TimeoutError, websockets.ConnectionClosed) as e:  # an outcome (wrong), not the run's end
+                turns = [{"transcript": "", "answer": "", "status": "failed", "errors": [repr(e)]} for _ in clips]
             rows.append(score(item, path, turns, clips))
             r = rows[-1]
             heard = " | ".join(t["transcript"] for t in r["turns"])
