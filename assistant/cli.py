@@ -6,7 +6,8 @@ logging, dispatches. `serve` is `assistant.transport.server.serve`, `prepare` is
 `build_prompt` path as the server and the plain single-sequence loop (`engine.decoding.generate_stream`: no engine
 thread). It streams the answer to stdout, or with `--json` prints one object: `prompt_token_ids`,
 `output_token_ids` (generated ids before the first stop id), `text` (the response text rule of QWEN_AUDIO.md §6),
-`finish_reason` ("stop" or "length") and `backend`.
+`finish_reason` ("stop" or "length") and `backend`. `ask_answer(backend, cfg, samples, text)` is that path on an
+already-loaded backend (what `bench/quality.py` runs for its `ask` rows).
 
 Heavy imports (torch, transformers, the server) happen inside the subcommand that needs them, so `--help` is fast.
 Logging: one line per event that matters (session opened/closed, utterance committed, response done).
@@ -15,9 +16,12 @@ Logging: one line per event that matters (session opened/closed, utterance commi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from assistant.config import Config, ConfigError, load_config
 
@@ -209,9 +213,6 @@ def run_ask(cfg: Config, audio: str | None = None, text: str | None = None, as_j
             return 2
 
     from assistant.backends import load_backend
-    from assistant.backends.base import Utterance
-    from assistant.engine.decoding import generate_stream, response_text
-    from assistant.engine.sampling import params_for
     from assistant.weights.sources import PrepareError
 
     try:
@@ -220,41 +221,86 @@ def run_ask(cfg: Config, audio: str | None = None, text: str | None = None, as_j
     except (OSError, ValueError, PrepareError) as e:
         print(f"error: cannot load the {cfg.model.backend} model: {e}", file=sys.stderr)
         return 2
+    # The file path names the audio span, as in the reference web demo (`Audio 1: <audio>{path}</audio>`).
+    key = audio if audio and not any(c in audio for c in "<>") else "ask_1"
+    started = False
+
+    def stream_out(piece: str) -> None:  # the answer as it is generated, its leading whitespace dropped
+        nonlocal started
+        piece = piece if started else piece.lstrip()
+        started = started or bool(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def heard(transcript: str) -> None:
+        print(f"[heard] {transcript}", file=sys.stderr)
+
     try:
-        # The file path names the audio span, as in the reference web demo (`Audio 1: <audio>{path}</audio>`).
-        key = audio if audio and not any(c in audio for c in "<>") else "ask_1"
-        [turn] = backend.prepare([Utterance(key=key, audio=samples, text=text)], [1])
+        result = ask_answer(
+            backend,
+            cfg,
+            samples,
+            text,
+            key,
+            on_text=None if as_json else stream_out,
+            on_heard=None if as_json else heard,
+        )
     except ValueError as e:  # e.g. AudioTooShort
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if as_json:
+        print(json.dumps({"backend": backend.name, **result.as_json()}, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+@dataclass(frozen=True)
+class AskResult:
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated ids before the first stop id
+    text: str  # the response text rule of QWEN_AUDIO.md §6
+    finish_reason: str  # "stop" or "length"
+    transcript: str | None  # what Whisper heard (embedded backend, spoken question)
+
+    def as_json(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "transcript"}
+        return out if self.transcript is None else {**out, "transcript": self.transcript}
+
+
+def ask_answer(
+    backend,
+    cfg: Config,
+    samples=None,
+    text: str | None = None,
+    key: str = "ask_1",
+    on_text: Callable[[str], None] | None = None,
+    on_heard: Callable[[str], None] | None = None,
+) -> AskResult:
+    """What `ask` does with a loaded backend: one question (16 kHz float32 `samples`, `text`, or both) without
+    history, the default system prompt, the `[generation]` config. Also the `ask` path of `bench/quality.py`.
+    Raises ValueError for audio the backend refuses (e.g. too short)."""
+    from assistant.backends.base import Utterance
+    from assistant.engine.decoding import generate_stream, response_text
+    from assistant.engine.sampling import params_for
+
+    [turn] = backend.prepare([Utterance(key=key, audio=samples, text=text)], [1])
     window = cfg.engine.max_window_tokens or backend.max_window_tokens
     prompt = backend.build_prompt(backend.default_system_prompt, [], turn, window)
     params = params_for(cfg.generation, getattr(backend, "default_sampling", None))
     max_new = cfg.generation.max_new_tokens
-    if turn.transcript is not None and not as_json:
-        print(f"[heard] {turn.transcript}", file=sys.stderr)
-
+    if turn.transcript is not None and on_heard is not None:
+        on_heard(turn.transcript)
     out_ids: list[int] = []
-    started = False
     for step in generate_stream(backend, prompt, params, max_new):
         if step.token_id is not None:
             out_ids.append(step.token_id)
-        if not as_json and step.text:
-            piece = step.text if started else step.text.lstrip()
-            started = started or bool(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    if as_json:
-        result = {
-            "backend": backend.name,
-            "prompt_token_ids": prompt.ids,
-            "output_token_ids": out_ids,
-            "text": response_text(backend.tokenizer, out_ids),
-            "finish_reason": "length" if len(out_ids) >= max_new else "stop",
-        }
-        if turn.transcript is not None:
-            result["transcript"] = turn.transcript
-        print(json.dumps(result, ensure_ascii=False))
-    else:
-        sys.stdout.write("\n")
-    return 0
+        if step.text and on_text is not None:
+            on_text(step.text)
+    return AskResult(
+        prompt_token_ids=prompt.ids,
+        output_token_ids=out_ids,
+        text=response_text(backend.tokenizer, out_ids),
+        finish_reason="length" if len(out_ids) >= max_new else "stop",
+        transcript=turn.transcript,
+    )
