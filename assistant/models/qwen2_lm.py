@@ -5,7 +5,7 @@ positions -> residual, RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, LM hea
 checkpoint has no separate head). Weights come from the safetensors `assistant/weights/convert.py` writes
 (transformers' Qwen2 names); q/k/v and gate/up are fused at load so a decode step runs few, large matmuls, and every
 matmul (the LM head included) is quantized at load when asked (`quant.make_linear`: "none", "int8", "int4"; the
-embedding table stays in the model dtype). Rotary runs in the model dtype from a cos/sin table. The forward passes
+embedding table stays as stored). Rotary runs in the model dtype from a cos/sin table. The forward passes
 and the (grouped-query) attention over the cache are `layers.CachedDecoder`'s, shared with QWen.
 """
 
@@ -103,7 +103,9 @@ class Qwen2LM(CachedDecoder):
 
             return make_linear(fused(names), fused(bias) if bias else None, quantization)
 
-        self.embed_w = w("model.embed_tokens.weight")  # [V, H]
+        # [V, H] as stored (bf16 from `prepare`): a lookup casts its rows exactly, and a float32 copy of the table
+        # would cost 0.5 GB for nothing
+        self.embed_w = weights["model.embed_tokens.weight"].to(device)
         head = "model.embed_tokens.weight" if dims.tied_embeddings else "lm_head.weight"
         self.head = linear([head if head in weights else "model.embed_tokens.weight"])
         self.norm_w = w("model.norm.weight")
@@ -159,7 +161,7 @@ class Qwen2LM(CachedDecoder):
         return KVCache(d.n_layers, d.n_kv_heads, d.head_dim, self.dtype, self.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids.to(self.device), self.embed_w)
+        return F.embedding(ids.to(self.device), self.embed_w).to(self.dtype)
 
     def rope_alpha_for(self, total_len: int) -> float:
         return 1.0  # Qwen2.5 uses plain rotary positions at these lengths
