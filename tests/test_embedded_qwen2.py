@@ -16,6 +16,7 @@ import copy
 import pytest
 import torch
 
+from assistant.backends.base import PreparedTurn
 from assistant.models import quant
 from assistant.models.qwen2_lm import Qwen2Dims, Qwen2LM
 
@@ -216,3 +217,30 @@ def test_real_weights_match_transformers(embedded_paths):
         ref = hf(ids_t[None]).logits[0].float()
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
     assert int(got[-1].argmax()) == int(ref[-1].argmax())
+
+
+def _real_answers(paths, quantization: str) -> list[str]:
+    """Greedy answers of the real LLM, quantized as asked, to the spoken set's questions typed as text."""
+    from assistant.backends.embedded import EmbeddedBackend, qwen2_tokenizer
+    from assistant.config import load_config
+    from bench.spoken_set import QUESTIONS, greedy_answer
+
+    system = load_config().embedded.system_prompt
+    lm = Qwen2LM.load(paths.llm_dir, "cpu", "auto", quantization)
+    backend = EmbeddedBackend(lm, qwen2_tokenizer(paths.llm_dir), None, system)
+    prompts = [backend.build_prompt(system, [], PreparedTurn(key="q", user_text=q), 2048).ids for q, _ in QUESTIONS]
+    return [greedy_answer(backend, ids).text for ids in prompts]
+
+
+@pytest.mark.slow
+def test_real_weights_quantized_answers_are_as_correct_as_unquantized(embedded_paths):
+    """Greedy answers of the int8 and int4 models to the spoken set's questions (typed): every question the
+    unquantized model answers correctly, each quantized one does too."""
+    from bench.spoken_set import QUESTIONS, correct
+
+    reference = _real_answers(embedded_paths, "none")
+    for mode in ("int8", "int4"):
+        got = _real_answers(embedded_paths, mode)
+        for (question, keywords), want, answer in zip(QUESTIONS, reference, got, strict=True):
+            if correct(want, keywords):
+                assert correct(answer, keywords), f"{mode}: {question!r} -> {answer!r} (unquantized: {want!r})"
