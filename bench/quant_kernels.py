@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from assistant.models.quant import KERNEL_DTYPE, DenseLinear, Int4Linear, Int8Linear
+from assistant.models.quant import KERNEL_DTYPE, DenseLinear, Int8Linear, make_linear
 from bench.results import Record
 
 SHAPES = {  # name: (out, in) of Qwen2.5-0.5B
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for name, (out_f, in_f) in SHAPES.items():
         w = torch.randn(out_f, in_f) * 0.02
-        i8, i4 = Int8Linear(w, None), Int4Linear(w, None)
+        i8, i4 = make_linear(w, None, "int8"), make_linear(w, None, "int4")
         layers = {
             "dense_fp32": DenseLinear(w, None),
             "int8": i8,

@@ -156,6 +156,28 @@ def test_quantized_model_matches_its_dequantized_reference(tiny_pair, mode):
         torch.testing.assert_close(logits[lm_a], logits[lm_b], atol=tol, rtol=tol)
 
 
+def test_quantized_matrices_are_cached_beside_the_weights_and_reloaded(tiny_pair, tmp_path):
+    """The first quantized load writes the quantized matrices next to model.safetensors; the next load reads them
+    (no quantizing) and gives the same logits."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    _, hf = tiny_pair
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(DIMS)))
+    ids = torch.randint(0, DIMS.vocab_size, (9,), generator=torch.Generator().manual_seed(4))
+    first = Qwen2LM.load(tmp_path, "cpu", "float32", "int4")
+    cached = tmp_path / f"quantized-int4-v{quant.QUANT_FORMAT}.safetensors"
+    assert cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    again = Qwen2LM.load(tmp_path, "cpu", "float32", "int4")
+    assert cached.stat().st_mtime_ns == stamp  # read, not rewritten
+    want = first.prefill(first.embed(ids), first.new_cache(), all_logits=True)
+    torch.testing.assert_close(again.prefill(again.embed(ids), again.new_cache(), all_logits=True), want)
+
+
 def test_int4_grid_reproduces_weights_already_on_a_4_bit_grid():
     """A weight whose groups of 32 already hold min + scale * q (q in 0..15, as a GGUF Q4_K block stores them) comes
     back to bf16 precision: the int4 grid loses nothing the source had not already lost."""

@@ -35,6 +35,7 @@ QUANTIZATIONS = ("none", "int8", "int4")
 AUTO_QUANTIZATION = {"cpu": "int4", "cuda": "none"}
 INT4_GROUP = 32  # inputs per int4 scale/minimum pair (both hidden sizes, 896 and 4864, are multiples)
 KERNEL_DTYPE = torch.bfloat16  # activation and scale dtype the quantized kernels run in (see the module docstring)
+QUANT_FORMAT = 1  # version of `quantize`'s stored form and of the grids: bump when either changes
 ROWS_PER_BLOCK = 8192  # output rows quantized at a time (bounds the float32 temporaries at load)
 
 
@@ -108,12 +109,25 @@ def dequantized(weight: torch.Tensor, quantization: str) -> torch.Tensor:
     raise ValueError(f"quantization: expected one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
 
 
+def quantize(weight: torch.Tensor, quantization: str) -> dict[str, torch.Tensor]:
+    """The stored form of a quantized weight (what `Qwen2LM` caches on disk, so a load does not quantize again):
+    int8 {"q", "scale"}; int4 {"q4": two 4-bit values per uint8, "scale", "zero"}."""
+    if quantization == "int8":
+        q, scale = int8_grid(weight)
+        return {"q": q, "scale": scale}
+    if quantization == "int4":
+        q, scale, zero = int4_grid(weight)
+        q = q.to(torch.uint8)
+        return {"q4": (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), "scale": scale, "zero": zero}
+    raise ValueError(f"quantize: expected int8 or int4, got {quantization!r}")
+
+
 class Int8Linear:
     """`int8_grid` weights, `_weight_int8pack_mm`."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.q, self.scale = int8_grid(weight)
-        self.bias, self.out_features = bias, weight.shape[0]
+    def __init__(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        self.q, self.scale = stored["q"], stored["scale"]
+        self.bias, self.out_features = bias, self.q.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.q, self.scale).to(x.dtype)
@@ -121,13 +135,16 @@ class Int8Linear:
 
 
 class Int4Linear:
-    """`int4_grid` weights packed for `_weight_int4pack_mm_for_cpu` (scales_and_zeros: [in / group, out, 2])."""
+    """`int4_grid` weights packed for `_weight_int4pack_mm_for_cpu` (scales_and_zeros: [in / group, out, 2]). The
+    kernel's packed layout is its own (it may differ between torch builds), so only `quantize`'s form is stored."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: int = INT4_GROUP):
-        q, scale, zero = int4_grid(weight, group)
+    def __init__(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        q4, scale, zero = stored["q4"], stored["scale"], stored["zero"]
+        q = torch.stack([q4 & 0xF, q4 >> 4], dim=-1).reshape(q4.shape[0], -1).to(torch.int32)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-        self.group, self.bias, self.out_features = group, bias, weight.shape[0]
+        self.group = q.shape[1] // scale.shape[1]
+        self.bias, self.out_features = bias, q.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -145,17 +162,23 @@ def resolve_quantization(quantization: str, device: torch.device) -> str:
     return quantization
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantization: str) -> Linear:
-    """`weight` [out, in] (and `bias` [out]) in the model dtype -> the linear layer `quantization` names."""
+def make_linear(
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    quantization: str,
+    stored: dict[str, torch.Tensor] | None = None,
+) -> Linear:
+    """The linear layer `quantization` names: from `weight` [out, in] in the model dtype, or (quantized modes) from
+    its `quantize` form when `stored` is given; `bias` [out] in the model dtype."""
     if quantization == "none":
         return DenseLinear(weight, bias)
-    if weight.device.type != "cpu":
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: expected one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
+    device = (weight if stored is None else next(iter(stored.values()))).device
+    if device.type != "cpu":
         raise ValueError(
             f"quantization {quantization!r} runs on the CPU only (torch's weight-only CPU kernels); the model is on "
-            f'{weight.device}: set [embedded] quantization = "none" there'
+            f'{device}: set [embedded] quantization = "none" or "auto" there'
         )
-    if quantization == "int8":
-        return Int8Linear(weight, bias)
-    if quantization == "int4":
-        return Int4Linear(weight, bias)
-    raise ValueError(f"quantization: expected one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
+    stored = stored if stored is not None else quantize(weight, quantization)
+    return Int8Linear(stored, bias) if quantization == "int8" else Int4Linear(stored, bias)

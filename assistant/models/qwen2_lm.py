@@ -29,7 +29,7 @@ from assistant.models.layers import (
     split_qkv,
     swiglu,
 )
-from assistant.models.quant import make_linear, resolve_quantization
+from assistant.models.quant import QUANT_FORMAT, make_linear, quantize, resolve_quantization
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,25 @@ class Qwen2Dims:
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
 
 
+def _save_quantized(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the quantized matrices atomically (two processes may load at once); a read-only cache only costs the
+    next load its quantizing time."""
+    import logging
+    import os
+
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        logging.getLogger(__name__).warning(
+            "could not cache the quantized LLM at %s (%s); it is quantized again at every load", path, e
+        )
+
+
 class Qwen2LM(CachedDecoder):
     """Weights + the CachedDecoder hooks. Not an nn.Module: there is no training here, and plain tensors keep it
     light."""
@@ -82,7 +101,10 @@ class Qwen2LM(CachedDecoder):
         device: torch.device,
         dtype: torch.dtype,
         quantization: str = "none",
+        stored: dict[str, torch.Tensor] | None = None,
     ):
+        """`stored`: the quantized matrices as `quant.quantize` made them, under "<layer>/<tensor>" names (what
+        `quantized` holds after a first build, and `load` caches on disk); the others are quantized here."""
         self.dims, self.device, self.dtype, self.quantization = dims, device, dtype, quantization
         self.vocab_size, self.hidden_size = dims.vocab_size, dims.hidden_size
         self.kv_group = dims.n_heads // dims.n_kv_heads
@@ -90,24 +112,33 @@ class Qwen2LM(CachedDecoder):
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected - {"lm_head.weight"})
         if missing or unexpected:
             raise ValueError(f"Qwen2 checkpoint: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        stored = stored or {}
+        self.quantized: dict[str, torch.Tensor] = {}  # every quantized matrix in its stored form, by layer name
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=device, dtype=dtype)
 
-        def linear(names: list[str], bias: list[str] | None = None):
-            """The named weights fused along the output rows, quantized as asked (one tensor at a time, so the
-            float copies of a quantized model never all exist at once)."""
+        def linear(key: str, names: list[str], bias: list[str] | None = None):
+            """The named weights fused along the output rows, quantized as asked (one matrix at a time, so the
+            float copies of a quantized model never all exist at once) unless `stored` has them already."""
 
             def fused(parts: list[str]) -> torch.Tensor:
                 return w(parts[0]) if len(parts) == 1 else torch.cat([w(n) for n in parts])
 
-            return make_linear(fused(names), fused(bias) if bias else None, quantization)
+            b = fused(bias) if bias else None
+            if quantization == "none":
+                return make_linear(fused(names), b, quantization)
+            mine = {k.split("/", 1)[1]: v.to(device) for k, v in stored.items() if k.split("/", 1)[0] == key}
+            if not mine:
+                mine = quantize(fused(names), quantization)
+            self.quantized.update({f"{key}/{k}": v for k, v in mine.items()})
+            return make_linear(None, b, quantization, mine)
 
         # [V, H] as stored (bf16 from `prepare`): a lookup casts its rows exactly, and a float32 copy of the table
         # would cost 0.5 GB for nothing
         self.embed_w = weights["model.embed_tokens.weight"].to(device)
         head = "model.embed_tokens.weight" if dims.tied_embeddings else "lm_head.weight"
-        self.head = linear([head if head in weights else "model.embed_tokens.weight"])
+        self.head = linear("head", [head if head in weights else "model.embed_tokens.weight"])
         self.norm_w = w("model.norm.weight")
         self.layers = []
         for i in range(dims.n_layers):
@@ -118,10 +149,12 @@ class Qwen2LM(CachedDecoder):
                     "ln1": w(p + "input_layernorm.weight"),
                     "ln2": w(p + "post_attention_layernorm.weight"),
                     # [(nh+2nkv)*hd, H] with the q|k|v biases
-                    "qkv": linear([att + f"{n}_proj.weight" for n in "qkv"], [att + f"{n}_proj.bias" for n in "qkv"]),
-                    "o": linear([att + "o_proj.weight"]),
-                    "gate_up": linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),  # [2I, H]
-                    "down": linear([p + "mlp.down_proj.weight"]),
+                    "qkv": linear(
+                        f"{i}.qkv", [att + f"{n}_proj.weight" for n in "qkv"], [att + f"{n}_proj.bias" for n in "qkv"]
+                    ),
+                    "o": linear(f"{i}.o", [att + "o_proj.weight"]),
+                    "gate_up": linear(f"{i}.gate_up", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                    "down": linear(f"{i}.down", [p + "mlp.down_proj.weight"]),
                 }
             )
         hd = dims.head_dim
@@ -144,7 +177,9 @@ class Qwen2LM(CachedDecoder):
         cls, model_dir: str | Path, device: str = "auto", dtype: str = "auto", quantization: str = "none"
     ) -> Qwen2LM:
         """From a directory with `config.json` + `model.safetensors` as written by `assistant.weights.convert`;
-        `quantization` as in `quant.make_linear`."""
+        `quantization` as in `quant.make_linear`. A quantized model's matrices are cached beside the weights
+        (`quantized-<mode>-v<QUANT_FORMAT>.safetensors`, written at the first load): quantizing takes about a minute
+        of CPU, reading them back a second. The file goes when `prepare` rebuilds the directory."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
@@ -152,7 +187,13 @@ class Qwen2LM(CachedDecoder):
         dt = resolve_dtype(dtype, dev, "qwen2")
         weights = load_file(str(model_dir / "model.safetensors"))
         quant = resolve_quantization(quantization, dev)
-        return cls(Qwen2Dims.from_json(model_dir / "config.json"), weights, dev, dt, quant)
+        dims = Qwen2Dims.from_json(model_dir / "config.json")
+        cached = model_dir / f"quantized-{quant}-v{QUANT_FORMAT}.safetensors"
+        stored = load_file(str(cached)) if quant != "none" and cached.is_file() else None
+        lm = cls(dims, weights, dev, dt, quant, stored)
+        if quant != "none" and stored is None:
+            _save_quantized(lm.quantized, cached)
+        return lm
 
     # ------------------------------------------------------------------ DecoderLM
 
