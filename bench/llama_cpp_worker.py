@@ -1,4 +1,4 @@
-"""llama-cpp-python side of `bench/peers.py`: runs inside the bench's own venv (`bench/llama_cpp.py` builds it), so it
+"""llama-cpp-python side of `bench/peers.py`: runs inside the bench's own venv (`bench/llama_peer.py` builds it), so it
 imports nothing from this project, only the standard library, numpy and `llama_cpp`.
 
 Protocol: argv = GGUF path, thread count, max streams; then one JSON request per stdin line, one JSON reply per stdout

@@ -4,7 +4,7 @@
 The model everywhere: Qwen2.5-Coder-0.5B-Instruct from the same GGUF (Q4_K_M): the project's engine on the
 converted weights in its model dtype (`lm_dtype` in the result) with `[embedded] quantization` none, int8 and int4;
 transformers' Qwen2ForCausalLM in bf16 on the same converted weights (`generate()`, a padded batch for several
-streams); llama-cpp-python on the GGUF itself (`bench/llama_cpp.py`: its own venv, built from source only with
+streams); llama-cpp-python on the GGUF itself (`bench/llama_peer.py`: its own venv, built from source only with
 `--with-llama-cpp`; C API, one batch of sequences for several streams).
 
 1. Speed, one interleaved run: each round runs every runtime at 1 and at 4 streams, the same prompt (the same chat
@@ -14,7 +14,8 @@ streams); llama-cpp-python on the GGUF itself (`bench/llama_cpp.py`: its own ven
    engine runs its real worker (`Engine`, one session per stream, text turns) and stops at a stop id; the peers make
    exactly `--tokens` (token counts are in the result).
 2. Answers (unless `--skip-spoken`): the spoken question set (`bench/spoken_set.py`) transcribed once by Whisper
-   base, then answered greedily (at most ANSWER_TOKENS) by every runtime from the same prompt ids; correct counts.
+   base, then answered greedily (at most ANSWER_TOKENS) from the same prompt ids by every engine variant and by
+   llama-cpp-python; correct counts.
 
 All torch work runs on an engine worker thread (one OpenMP team in the process, as in `bench/engine_throughput.py`);
 llama.cpp runs in its own process, idle while the others run. The result goes to `bench/results/peers-YYYYMMDD.json`.
@@ -74,15 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     record = Record("peers", vars(args))
     torch.set_num_threads(args.threads)  # the engine worker threads started below take this setting
-    numbers = asyncio.run(run(args))
-    record.write(numbers, torch_threads=numbers.pop("worker_torch_threads"), notes=args.notes)
+    asyncio.run(run(args, record))
     return 0
 
 
-async def run(args) -> dict:
+async def run(args, record: Record) -> None:
     """Rounds; in each, every engine variant is loaded, measured at every stream count and dropped (the machine
     has room for one float32 model at a time next to other work); transformers runs on the last variant's worker.
-    The spoken set is answered in the first round."""
+    The spoken set is answered in the first round. The result file is written after every round (a run stopped
+    early keeps what it measured; `rounds_done` says how many)."""
     from assistant.backends import load_backend
 
     cfg = load_config(overrides={"generation.greedy": True})
@@ -90,7 +91,7 @@ async def run(args) -> dict:
     quants = args.quantizations.split(",")
     llama = None
     if args.with_llama_cpp:
-        from bench.llama_cpp import LlamaCpp, ensure_gguf, ensure_venv
+        from bench.llama_peer import LlamaCpp, ensure_gguf, ensure_venv
 
         llama = LlamaCpp(ensure_venv(), ensure_gguf(), args.threads, max(args.stream_counts))
         print(f"llama-cpp-python {llama.version} ready", flush=True)
@@ -125,7 +126,7 @@ async def run(args) -> dict:
                         )
                     await engine_speed(engine, args, q, r, runs)
                     if q == quants[-1] and not args.skip_hf:
-                        await hf_phase(engine, args, r, runs, answers, spoken_prompts)
+                        await hf_phase(engine, args, r, runs)
                     tok, prompt = backend.tokenizer, prompt_ids(backend, PEER_SYSTEM, PEER_QUESTION)
                 del engine, backend  # before the next variant loads: one model in memory at a time
                 gc.collect()
@@ -140,13 +141,14 @@ async def run(args) -> dict:
                     answers["llama-cpp-python"] = [
                         _text(tok, llama.answer(p, ANSWER_TOKENS, stop)) for p in spoken_prompts
                     ]
+            numbers["rounds_done"] = r + 1
+            numbers["speed"] = speed_table(runs)
+            if answers:
+                numbers["spoken_set"] = spoken_table(answers)
+            record.write(numbers, torch_threads=numbers["worker_torch_threads"], notes=args.notes)
     finally:
         if llama:
             llama.close()
-    numbers["speed"] = speed_table(runs)
-    if answers:
-        numbers["spoken_set"] = spoken_table(answers)
-    return numbers
 
 
 def note(runs: dict, name: str, n: int, r: int, first_token_s: float, decode_s: float, tokens: list[int]) -> None:
@@ -171,7 +173,7 @@ async def engine_speed(engine, args, q: str, r: int, runs: dict) -> None:
         note(runs, f"engine {q}", n, r, first, longest, [d.output_tokens for d in dones])
 
 
-async def hf_phase(engine, args, r: int, runs: dict, answers: dict, spoken_prompts) -> None:
+async def hf_phase(engine, args, r: int, runs: dict) -> None:
     """transformers on the converted weights, on this engine's worker thread; loaded, measured, dropped."""
     from assistant.weights.cache import ensure_prepared
 
@@ -183,13 +185,6 @@ async def hf_phase(engine, args, r: int, runs: dict, answers: dict, spoken_promp
     for n in args.stream_counts:
         g = await engine.call(lambda b, n=n: timed_generate(hf, [prompt] * n, args.tokens, tok.im_end_id))
         note(runs, name, n, r, g.first_token_s, g.decode_s, [g.decode_steps + 1] * n)
-    if r == 0 and spoken_prompts is not None:
-        stop = sorted(tok.stop_ids)
-        gens = [
-            await engine.call(lambda b, p=p: timed_generate(hf, [p], ANSWER_TOKENS, tok.im_end_id, stop))
-            for p in spoken_prompts
-        ]
-        answers[name] = [_text(tok, g.ids[0].tolist()) for g in gens]
 
 
 async def transcribe_set(engine) -> tuple[list[list[int]], list[str]]:
