@@ -13,13 +13,14 @@ Owns how a float weight [out, in] becomes what a decode step multiplies by, and 
 Quantized from the converted bf16 weights at load (the source GGUF is not kept after `prepare`). That GGUF
 ("Q4_K_M") stores this model mostly as Q5_0 (5-bit, blocks of 32), half the MLP down projections as Q4_K, the rest
 as Q6_K, and the LM head as Q8_0; int4 groups of 32 follow its blocks. A Q4_K matrix loses less to int4 than a 5-bit
-one (relative error 3.2% against 7-9%) but not nothing: its blocks need not span all 16 levels, and the bf16 cache
-rounded them.
+one (relative error 3.2% against 7-9% on the matrices measured while writing this) but not nothing: its blocks need
+not span all 16 levels, and the bf16 cache rounded them.
 
 Why the kernels get bfloat16 activations: on CPUs without native bf16 (AVX2) torch's int8/int4 kernels are fast only
-for bf16 inputs; with float32 inputs they were several times slower than the dense float32 product
-(`bench/quant_kernels.py`). Their scales are stored in bf16 too (the kernels take them in the activation dtype), and
-the result is cast back to the model dtype, so norms, rotary, attention and residuals keep the model's precision.
+for bf16 inputs; with float32 inputs they were several times slower than the dense float32 product when measured
+while writing this (`bench/quant_kernels.py` measures both). Their scales are stored in bf16 too (the kernels take
+them in the activation dtype), and the result is cast back to the model dtype, so norms, rotary, attention and
+residuals keep the model's precision.
 """
 
 from __future__ import annotations
