@@ -40,13 +40,14 @@ ANSWER_TOKENS = 48  # new tokens per answer (greedy), the same for the test and 
 SYNTH_TIMEOUT_S = 60.0
 
 
-def synthesize(text: str, wav_path: Path) -> np.ndarray:
-    """Speak `text` with espeak-ng (default `en` voice, 150 wpm); returns 16 kHz mono float32 and writes it to
-    `wav_path` as 16-bit PCM (for `ask --audio`)."""
+def synthesize(text: str, wav_path: Path, voice: str = "en", wpm: int = 150) -> np.ndarray:
+    """Speak `text` with espeak-ng (`voice`, e.g. "en-gb" or "en-us+f3"; `wpm` words per minute); returns 16 kHz
+    mono float32 and writes it to `wav_path` as 16-bit PCM (for `ask --audio`)."""
     import soxr
 
     raw = wav_path.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(raw), text], check=True, timeout=SYNTH_TIMEOUT_S)
+    cmd = ["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(raw), text]
+    subprocess.run(cmd, check=True, timeout=SYNTH_TIMEOUT_S)
     with wave.open(str(raw)) as w:
         rate = w.getframerate()
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)

@@ -193,3 +193,9 @@ def speech_pool():
 
 
 # ---- end of spoken answers block -----------------------------------------------------------------------------------
+
+
+# ---- Wyoming / Home Assistant -------------------------------------------------------------------------------------
+# tests/home_assistant/ is run by Home Assistant's own venv (tests/test_home_assistant.py), never by this pytest.
+collect_ignore = ["home_assistant"]
+# ---- end of Wyoming / Home Assistant block ---------------------------------------------------------------------------

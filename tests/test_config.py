@@ -48,6 +48,9 @@ def test_overlay_file_and_overrides(tmp_path):
         ("[vad]\nthreshold = inf\n", "'vad.threshold': expected a finite number, got inf"),
         ("[vad]\nsilence_duration_ms = " + "9" * 5000 + "\n", "is not valid TOML"),
         ('[mqtt]\nurl = "broker:1883"\n', "'mqtt.url': expected mqtt://HOST[:PORT]"),
+        ('[wyoming]\nuri = "0.0.0.0:10700"\n', "'wyoming.uri': expected tcp://HOST:PORT"),
+        ('[wyoming]\nuri = "tcp://host"\n', "'wyoming.uri': expected tcp://HOST:PORT"),
+        ("[wyoming]\nmax_conversations = 0\n", "'wyoming.max_conversations': expected a value in [1, "),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, fragment):

@@ -34,6 +34,37 @@ def qwen2_tokenizer(llm_dir: Path) -> QwenTokenizer:
     return QwenTokenizer(ranks, cfg["specials"], stop_tokens=(IM_END, ENDOFTEXT, IM_START), name="qwen2.5")
 
 
+def load_transcriber(whisper_dir: Path, device) -> WhisperTranscriber:
+    """Whisper from the weights cache, in the dtype the device runs best (also the `openai` backend's recogniser)."""
+    whisper = Whisper.load(whisper_dir, resolve_dtype("auto", device, "whisper"), str(device))
+    return WhisperTranscriber(whisper, whisper_dir / "tokenizer.json", whisper_dir / "config.json", pad_s=WHISPER_PAD_S)
+
+
+def transcribed_turns(transcriber: WhisperTranscriber | None, utterances: list[Utterance], backend: str) -> Steps:
+    """Whisper's transcript of every utterance with audio, in bounded steps; typed text alone is the user message
+    as-is, and with both the typed text follows the transcript on a new line (an instruction about what was said)."""
+    spoken = [u for u in utterances if u.audio is not None and len(u.audio) > 0]
+    if spoken and transcriber is None:
+        raise ValueError(f"this {backend} backend was built without Whisper and cannot take audio")
+    heard = {}
+    if spoken:
+        results = yield from transcriber.transcribe_steps([u.audio for u in spoken])
+        heard = {u.key: r for u, r in zip(spoken, results, strict=True)}
+    turns = []
+    for u in utterances:
+        r = heard.get(u.key)
+        if r is None:
+            turns.append(PreparedTurn(key=u.key, user_text=(u.text or "").strip()))
+            continue
+        user_text = "\n".join(s for s in (r.text, (u.text or "").strip()) if s)
+        turns.append(
+            PreparedTurn(
+                key=u.key, user_text=user_text, transcript=r.text, language=r.language or None, audio_s=u.audio_s
+            )
+        )
+    return turns
+
+
 class EmbeddedBackend:
     name = "embedded"
 
@@ -60,15 +91,13 @@ class EmbeddedBackend:
 
         paths = ensure_prepared(cfg)
         t0 = time.perf_counter()
-        lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype)
-        whisper = Whisper.load(paths.whisper_dir, resolve_dtype("auto", lm.device, "whisper"), str(lm.device))
-        transcriber = WhisperTranscriber(
-            whisper, paths.whisper_dir / "tokenizer.json", paths.whisper_dir / "config.json", pad_s=WHISPER_PAD_S
-        )
+        lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype, cfg.embedded.quantization)
+        transcriber = load_transcriber(paths.whisper_dir, lm.device)
         log.info(
-            "embedded backend loaded in %.1f s (LM %s on %s, Whisper %s)",
+            "embedded backend loaded in %.1f s (LM %s, quantization %s, on %s, Whisper %s)",
             time.perf_counter() - t0,
             str(lm.dtype).removeprefix("torch."),
+            lm.quantization,
             lm.device,
             cfg.embedded.whisper,
         )
@@ -84,26 +113,7 @@ class EmbeddedBackend:
     def prepare_steps(self, utterances: list[Utterance], audio_numbers: list[int]) -> Steps:
         """`prepare` in bounded steps (`WhisperTranscriber.transcribe_steps`): the engine's worker runs a decode step
         for the running answers between them."""
-        spoken = [u for u in utterances if u.audio is not None and len(u.audio) > 0]
-        if spoken and self.transcriber is None:
-            raise ValueError("this embedded backend was built without Whisper and cannot take audio")
-        heard = {}
-        if spoken:
-            results = yield from self.transcriber.transcribe_steps([u.audio for u in spoken])
-            heard = {u.key: r for u, r in zip(spoken, results, strict=True)}
-        turns = []
-        for u in utterances:
-            r = heard.get(u.key)
-            if r is None:
-                turns.append(PreparedTurn(key=u.key, user_text=(u.text or "").strip()))
-                continue
-            user_text = "\n".join(s for s in (r.text, (u.text or "").strip()) if s)
-            turns.append(
-                PreparedTurn(
-                    key=u.key, user_text=user_text, transcript=r.text, language=r.language or None, audio_s=u.audio_s
-                )
-            )
-        return turns
+        return (yield from transcribed_turns(self.transcriber, utterances, self.name))
 
     def _message(self, role: str, text: str, close: bool = True) -> list[int]:
         t = self.tokenizer

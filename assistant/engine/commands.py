@@ -109,6 +109,16 @@ class StopCmd:
     pass
 
 
+@dataclass(frozen=True)
+class RemoteDoneCmd:
+    """A remote answer ended (`engine/remote.py`; sent from the backend's I/O thread)."""
+
+    response_id: str
+    status: str  # "completed" | "incomplete" | "failed"
+    reason: str | None
+    error: str | None
+
+
 Command = (
     OpenSessionCmd
     | CloseSessionCmd
@@ -122,6 +132,7 @@ Command = (
     | CancelCmd
     | CallCmd
     | StopCmd
+    | RemoteDoneCmd
 )
 
 
@@ -140,6 +151,7 @@ class Job:
     cancel_reason: str | None = None
     t: dict[str, float] = field(default_factory=dict)
     turns_before: int = 0  # `TurnQueue.mark()` at the respond: it waits for its session's turns queued before it
+    reply: Any = None  # a remote backend's answer: the `remote.RemoteReply` it streams into (None: decoded here)
 
     @property
     def response_id(self) -> str:

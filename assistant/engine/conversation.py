@@ -68,6 +68,7 @@ def merge_turns(turns: list[PreparedTurn]) -> PreparedTurn:
         language=languages[-1] if languages else None,
         audio_s=sum(t.audio_s for t in turns),
         audio_embeds=embeds,
+        audio_wavs=tuple(w for t in turns for w in t.audio_wavs),
     )
 
 

@@ -65,6 +65,7 @@ class EventFactory:
         if st.turn_detection is not None:
             td = dataclasses.asdict(st.turn_detection)
         max_tokens: int | str = "inf" if st.max_output_tokens is None else st.max_output_tokens
+        wake = None if st.wake_word is None else dataclasses.asdict(st.wake_word)  # extension: null = off
         ao = st.audio_out
         if self.dialect == "beta":
             out: dict[str, Any] = {
@@ -76,6 +77,7 @@ class EventFactory:
                 "turn_detection": td,
                 "max_response_output_tokens": max_tokens,
                 "input_sample_rate": st.input_rate_hz,
+                "wake_word": wake,
             }
             if ao.voices:
                 out.update(voice=ao.voice_label, output_audio_format=ao.format, speed=ao.speed)
@@ -87,7 +89,7 @@ class EventFactory:
         fmt: dict[str, Any] = {"type": "audio/pcm"}
         if st.input_rate_hz == OPENAI_RATE_HZ:
             fmt["rate"] = OPENAI_RATE_HZ
-        audio: dict[str, Any] = {"input": {"format": fmt, "turn_detection": td}}
+        audio: dict[str, Any] = {"input": {"format": fmt, "turn_detection": td, "wake_word": wake}}
         session = {
             "type": "realtime",
             "id": session_id,
@@ -118,6 +120,14 @@ class EventFactory:
         if ao.format == "pcm16" and ao.rate_hz == OPENAI_RATE_HZ:
             fmt["rate"] = OPENAI_RATE_HZ
         return fmt
+
+    def wake_word_detected(self, name: str, audio_start_ms: int, item_id: str | None) -> dict[str, Any]:
+        """Extension: the wake word was heard; the turn's audio starts at `audio_start_ms` (stream time). `item_id`
+        is the user item that turn will become (omitted in push-to-talk, where a detection opens no turn)."""
+        fields: dict[str, Any] = {"name": name, "audio_start_ms": audio_start_ms}
+        if item_id is not None:
+            fields["item_id"] = item_id
+        return self.event("input_audio_buffer.wake_word_detected", **fields)
 
     def error(self, err: ProtocolError) -> dict[str, Any]:
         body = {"type": err.type, "code": err.code, "message": err.message, "param": err.param}

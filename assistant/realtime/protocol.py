@@ -51,6 +51,9 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
     "server_busy": ("server_error", "too many sessions or queued responses; retry later"),
     "response_failed": ("server_error", "the model failed while answering; the session goes on"),
     "turn_failed": ("server_error", "the model failed to process the user's audio; the session goes on"),
+    "upstream_unavailable": ("server_error", "backend openai: no model server reachable, or it went away mid-answer"),
+    "upstream_timeout": ("server_error", "backend openai: the model server was too slow (openai.*_timeout_s)"),
+    "upstream_error": ("server_error", "backend openai: the model server answered with an error or nonsense"),
     "turn_too_long": ("invalid_request_error", "a user turn over `engine.max_turn_tokens`; it was not answered"),
     "turn_interrupted": ("server_error", "MQTT: the connection was lost mid-turn; that turn was dropped, speak again"),
     "input_audio_buffer_truncated": (

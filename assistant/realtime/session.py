@@ -18,7 +18,8 @@ a latency fact for the metrics.
 What the core owns:
 - Turn segmentation: server VAD (`VadSegmenter`, stream time in ms of 16 kHz audio, so results do not depend on how
   fast audio arrives) or push-to-talk (`turn_detection: null`: `commit` ends the turn, `response.create` answers;
-  the buffer keeps the newest `max_buffer_ms`).
+  the buffer keeps the newest `max_buffer_ms`). With a wake word (`wake.py`), server VAD only hears audio from the
+  wake word on, or within `follow_up_ms` after an answer; the wake word barges in like speech does.
 - Model-facing work runs one job at a time, in order, from a bounded queue (`max_jobs`; overflow -> `server_busy`):
   a committed turn is prepared (`AddTurn`), its transcript reported, then answered if turn detection says so; a
   `response.create` queues an answer. Handlers never wait, so barge-in and `response.cancel` act at once.
@@ -46,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
-from assistant.audio.vad import SpeechStarted, SpeechStopped, TentativeEnd, TentativeVoid, VadEvent
+from assistant.audio.vad import SpeechStarted, SpeechStopped, TentativeEnd, TentativeVoid
+from assistant.audio.wake_word import WakeWordSettings
 from assistant.backends.base import Utterance
 from assistant.engine.api import ResponseDone, ResponseOptions, new_id
 from assistant.realtime import commands as C
@@ -56,6 +58,7 @@ from assistant.realtime.events import EventFactory
 from assistant.realtime.items import Item, Items
 from assistant.realtime.settings import SessionSettings, TurnDetection, apply_session_update
 from assistant.realtime.speech_out import SpeechOut
+from assistant.realtime.wake import GateEvent, WakeWordDetected
 
 log = logging.getLogger("assistant.session")
 
@@ -100,12 +103,14 @@ class Session:
         dialect: P.Dialect = "ga",
         *,
         default_td: TurnDetection | None = None,
+        default_wake: WakeWordSettings | None = None,
         limits: SessionLimits | None = None,
     ) -> None:
         self.id = session_id
         self.events = EventFactory(dialect)
         self.settings = settings
         self.default_td = default_td or TurnDetection()
+        self.default_wake = default_wake or WakeWordSettings()
         self.limits = limits or SessionLimits()
         self.started = False
         self.closed = False
@@ -120,7 +125,7 @@ class Session:
         self._cancel_on_start = False  # barge-in arrived before the requested answer started
         self._committed_at_s: float | None = None  # when the turn now being answered ended (latency)
         td = settings.turn_detection
-        self._audio = AudioIn(settings.input_rate_hz, td, self.limits.max_buffer_ms)
+        self._audio = AudioIn(settings.input_rate_hz, td, self.limits.max_buffer_ms, settings.wake_word)
         self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to Speculate
         self._item_id = new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
@@ -234,7 +239,7 @@ class Session:
     def _session_update(self, ev: P.SessionUpdate) -> None:
         old = self.settings
         try:
-            new, warnings = apply_session_update(old, ev.session, ev.event_id, self.default_td)
+            new, warnings = apply_session_update(old, ev.session, ev.event_id, self.default_td, self.default_wake)
         except P.ProtocolError as e:
             self._error(e)
             return
@@ -243,21 +248,26 @@ class Session:
         if new.input_rate_hz != old.input_rate_hz:
             self._on_vad_events(self._audio.set_rate(new.input_rate_hz))
         self.settings = new
-        if new.turn_detection != old.turn_detection:  # an open turn under the old settings is dropped
-            self._discard_speculation()
-            self._audio.reconfigure(new.turn_detection)
+        if new.turn_detection != old.turn_detection or new.wake_word != old.wake_word:
+            self._discard_speculation()  # an open turn under the old settings is dropped
+            self._audio.reconfigure(new.turn_detection, new.wake_word)
         if new.instructions != old.instructions:
             self._out.append(C.SetInstructions(new.instructions or None))
         self._emit("session.updated", session=self.events.session(new, self.id))
 
     # ---- turns -------------------------------------------------------------------------------------------------
-    def _on_vad_events(self, events: list[VadEvent]) -> None:
+    def _on_vad_events(self, events: list[GateEvent]) -> None:
         for vev in events:
             self._on_vad_event(vev)
 
-    def _on_vad_event(self, vev: VadEvent) -> None:
+    def _on_vad_event(self, vev: GateEvent) -> None:
         td = self.settings.turn_detection
-        if isinstance(vev, TentativeEnd):
+        if isinstance(vev, WakeWordDetected):
+            item_id = self._item_id if td is not None else None  # push-to-talk: a detection opens no turn
+            self._out.append(self.events.wake_word_detected(vev.name, vev.audio_start_ms, item_id))
+            if td is not None and td.interrupt_response:
+                self._barge_in()
+        elif isinstance(vev, TentativeEnd):
             self._speculate(vev.audio)
         elif isinstance(vev, TentativeVoid):
             self._discard_speculation()  # speech resumed: that audio will not be the turn
@@ -460,7 +470,11 @@ class Session:
             self._error(P.ProtocolError(out.code, out.message))
             self._engine_finished(ResponseDone.refused(out.response_id, out.message, out.code))
         elif isinstance(out, C.ResponseFinished):
-            self._engine_finished(out.done)
+            done, r = out.done, self._response
+            if done.status == "failed" and r is not None and done.response_id == r.response_id:
+                # the client hears why, as for a failed turn (e.g. `upstream_unavailable`); the session goes on
+                self._error(P.ProtocolError(done.error_code or "response_failed", done.error or "the model failed"))
+            self._engine_finished(done)
         elif isinstance(out, C.ClauseSpoken | C.SpeechFailed):
             r = self._response
             if r is not None and r.speech is not None and out.response_id == r.response_id:
@@ -540,6 +554,7 @@ class Session:
             transcript, extra = speech.transcript(), speech.timings_ms()
             self._out.extend(self.events.response_end(r.response_id, r.item_id, done, speech.out, transcript, extra))
         self._out.extend(after)
+        self._audio.answer_finished()  # behind a wake word: the follow-up window opens
         self._items.finish(r.item_id, done, speech)
         self._response = None
         self._current = None

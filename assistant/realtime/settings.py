@@ -5,8 +5,10 @@ edges; every field declares its type and range once, `assistant.schema`) is both
 the config file's `[vad]` section (the server-wide default every session starts from). `SessionSettings` is the
 effective session; its fields carry their ranges the same way. So the TOML validation, the GA and beta
 `session.update` parsing and the MQTT devices' sessions all check a value by the same declaration.
-`apply_session_update(settings, payload, default_td)` returns the new frozen settings and non-fatal warnings; a
-fatal problem raises `ProtocolError` and changes nothing. `events.EventFactory.session` renders it.
+`WakeWordSettings` (`assistant.audio.wake_word`) is likewise both a session's `wake_word` (None = off; our extension:
+GA `session.audio.input.wake_word`, beta `session.wake_word`) and the config's `[wake_word]` section.
+`apply_session_update(settings, payload, default_td, default_wake)` returns the new frozen settings and non-fatal
+warnings; a fatal problem raises `ProtocolError` and changes nothing. `events.EventFactory.session` renders it.
 
 Spoken answers: `SessionSettings.output_audio` is the output modality (GA `output_modalities: ["audio"]`, beta
 `modalities: ["audio", "text"]`); `AudioOutput` is how answers are spoken (voice, speed, format, rate) and which
@@ -23,6 +25,7 @@ from assistant.audio.g711 import RATE_HZ as G711_RATE_HZ
 from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
 from assistant.audio.speech_text import MAX_FIRST_CLAUSE_CHARS, MAX_SPEED, MIN_SPEED, OPENAI_VOICES
 from assistant.audio.vad import TurnDetection
+from assistant.audio.wake_word import WakeWordSettings, installed_wake_words
 from assistant.realtime.protocol import OPENAI_RATE_HZ, ProtocolError, max_tokens, output_modality
 from assistant.schema import SettingError, bounds, check_fields, coerce, shown
 
@@ -68,6 +71,7 @@ class SessionSettings:
     max_output_tokens: int | None = None  # None = "inf" (generation config)
     temperature: float | None = field(default=None, metadata=bounds(0.0, 2.0))
     transcription: bool = False  # the client asked for input transcription (we send it whenever one exists)
+    wake_word: WakeWordSettings | None = None  # None = every turn is heard; else only after the wake word
     output_audio: bool = False  # answers are spoken (audio + transcript) instead of text
     audio_out: AudioOutput = field(default_factory=AudioOutput)
 
@@ -97,6 +101,36 @@ def _parse_turn_detection(
     return dataclasses.replace(current or default, **changes)
 
 
+_WAKE_KEYS = [f.name for f in dataclasses.fields(WakeWordSettings)]
+
+
+def _parse_wake_word(
+    value: Any, current: WakeWordSettings | None, default: WakeWordSettings, param: str, eid: str | None
+) -> WakeWordSettings | None:
+    """`{"name": ..., "follow_up_ms": ...}` over the current (or the server's default) wake word; null or name ""
+    turns it off. A name that is not installed is refused with the list of installed ones."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        msg = f"{param} must be an object {{name, follow_up_ms}} or null, got {value!r}"
+        raise ProtocolError("invalid_event", msg, param, eid)
+    base = current or default
+    if value.get("name") is None and not base.name:
+        names = ", ".join(installed_wake_words())
+        msg = f"{param}.name is needed to turn the wake word on: one of {names} (null turns it off)"
+        raise ProtocolError("invalid_event", msg, f"{param}.name", eid)
+    changes = {
+        k: _field(WakeWordSettings, k, value[k], f"{param}.{k}", eid) for k in _WAKE_KEYS if value.get(k) is not None
+    }
+    try:
+        new = dataclasses.replace(base, **changes)
+    except SettingError as e:  # the name check
+        raise ProtocolError(
+            "invalid_event", f"{param}.name must be {e.expected}, got {e.got}", f"{param}.name", eid
+        ) from None
+    return new if new.name else None
+
+
 def _parse_rate(value: Any, param: str, eid: str | None) -> int:
     try:
         return coerce(param, SessionSettings, "input_rate_hz", value)
@@ -106,12 +140,18 @@ def _parse_rate(value: Any, param: str, eid: str | None) -> int:
 
 
 def apply_session_update(
-    cur: SessionSettings, s: dict[str, Any], eid: str | None = None, default_td: TurnDetection | None = None
+    cur: SessionSettings,
+    s: dict[str, Any],
+    eid: str | None = None,
+    default_td: TurnDetection | None = None,
+    default_wake: WakeWordSettings | None = None,
 ) -> tuple[SessionSettings, list[ProtocolError]]:
     """Validate a GA (nested) or beta (flat) `session` payload. Fatal problems raise ProtocolError and change
     nothing; requests we can only partly honour (audio output) come back as warnings and are otherwise applied.
-    `default_td` is what a session switching from push-to-talk back to server VAD starts from (the server's)."""
+    `default_td` is what a session switching from push-to-talk back to server VAD starts from (the server's), and
+    `default_wake` what a wake word turned on without `follow_up_ms` starts from (the server's `[wake_word]`)."""
     default_td = default_td or TurnDetection()
+    default_wake = default_wake or WakeWordSettings()
     warnings: list[ProtocolError] = []
     ch: dict[str, Any] = {}
     if isinstance(s.get("model"), str):
@@ -148,17 +188,24 @@ def apply_session_update(
         ch["turn_detection"] = _parse_turn_detection(s["turn_detection"], cur.turn_detection, default_td, param, eid)
     if s.get("input_audio_transcription") is not None:
         ch["transcription"] = True
+    if "wake_word" in s:
+        ch["wake_word"] = _parse_wake_word(s["wake_word"], cur.wake_word, default_wake, "session.wake_word", eid)
     # GA (nested)
     audio = s.get("audio")
     if audio is not None:
-        ch.update(_parse_ga_audio(audio, cur, default_td, eid, warnings))
+        ch.update(_parse_ga_audio(audio, cur, default_td, default_wake, eid, warnings))
     if "input_sample_rate" in s:  # our extension, wins over the format's rate
         ch["input_rate_hz"] = _parse_rate(s["input_sample_rate"], "session.input_sample_rate", eid)
     return dataclasses.replace(cur, **ch), warnings
 
 
 def _parse_ga_audio(
-    audio: Any, cur: SessionSettings, default_td: TurnDetection, eid: str | None, warnings: list[ProtocolError]
+    audio: Any,
+    cur: SessionSettings,
+    default_td: TurnDetection,
+    default_wake: WakeWordSettings,
+    eid: str | None,
+    warnings: list[ProtocolError],
 ) -> dict[str, Any]:
     if not isinstance(audio, dict):
         raise ProtocolError("invalid_event", "session.audio must be an object", "session.audio", eid)
@@ -180,6 +227,9 @@ def _parse_ga_audio(
         ch["turn_detection"] = _parse_turn_detection(inp["turn_detection"], cur.turn_detection, default_td, param, eid)
     if inp.get("transcription") is not None:
         ch["transcription"] = True
+    if "wake_word" in inp:
+        param = "session.audio.input.wake_word"
+        ch["wake_word"] = _parse_wake_word(inp["wake_word"], cur.wake_word, default_wake, param, eid)
     return ch
 
 

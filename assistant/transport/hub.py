@@ -9,8 +9,8 @@ Sessions start from the server's settings: `[vad]` turn detection and, when the 
 (`[voice]` speed and output rate; OpenAI's default output is audio, a client asks for `["text"]` to get text).
 
 Capacity and idle timeout are per transport (`TransportLimits`: WebSocket `server.max_sessions` /
-`server.idle_timeout_s`, MQTT `mqtt.max_devices` / `mqtt.device_idle_timeout_s`), so one transport can never lock
-another out. Idle sweep: a
+`server.idle_timeout_s`, MQTT `mqtt.max_devices` / `mqtt.device_idle_timeout_s`, Wyoming `wyoming.*`), so one
+transport can never lock another out. Idle sweep: a
 session with no client input for its transport's timeout and nothing in flight is ended by the hub
 (`Connection.end`, the transport's close code 1000 "idle timeout").
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from assistant.audio.voice import SpeechPool
+from assistant.audio.wake_word import WakeWordSettings
 from assistant.config import Config
 from assistant.engine.api import new_id
 from assistant.realtime.events import EventFactory
@@ -56,11 +58,23 @@ class TransportLimits:
 
 
 def transport_limits(cfg: Config) -> dict[str, TransportLimits]:
-    s, m = cfg.server, cfg.mqtt
+    s, m, w = cfg.server, cfg.mqtt, cfg.wyoming
     return {
         "websocket": TransportLimits(s.max_sessions, s.idle_timeout_s, "server.max_sessions"),
         "mqtt": TransportLimits(m.max_devices, m.device_idle_timeout_s, "mqtt.max_devices"),
+        # Wyoming: connections (each transcription is a session of its connection), and conversations by id
+        "wyoming": TransportLimits(w.max_connections, w.idle_timeout_s, "wyoming.max_connections"),
+        "wyoming_conversation": TransportLimits(
+            w.max_conversations, w.conversation_idle_s, "wyoming.max_conversations"
+        ),
     }
+
+
+def transport_wake_word(cfg: Config, transport: str) -> WakeWordSettings | None:
+    """The wake word a new session of `transport` starts with (None = off): MQTT devices `mqtt.wake_word`, others
+    `wake_word.name`; `wake_word.follow_up_ms` for all."""
+    name = cfg.mqtt.wake_word if transport == "mqtt" else cfg.wake_word.name
+    return dataclasses.replace(cfg.wake_word, name=name) if name else None
 
 
 class SessionHub:
@@ -88,8 +102,14 @@ class SessionHub:
                 f"{n} {transport} sessions open, the limit is {t.capacity_key}={t.capacity}; retry later"
             )
         rate = {} if input_rate_hz is None else {"input_rate_hz": input_rate_hz}  # None: the dialect's default
-        settings = SessionSettings(model=self.model_name, turn_detection=self.cfg.vad, **rate, **self._voice())
-        session = Session(new_id("sess"), settings, dialect, default_td=self.cfg.vad, limits=self.limits)
+        wake = transport_wake_word(self.cfg, transport)
+        settings = SessionSettings(
+            model=self.model_name, turn_detection=self.cfg.vad, wake_word=wake, **rate, **self._voice()
+        )
+        cfg = self.cfg
+        session = Session(
+            new_id("sess"), settings, dialect, default_td=cfg.vad, default_wake=cfg.wake_word, limits=self.limits
+        )
         conn = Connection(self, transport, session, send, close)
         self.sessions[conn.id] = conn
         self._count()
