@@ -64,3 +64,14 @@ def test_bad_config_names_the_key(tmp_path, text, fragment):
 def test_missing_file_says_so(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_the_thread_budget_leaves_the_voice_its_threads():
+    import os
+
+    cfg = load_config()
+    cores = os.cpu_count() or 1
+    assert cfg.engine_threads(speaking=False) == cores
+    assert cfg.engine_threads(speaking=True) == max(1, cores - cfg.voice.threads)
+    assert cfg.replace(**{"engine.threads": 3}).engine_threads(speaking=True) == 3
+    assert cfg.replace(**{"voice.threads": 64}).engine_threads(speaking=True) == 1  # never below one
