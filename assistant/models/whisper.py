@@ -184,12 +184,12 @@ class WhisperTranscriber:
 
     Every clip is cut to its speech plus a fixed margin (`assistant.audio.trim`) and encoded in the full 30 s window
     the model was trained on. Both are needed for the words not to depend on the silence around them (measured by
-    bench/asr_peers.py, README "Speech recognition"): encoding only the clip (plus 2 s) put the encoder and the
-    decoder's cross-attention on 5-15 % of the positions they were trained with; their attention, spread over the
-    whole window in training, then lands on the speech alone, the features drift (cosine 0.86 to the full-window
-    ones, some frames anti-correlated) and the words and the detected language change with where the speech sits
-    in that short window; Whisper in the full window is steadier but still not shift-invariant (faster-whisper
-    changes words with leading silence too), hence the trim.
+    bench/asr_peers.py, README "Speech recognition"). Encoding only the clip plus 2 s gave the encoder and the
+    decoder's cross-attention 13-27 % of the positions they were trained with (a 2-6 s question): attention that
+    training spread over the whole window then lands on the speech alone, the features drift (cosine 0.86-0.90 to
+    the full-window ones, some frames anti-correlated) and the words, even the detected language, change with where
+    the speech sits in that short window. In the full window Whisper is steadier but still not shift-invariant
+    (faster-whisper changes words with leading silence too), hence the trim.
     """
 
     NO_SPEECH_PROB, SILENT_AVG_LOGPROB = 0.6, -1.0  # openai/whisper's defaults for "this segment is silence"
