@@ -63,7 +63,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EmbeddedConfig:
-    whisper: Literal["base", "small"] = "base"
+    whisper: Literal["base", "tiny.en", "small"] = "base"
     cache_dir: str = ""
     system_prompt: str = (
         "You are a helpful voice assistant. Answer in one or two short sentences, "

@@ -53,12 +53,17 @@ def synthesize(text: str, wav_path: Path, voice: str = "en", wpm: int = 150) -> 
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
     raw.unlink()
     audio = soxr.resample(pcm.astype(np.float32) / 32768.0, rate, 16000).astype(np.float32)
-    with wave.open(str(wav_path), "wb") as w:
+    write_wav(wav_path, audio)
+    return audio
+
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    """16 kHz mono float32 -> 16-bit PCM WAV (truncated to the int16 grid, as `synthesize` always did)."""
+    with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(16000)
         w.writeframes((np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype(np.int16).tobytes())
-    return audio
 
 
 def correct(answer: str, keywords: tuple[str, ...]) -> bool:

@@ -17,14 +17,11 @@ from assistant.backends.base import Exchange, PreparedTurn, Prompt, Steps, Utter
 from assistant.models.device import resolve_dtype
 from assistant.models.qwen2_lm import Qwen2LM
 from assistant.models.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
-from assistant.models.whisper import Whisper, WhisperTranscriber
+from assistant.models.whisper import WhisperTranscriber
 
 log = logging.getLogger("assistant.embedded")
 
 DEFAULT_WINDOW_TOKENS = 2048  # history budget: a 0.5B model answers best with a short, recent context
-# Whisper runs on the clip plus this much padding; unreliable results are redone on the full 30 s window (see
-# WhisperTranscriber.transcribe_steps). Measured on the espeak question set: same transcripts, a fraction of the cost.
-WHISPER_PAD_S = 2.0
 
 
 def qwen2_tokenizer(llm_dir: Path) -> QwenTokenizer:
@@ -36,8 +33,7 @@ def qwen2_tokenizer(llm_dir: Path) -> QwenTokenizer:
 
 def load_transcriber(whisper_dir: Path, device) -> WhisperTranscriber:
     """Whisper from the weights cache, in the dtype the device runs best (also the `openai` backend's recogniser)."""
-    whisper = Whisper.load(whisper_dir, resolve_dtype("auto", device, "whisper"), str(device))
-    return WhisperTranscriber(whisper, whisper_dir / "tokenizer.json", whisper_dir / "config.json", pad_s=WHISPER_PAD_S)
+    return WhisperTranscriber.load(whisper_dir, resolve_dtype("auto", device, "whisper"), str(device))
 
 
 def transcribed_turns(transcriber: WhisperTranscriber | None, utterances: list[Utterance], backend: str) -> Steps:
@@ -81,8 +77,9 @@ class EmbeddedBackend:
         self.lm, self.tokenizer, self.transcriber = lm, tokenizer, transcriber
         self.default_system_prompt = system_prompt
         self.max_window_tokens = max_window_tokens
-        # Utterances per prepare call (the engine's chunk). On CPU, Whisper's batched short pass cost about the same
-        # per utterance at 1, 4 or 8 utterances (2 shared cores), so one per call keeps every step short.
+        # Utterances per prepare call (the engine's chunk). On CPU the 30 s window's encoder is most of the work and
+        # costs the same per utterance in a batch (one window per step), while a batch answers every utterance only
+        # after all are encoded: one per call gives each turn its transcript soonest. A GPU batches them.
         self.prepare_batch = 1 if lm.device.type == "cpu" else 8
 
     @classmethod

@@ -5,7 +5,7 @@ Loop, one iteration per decode step:
    (`turns.TurnQueue`), responses wait for admission, cancellations and closes apply at once (a cancelled response
    ends before the next step: "within one decode step"), resets and `call`s keep their order with queued turns;
 2. one bounded step of audio work (`TurnQueue.step`): a chunk of at most `prepare_batch` turns, in the backend's
-   steps (Whisper's short pass, then each full-window redo), speculative ones included (kept aside in
+   steps (Whisper: one 30 s window encoded per step, then the chunk decoded), speculative ones included (kept aside in
    `Conversation.speculative`); a confirmed speculation skips the backend. A burst of turns is prepared over many
    iterations, so cancellations and running answers never wait for more than one step of it;
 3. admit waiting responses while fewer than `max_active` decode (all at once when idle, one per step while others
