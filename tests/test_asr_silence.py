@@ -89,3 +89,16 @@ def test_language_detection_still_names_other_languages(base_transcriber, tmp_pa
     [english] = run_steps(base_transcriber.transcribe_steps([clips(1, (("en-us", 150),))[0].with_silence(0.3)]))
     [german] = run_steps(base_transcriber.transcribe_steps([audio]))
     assert english.language == "en" and german.language == "de", (english, german)
+
+
+def test_an_unsure_language_is_decided_by_the_likeliest_transcript(base_transcriber, tmp_path):
+    """espeak-ng's "How many days are in a week?" (en, 150 wpm): Whisper base's language tokens put Thai first and
+    English third, under `LANGUAGE_SURE_P`; transcribed in each candidate, the English reading is the likeliest
+    sequence, so the turn is English (and a clip heard surely keeps its single decode)."""
+    from bench.spoken_set import synthesize
+
+    audio = synthesize("How many days are in a week?", tmp_path / "days.wav")
+    tr = base_transcriber
+    [heard] = run_steps(tr.transcribe_steps([audio]))
+    assert heard.language == "en" and heard.language_prob < tr.LANGUAGE_SURE_P, heard
+    assert "week" in heard.text.lower(), heard

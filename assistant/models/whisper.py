@@ -12,6 +12,7 @@ shorter windows did to the words). Weights: transformers' Whisper names, as writ
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,9 @@ class WhisperTranscriber:
     """
 
     NO_SPEECH_PROB, SILENT_AVG_LOGPROB = 0.6, -1.0  # openai/whisper's defaults for "this segment is silence"
+    # Below this language probability (faster-whisper's language_detection_threshold, 0.5) the likeliest transcript
+    # among the top candidates decides (decode_features).
+    LANGUAGE_SURE_P, LANGUAGE_CANDIDATES = 0.5, 3
 
     def __init__(self, model: Whisper, tokenizer_json: Path, config_json: Path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -263,24 +267,61 @@ class WhisperTranscriber:
         self, feats: torch.Tensor, speech: list[np.ndarray], max_tokens: int | None = None
     ) -> list[Transcript]:
         """feats [B, T, D] (the encoder output; T = 1500 for the 30 s window) of the clips `speech` (their length
-        caps the tokens) -> greedy transcripts. Public for bench/asr_peers.py, which also decodes shorter windows."""
+        caps the tokens) -> greedy transcripts. Public for bench/asr_peers.py, which also decodes shorter windows.
+
+        Language: Whisper's distribution over language tokens right after `<|startoftranscript|>`. When its top
+        language is below `LANGUAGE_SURE_P`, the clip is transcribed in each of its `LANGUAGE_CANDIDATES` likeliest
+        languages and the likeliest (language, transcript) pair wins: log p(language) plus the transcript's summed
+        token log-probabilities, the model's own probability of the whole decoded sequence. On an espeak-ng English
+        question Whisper base's first guess was Thai (0.42, English 0.10): its Thai transcript, nonsense, scored
+        -17.9 and the English one -9.6 (the mean per token, -0.90 against -0.91, could not tell them apart).
+        """
         m, b = self.model, feats.shape[0]
         cross = m.cross_kv(feats)
-        # Language: the distribution over language tokens right after <|startoftranscript|>.
         logits, _ = m.decode(torch.full((b, 1), self.sot), cross, None)
         no_speech_p = logits[:, 0].softmax(-1)[:, self.no_speech]  # Whisper's voice-activity signal
         lang_probs = logits[:, 0, self.lang_ids].softmax(-1)
-        lang_p, lang_j = lang_probs.max(-1)
-        langs = [self.lang_ids[int(j)] for j in lang_j]
+        rows: list[tuple[int, int, float]] = []  # (clip, language token, its probability) per decoded row
+        for i in range(b):
+            top = lang_probs[i].topk(min(self.LANGUAGE_CANDIDATES, len(self.lang_ids)))
+            n = 1 if float(top.values[0]) >= self.LANGUAGE_SURE_P else len(top.values)
+            rows += [(i, self.lang_ids[int(j)], float(p)) for p, j in zip(top.values[:n], top.indices[:n], strict=True)]
         if self.multilingual:
-            prompt = torch.tensor([[self.sot, lang, self.transcribe, self.no_timestamps] for lang in langs])
+            prompt = torch.tensor([[self.sot, lang, self.transcribe, self.no_timestamps] for _, lang, _ in rows])
         else:
-            prompt = torch.tensor([[self.sot, self.no_timestamps]] * b)
-        logits, kv = m.decode(prompt, cross, None)
+            prompt = torch.tensor([[self.sot, self.no_timestamps]] * len(rows))
+        row_cross = [(k[[i for i, _, _ in rows]], v[[i for i, _, _ in rows]]) for k, v in cross]
         # A cap on tokens per second of speech stops a runaway loop that the repetition check would miss.
-        limits = [min(m.dims.max_target_positions - 8, 16 + int(6 * len(a) / MODEL_RATE_HZ)) for a in speech]
+        limits = [
+            min(m.dims.max_target_positions - 8, 16 + int(6 * len(speech[i]) / MODEL_RATE_HZ)) for i, _, _ in rows
+        ]
         if max_tokens is not None:
             limits = [min(x, max_tokens) for x in limits]
+        out, logprob, looped = self._greedy(prompt, row_cross, limits)
+        score = [math.log(max(p, 1e-30)) + logprob[r] for r, (_, _, p) in enumerate(rows)]
+        best: dict[int, int] = {}  # clip -> its likeliest row
+        for r, (i, _, _) in enumerate(rows):
+            if i not in best or score[r] > score[best[i]]:
+                best[i] = r
+        results = []
+        for i in range(b):
+            r = best[i]
+            avg_lp = logprob[r] / max(1, len(out[r]))
+            # Whisper's rule: likely no speech and an unsure transcript -> nothing was said (no hallucinated text).
+            silent = float(no_speech_p[i]) > self.NO_SPEECH_PROB and avg_lp < self.SILENT_AVG_LOGPROB
+            text = "" if silent else self.tok.decode(out[r], skip_special_tokens=True).strip()
+            ids = [] if silent else out[r]
+            lang, lang_p = rows[r][1], rows[r][2]
+            results.append(Transcript(text, self.lang_names[lang], ids, avg_lp, lang_p, looped[r], silent))
+        return results
+
+    def _greedy(
+        self, prompt: torch.Tensor, cross: list[tuple[torch.Tensor, torch.Tensor]], limits: list[int]
+    ) -> tuple[list[list[int]], list[float], list[bool]]:
+        """Greedy decoding of every prompt row to `<|endoftext|>` or its token limit, a repetition loop cut:
+        (tokens, summed log-probability, looped) per row."""
+        b = prompt.shape[0]
+        logits, kv = self.model.decode(prompt, cross, None)
         out: list[list[int]] = [[] for _ in range(b)]
         logprob = [0.0] * b
         looped = [False] * b
@@ -305,17 +346,8 @@ class WhisperTranscriber:
                     looped[i] = done[i] = True
             if all(done):
                 break
-            logits, kv = m.decode(nxt[:, None], cross, kv)
-        results = []
-        for i in range(b):
-            avg_lp = logprob[i] / max(1, len(out[i]))
-            # Whisper's rule: likely no speech and an unsure transcript -> nothing was said (no hallucinated text).
-            silent = float(no_speech_p[i]) > self.NO_SPEECH_PROB and avg_lp < self.SILENT_AVG_LOGPROB
-            text = "" if silent else self.tok.decode(out[i], skip_special_tokens=True).strip()
-            lang = self.lang_names[langs[i]]
-            ids = [] if silent else out[i]
-            results.append(Transcript(text, lang, ids, avg_lp, float(lang_p[i]), looped[i], silent))
-        return results
+            logits, kv = self.model.decode(nxt[:, None], cross, kv)
+        return out, logprob, looped
 
 
 def _repeat_start(ids: list[int], min_block: int = 4) -> int | None:
