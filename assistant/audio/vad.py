@@ -69,9 +69,12 @@ class TurnDetection(VadParams):
     """Turn detection: the segmenter's knobs plus what happens at a turn's edges. A session's `turn_detection` and
     the config's `[vad]` section. OpenAI's keys (threshold, prefix_padding_ms, silence_duration_ms, create_response,
     interrupt_response) + the segmenter's (aggressiveness, min_speech_ms, max_utterance_ms, frame_ms,
-    early_prepare_ms). `type` is what the client asked for; both kinds run the same VAD here."""
+    early_prepare_ms) + semantic VAD's `eagerness`. `server_vad` ends a turn after `silence_duration_ms` of silence;
+    `semantic_vad` runs the same segmenter but decides how much silence ends the turn from the words heard so far
+    and `eagerness` (`assistant.realtime.semantic_vad`)."""
 
     type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"  # semantic_vad: how soon a turn may end
     threshold: float = field(default=0.5, metadata=bounds(0.0, 1.0))  # echoed; this VAD's knob is aggressiveness
     create_response: bool = True
     interrupt_response: bool = True

@@ -147,6 +147,8 @@ class Session:
         self.last_input_s = now_s
         self._out.append(C.OpenConversation(self.settings.instructions or None))
         self._emit("session.created", session=self.events.session(self.settings, self.id))
+        if self.events.dialect == "beta":
+            self._out.append(self.events.conversation_created(new_id("conv")))
         return self._take()
 
     def stop_accepting(self) -> None:
@@ -450,6 +452,7 @@ class Session:
         details = {"type": "failed", "error": {"type": P.ERROR_CODES[code][0], "code": code, "message": message}}
         self._emit("response.created", response=self.events.response(rid, "in_progress", []))
         self._emit("response.done", response=self.events.response(rid, "failed", [], details))
+        self._out.append(self.events.rate_limits(self.limits.max_jobs, len(self._jobs)))
 
     # ---- engine output -----------------------------------------------------------------------------------------
     def engine_output(self, out: C.EngineOutput, now_s: float) -> list[Output]:
@@ -554,6 +557,7 @@ class Session:
             transcript, extra = speech.transcript(), speech.timings_ms()
             self._out.extend(self.events.response_end(r.response_id, r.item_id, done, speech.out, transcript, extra))
         self._out.extend(after)
+        self._out.append(self.events.rate_limits(self.limits.max_jobs, len(self._jobs)))
         self._audio.answer_finished()  # behind a wake word: the follow-up window opens
         self._items.finish(r.item_id, done, speech)
         self._response = None
