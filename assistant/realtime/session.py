@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
+from assistant.audio.semantic_vad import end_silence_ms
 from assistant.audio.vad import SpeechStarted, SpeechStopped, TentativeEnd, TentativeVoid
 from assistant.audio.wake_word import WakeWordSettings
 from assistant.backends.base import Utterance
@@ -126,6 +127,7 @@ class Session:
         self._committed_at_s: float | None = None  # when the turn now being answered ended (latency)
         td = settings.turn_detection
         self._audio = AudioIn(settings.input_rate_hz, td, self.limits.max_buffer_ms, settings.wake_word)
+        self._audio.set_noise_reduction(settings.noise_reduction)
         self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to Speculate
         self._item_id = new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
@@ -253,6 +255,7 @@ class Session:
         if new.turn_detection != old.turn_detection or new.wake_word != old.wake_word:
             self._discard_speculation()  # an open turn under the old settings is dropped
             self._audio.reconfigure(new.turn_detection, new.wake_word)
+        self._audio.set_noise_reduction(new.noise_reduction)
         if new.instructions != old.instructions:
             self._out.append(C.SetInstructions(new.instructions or None))
         self._emit("session.updated", session=self.events.session(new, self.id))
@@ -337,7 +340,10 @@ class Session:
     def _speculate(self, audio: np.ndarray) -> None:
         """Start the open turn's audio work now (the silence may still be broken by speech)."""
         self._discard_speculation()
-        self._out.append(C.Speculate(Utterance(key=self._item_id, audio=audio.astype(np.float32) / 32768.0)))
+        td = self.settings.turn_detection
+        semantic = td is not None and td.type == "semantic_vad"  # its words decide when the turn ends: `_heard`
+        utt = Utterance(key=self._item_id, audio=audio.astype(np.float32) / 32768.0)
+        self._out.append(C.Speculate(utt, heard=semantic))
         self._spec = (self._item_id, audio.copy())
 
     def _discard_speculation(self) -> None:
@@ -459,6 +465,8 @@ class Session:
         self._now_s = now_s
         if isinstance(out, C.TurnPrepared | C.TurnFailed):
             self._turn_done(out)
+        elif isinstance(out, C.TurnHeard):
+            self._heard(out)
         elif isinstance(out, C.ResponseDelta):
             r = self._response
             if r is not None and out.response_id == r.response_id and out.text:
@@ -485,6 +493,13 @@ class Session:
                 if r.engine_done is not None and r.speech.complete:
                     self._response_done()
         return self._take()
+
+    def _heard(self, out: C.TurnHeard) -> None:
+        """Semantic VAD: the words of the open turn's tentative audio set how much silence ends it."""
+        td = self.settings.turn_detection
+        if td is None or td.type != "semantic_vad" or self._spec is None or self._spec[0] != out.key:
+            return  # speech resumed (a new silence will be judged) or the settings changed meanwhile
+        self._on_vad_events(self._audio.end_turn_after(end_silence_ms(out.transcript, td.eagerness)))
 
     def _turn_done(self, out: C.TurnPrepared | C.TurnFailed) -> None:
         job = self._current
