@@ -352,3 +352,20 @@ async def test_a_speculation_reports_its_words_and_always_resolves(server_tiny_b
         await asyncio.wait_for(asyncio.wrap_future(gone), TIMEOUT_S)
     finally:
         await engine.stop()
+
+
+@pytest.mark.slow  # the real Whisper base weights
+def test_noise_reduction_helps_the_recogniser_on_noisy_speech(tmp_path):
+    """One espeak-ng question in white noise at 5 dB SNR, as bench/noise_reduction.py makes it: the recogniser
+    makes fewer word errors on the near_field-suppressed audio than on the raw audio, and no more on the far_field one
+    (bench/noise_reduction.py has the full grid of noises, levels and voices)."""
+    from bench.asr_set import word_errors
+    from bench.noise_reduction import denoised, noisy, transcriber
+    from bench.spoken_set import synthesize
+
+    text = "What is the capital of France?"
+    speech = synthesize(text, tmp_path / "q.wav")
+    pcm = noisy(np.asarray(speech, np.float32), "white", 5.0, np.random.default_rng(1))
+    run = transcriber()
+    raw, near, far = (word_errors(text, run(denoised(pcm, mode))) for mode in ("none", "near_field", "far_field"))
+    assert near < raw and far <= raw, (raw, near, far)

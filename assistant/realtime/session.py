@@ -20,6 +20,8 @@ What the core owns:
   fast audio arrives) or push-to-talk (`turn_detection: null`: `commit` ends the turn, `response.create` answers;
   the buffer keeps the newest `max_buffer_ms`). With a wake word (`wake.py`), server VAD only hears audio from the
   wake word on, or within `follow_up_ms` after an answer; the wake word barges in like speech does.
+- Semantic VAD (`turn_detection.type: "semantic_vad"`): the turn's speculation asks for its words (`Speculate(heard)`)
+  and the engine's `TurnHeard` sets the silence that ends the turn (`assistant.audio.semantic_vad`).
 - Model-facing work runs one job at a time, in order, from a bounded queue (`max_jobs`; overflow -> `server_busy`):
   a committed turn is prepared (`AddTurn`), its transcript reported, then answered if turn detection says so; a
   `response.create` queues an answer. Handlers never wait, so barge-in and `response.cancel` act at once.
