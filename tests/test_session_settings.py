@@ -120,7 +120,6 @@ def test_an_unknown_key_gets_an_error_naming_it_and_changes_nothing(payload, par
         ({"type": "transcription"}, "session.type"),
         ({"audio": {"input": {"transcription": {"model": "whisper-1", "language": "de"}}}}, None),
         ({"audio": {"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000}}}}, None),
-        ({"tools": [{"type": "mcp", "server_label": "x"}]}, "session.tools[0].type"),
     ],
 )
 def test_a_setting_we_cannot_honour_is_refused_with_the_reason(payload, param):
@@ -146,17 +145,15 @@ def test_the_agents_sdk_session_is_accepted_whole_and_echoed():
     assert inp["transcription"] == {"model": "gpt-4o-mini-transcribe"} and inp["noise_reduction"] is None
     assert inp["turn_detection"]["type"] == "semantic_vad" and inp["turn_detection"]["eagerness"] == "auto"
     assert got["audio"]["output"] == {"format": {"type": "audio/pcm", "rate": 24000}, "voice": "joe", "speed": 1.0}
-    assert got["output_modalities"] == ["audio"] and got["tools"] == [] and got["tool_choice"] == "auto"
+    assert got["output_modalities"] == ["audio"]
     later = update(s, sim, {"type": "realtime", "tracing": "auto"})["session"]
     assert later["tracing"] == "auto" and later["audio"]["input"]["transcription"]["model"] == "gpt-4o-mini-transcribe"
 
 
 def test_ga_settings_are_echoed_as_given():
     s, sim, _ = session()
-    tool = {"type": "function", "name": "get_weather", "description": "Weather", "parameters": {"type": "object"}}
     payload = {
-        "tools": [tool],
-        "tool_choice": {"type": "function", "name": "get_weather"},
+        "parallel_tool_calls": False,
         "tracing": {"workflow_name": "voice"},
         "audio": {
             "input": {
@@ -168,14 +165,13 @@ def test_ga_settings_are_echoed_as_given():
         },
     }
     got = update(s, sim, payload)["session"]
-    assert got["tools"] == [tool] and got["tool_choice"] == {"type": "function", "name": "get_weather"}
-    assert got["tracing"] == {"workflow_name": "voice"}
+    assert got["parallel_tool_calls"] is False and got["tracing"] == {"workflow_name": "voice"}
     inp = got["audio"]["input"]
     assert inp["noise_reduction"] == {"type": "far_field"} and inp["transcription"] == {"model": "whisper-1"}
     assert inp["turn_detection"]["eagerness"] == "high" and inp["turn_detection"]["create_response"] is False
     assert got["audio"]["output"] == {"format": {"type": "audio/pcmu"}, "voice": "marin", "speed": 1.25}
-    off = update(s, sim, {"audio": {"input": {"noise_reduction": None, "transcription": None}}, "tools": []})
-    assert off["session"]["audio"]["input"]["noise_reduction"] is None and off["session"]["tools"] == []
+    off = update(s, sim, {"audio": {"input": {"noise_reduction": None, "transcription": None}}, "tracing": None})
+    assert off["session"]["audio"]["input"]["noise_reduction"] is None and "tracing" not in off["session"]
     assert off["session"]["audio"]["input"]["transcription"] is None
 
 
@@ -185,8 +181,6 @@ def test_beta_settings_are_echoed_as_given():
         "input_audio_transcription": {"model": "gpt-4o-transcribe"},
         "input_audio_noise_reduction": {"type": "near_field"},
         "turn_detection": {"type": "semantic_vad", "eagerness": "low"},
-        "tools": [{"type": "function", "name": "lights", "parameters": {"type": "object"}}],
-        "tool_choice": "required",
         "tracing": "auto",
         "speed": 0.8,
         "voice": "alloy",
@@ -194,8 +188,7 @@ def test_beta_settings_are_echoed_as_given():
     got = update(s, sim, payload, "beta")["session"]
     assert got["input_audio_transcription"] == {"model": "gpt-4o-transcribe"}
     assert got["input_audio_noise_reduction"] == {"type": "near_field"}
-    assert got["turn_detection"]["eagerness"] == "low" and got["tool_choice"] == "required"
-    assert got["tools"][0]["name"] == "lights" and got["tracing"] == "auto"
+    assert got["turn_detection"]["eagerness"] == "low" and got["tracing"] == "auto"
     assert got["speed"] == 0.8 and got["voice"] == "alloy"
 
 

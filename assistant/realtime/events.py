@@ -69,9 +69,7 @@ class EventFactory:
         tr = None if st.transcription is None else {"model": st.transcription.model}
         nr = None if st.noise_reduction is None else {"type": st.noise_reduction}
         given = st.as_given
-        tools: dict[str, Any] = {"tools": list(given.tools), "tool_choice": given.tool_choice}
-        if given.tracing is not None:
-            tools["tracing"] = given.tracing
+        tracing = {} if given.tracing is None else {"tracing": given.tracing}
         max_tokens: int | str = "inf" if st.max_output_tokens is None else st.max_output_tokens
         wake = None if st.wake_word is None else dataclasses.asdict(st.wake_word)  # extension: null = off
         ao = st.audio_out
@@ -85,7 +83,7 @@ class EventFactory:
                 "turn_detection": td,
                 "input_audio_transcription": tr,
                 "input_audio_noise_reduction": nr,
-                **tools,
+                **tracing,
                 "max_response_output_tokens": max_tokens,
                 "input_sample_rate": st.input_rate_hz,
                 "wake_word": wake,
@@ -112,7 +110,7 @@ class EventFactory:
             "max_output_tokens": max_tokens,
             "audio": audio,
             "input_sample_rate": st.input_rate_hz,
-            **tools,
+            **tracing,
             "truncation": given.truncation,
         }
         if given.parallel_tool_calls is not None:

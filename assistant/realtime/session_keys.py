@@ -1,5 +1,6 @@
 """Which `session.update` keys exist and what this server does with each: the unknown-key check, the refusals, and
-the settings kept as the client gave them (transcription, noise reduction, tools, tool choice, tracing, truncation).
+the settings kept as the client gave them (transcription, noise reduction, parallel tool calls, tracing, truncation).
+`tools` and `tool_choice` are the tool calling's (`assistant/realtime/tools.py`): only their keys are listed here.
 
 OpenAI answers a key its schema lacks with `unknown_parameter` ("Unknown parameter: 'session.foo'.") and changes
 nothing; so do we. The tables below are OpenAI's keys (the `openai` 3.57 SDK's GA `RealtimeSessionCreateRequest`
@@ -90,11 +91,9 @@ NoiseReduction = Literal["near_field", "far_field"]
 
 @dataclass(frozen=True)
 class AsGiven:
-    """Settings kept as the client sent them and echoed: the tools and tool choice (used by the tool calling),
-    tracing (OpenAI's dashboard traces: nothing to trace to here, so it only echoes) and truncation."""
+    """Settings kept as the client sent them and echoed: `parallel_tool_calls` (for the tool calling), `tracing`
+    (OpenAI's dashboard traces: nothing to trace to here, so it only echoes) and `truncation` (only "auto")."""
 
-    tools: tuple[dict[str, Any], ...] = ()
-    tool_choice: str | dict[str, Any] = "auto"
     parallel_tool_calls: bool | None = None
     tracing: str | dict[str, Any] | None = None
     truncation: str = "auto"
@@ -138,13 +137,9 @@ def parse_noise_reduction(value: Any, param: str, eid: str | None) -> NoiseReduc
     return kind  # type: ignore[no-any-return]
 
 
-def parse_as_given(s: dict[str, Any], cur: AsGiven, eid: str | None) -> dict[str, Any]:
-    """Changes to `AsGiven` from a `session` payload (shape checks only; the tool calling reads them)."""
+def parse_as_given(s: dict[str, Any], eid: str | None) -> dict[str, Any]:
+    """Changes to `AsGiven` from a `session` payload (shape checks only)."""
     ch: dict[str, Any] = {}
-    if "tools" in s:
-        ch["tools"] = _tools(s["tools"], eid)
-    if "tool_choice" in s:
-        ch["tool_choice"] = _tool_choice(s["tool_choice"], eid)
     if "parallel_tool_calls" in s:
         value = s["parallel_tool_calls"]
         if value is not None and not isinstance(value, bool):
@@ -160,35 +155,6 @@ def parse_as_given(s: dict[str, Any], cur: AsGiven, eid: str | None) -> dict[str
             raise unsupported("session.truncation", value, why, eid)
         ch["truncation"] = value
     return ch
-
-
-def _tools(value: Any, eid: str | None) -> tuple[dict[str, Any], ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        msg = f"session.tools must be a list of {{type: 'function', name, description, parameters}}, got {shown(value)}"
-        raise ProtocolError("invalid_event", msg, "session.tools", eid)
-    for i, tool in enumerate(value):
-        param = f"session.tools[{i}]"
-        if not isinstance(tool, dict):
-            raise ProtocolError("invalid_event", f"{param} must be an object, got {shown(tool)}", param, eid)
-        if tool.get("type", "function") != "function":
-            raise unsupported(f"{param}.type", tool.get("type"), "only 'function' tools are called here", eid)
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            msg = f"{param}.name must be a function name, got {shown(tool.get('name'))}"
-            raise ProtocolError("invalid_event", msg, f"{param}.name", eid)
-    return tuple(dict(t) for t in value)
-
-
-def _tool_choice(value: Any, eid: str | None) -> str | dict[str, Any]:
-    if value is None:
-        return "auto"
-    if value in ("auto", "none", "required"):
-        return value  # type: ignore[no-any-return]
-    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str):
-        return dict(value)
-    msg = f"session.tool_choice must be 'auto', 'none', 'required' or {{type: 'function', name}}, got {shown(value)}"
-    raise ProtocolError("invalid_event", msg, "session.tool_choice", eid)
 
 
 def _tracing(value: Any, eid: str | None) -> str | dict[str, Any] | None:

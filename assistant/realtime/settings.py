@@ -74,7 +74,7 @@ class SessionSettings:
     temperature: float | None = field(default=None, metadata=bounds(0.0, 2.0))
     transcription: Transcription | None = None  # asked-for input transcription (sent whenever the backend has one)
     noise_reduction: NoiseReduction | None = None  # WebRTC noise suppression before the VAD (`audio.denoise`)
-    as_given: AsGiven = field(default_factory=AsGiven)  # tools, tool_choice, tracing, truncation: echoed as sent
+    as_given: AsGiven = field(default_factory=AsGiven)  # parallel_tool_calls, tracing, truncation: echoed as sent
     wake_word: WakeWordSettings | None = None  # None = every turn is heard; else only after the wake word
     output_audio: bool = False  # answers are spoken (audio + transcript) instead of text
     audio_out: AudioOutput = field(default_factory=AudioOutput)
@@ -170,7 +170,7 @@ def apply_session_update(
         why = "it serves realtime sessions only (connect a transcription client as a realtime one)"
         raise K.unsupported("session.type", s["type"], why, eid)
     ch: dict[str, Any] = {}
-    as_given = K.parse_as_given(s, cur.as_given, eid)
+    as_given = K.parse_as_given(s, eid)
     if as_given:
         ch["as_given"] = dataclasses.replace(cur.as_given, **as_given)
     if isinstance(s.get("model"), str):
