@@ -85,6 +85,8 @@ async def test_wake_word_then_question_answered_without_it_ignored_follow_up_win
         answer = done["response"]["output"][0]["content"][0]["text"]
         assert done["response"]["status"] == "completed" and "paris" in answer.lower(), answer
 
+        await recv_until(ws, "rate_limits.updated")  # follows every response.done
+
         # A follow-up inside the window needs no wake word.
         await send_audio(ws, np.concatenate([silence(500), speak("What is the capital of Germany?"), silence(1500)]))
         log = []
