@@ -9,6 +9,8 @@ effective session; its fields carry their ranges the same way. So the TOML valid
 GA `session.audio.input.wake_word`, beta `session.wake_word`) and the config's `[wake_word]` section.
 `apply_session_update(settings, payload, default_td, default_wake)` returns the new frozen settings and non-fatal
 warnings; a fatal problem raises `ProtocolError` and changes nothing. `events.EventFactory.session` renders it.
+Which keys exist (OpenAI's GA and beta, ours), the `unknown_parameter` / `unsupported_parameter` refusals and the
+settings kept as given (transcription model, noise reduction, tracing, ...) are `session_keys.py`'s.
 
 Spoken answers: `SessionSettings.output_audio` is the output modality (GA `output_modalities: ["audio"]`, beta
 `modalities: ["audio", "text"]`); `AudioOutput` is how answers are spoken (voice, speed, format, rate) and which
