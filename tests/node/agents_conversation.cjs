@@ -9,6 +9,7 @@
 // answer is done, and for as long as the answer's audio plays (a listener asks the next question after hearing it,
 // so the SDK's playback clock does not cut the answer short). Prints one JSON line per answer, then one with every server event type, every `error` event and
 // every client event type the SDK sent (tests/test_agents_sdk.py). Tools: put `tool()` definitions in TOOLS.
+// AGENTS_DEBUG=1 prints every event sent and received (deltas excepted) on stderr.
 const fs = require("node:fs");
 const { RealtimeAgent, RealtimeSession, OpenAIRealtimeWebSocket } = require("@openai/agents-realtime");
 
