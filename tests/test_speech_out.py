@@ -34,6 +34,16 @@ def spoken_session(dialect: str = "ga", **audio) -> Session:
     return Session("sess_s", st_, dialect)  # type: ignore[arg-type]
 
 
+def run(sim: EngineSim, outputs: list) -> list[dict]:
+    """The events of `outputs`, without the `rate_limits.updated` that follows each `response.done` (checked here:
+    these tests are about the answer's own events)."""
+    events = sim.run(outputs)
+    for i, e in enumerate(events):
+        if e["type"] == "rate_limits.updated":
+            assert i > 0 and events[i - 1]["type"] == "response.done", types(events)
+    return [e for e in events if e["type"] != "rate_limits.updated"]
+
+
 def validated(events: list[dict], dialect: str) -> list[dict]:
     for e in events:
         ADAPTERS[dialect].validate_python(e, strict=True)
@@ -42,10 +52,10 @@ def validated(events: list[dict], dialect: str) -> list[dict]:
 
 def ask(s: Session, sim: EngineSim, text: str = "hi") -> str:
     """A typed turn and response.create; the turn is prepared. Returns the response id."""
-    sim.run(s.receive_event({"type": "conversation.item.create", "item": _user(text)}, 0.1))
-    sim.run(s.receive_event({"type": "response.create"}, 0.1))
+    run(sim, s.receive_event({"type": "conversation.item.create", "item": _user(text)}, 0.1))
+    run(sim, s.receive_event({"type": "response.create"}, 0.1))
     key = sim.turns.pop(0)
-    sim.run(s.engine_output(C.TurnPrepared(key, TurnInfo(key, None, None, 0.0)), 0.2))
+    run(sim, s.engine_output(C.TurnPrepared(key, TurnInfo(key, None, None, 0.0)), 0.2))
     [start] = [c for c in sim.commands if isinstance(c, C.StartResponse)][-1:]
     sim.responses.pop(start.response_id)  # the test streams the answer itself
     return start.response_id
@@ -58,12 +68,12 @@ def _user(text: str) -> dict:
 def stream(s: Session, sim: EngineSim, rid: str, *deltas: str) -> list[dict]:
     events: list[dict] = []
     for d in deltas:
-        events += sim.run(s.engine_output(C.ResponseDelta(rid, d), 0.3))
+        events += run(sim, s.engine_output(C.ResponseDelta(rid, d), 0.3))
     return events
 
 
 def finish(s: Session, sim: EngineSim, rid: str, text: str, status: str = "completed", reason=None) -> list[dict]:
-    return sim.run(s.engine_output(C.ResponseFinished(done(rid, status, reason, text)), 0.4))
+    return run(sim, s.engine_output(C.ResponseFinished(done(rid, status, reason, text)), 0.4))
 
 
 def deliver(s: Session, sim: EngineSim, order: list[int] | None = None) -> list[dict]:
@@ -72,7 +82,7 @@ def deliver(s: Session, sim: EngineSim, order: list[int] | None = None) -> list[
     sim.clauses.clear()
     events: list[dict] = []
     for i in order if order is not None else sorted(waiting):
-        events += sim.run(s.engine_output(waiting[i], 0.5))
+        events += run(sim, s.engine_output(waiting[i], 0.5))
     return events
 
 
@@ -82,7 +92,7 @@ ANSWER = ("The capital of France is Paris.", " It is on the Seine.", " Many peop
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 def test_clauses_are_spoken_in_order_and_the_response_ends_after_the_last_audio(dialect):
     s, sim = spoken_session(dialect), EngineSim()
-    events = sim.run(s.start(0.0))
+    events = run(sim, s.start(0.0))
     rid = ask(s, sim)
     events += stream(s, sim, rid, *ANSWER)
     speaks = [c for c in sim.commands if isinstance(c, C.Speak)]
@@ -114,35 +124,35 @@ def test_clauses_are_spoken_in_order_and_the_response_ends_after_the_last_audio(
 
 def test_cancel_after_the_text_is_done_stops_the_audio_at_once_and_cuts_the_history():
     s, sim = spoken_session(), EngineSim()
-    sim.run(s.start(0.0))
+    run(sim, s.start(0.0))
     rid = ask(s, sim)
     stream(s, sim, rid, *ANSWER)
     finish(s, sim, rid, "".join(ANSWER))
     events = deliver(s, sim, order=[0])  # the first clause is out; two more are in the pool
-    events += sim.run(s.receive_event({"type": "response.cancel"}, 0.6))
+    events += run(sim, s.receive_event({"type": "response.cancel"}, 0.6))
     t = types(events)
     assert t[-1] == "response.done" and events[-1]["response"]["status"] == "cancelled"
     assert events[-1]["response"]["status_details"]["reason"] == "client_cancelled"
     assert C.CancelSpeech(rid) in sim.commands
     # the engine decoded all three clauses; the listener got only the first: that is what the history keeps
     assert C.TruncateReply(rid, ANSWER[0]) in sim.commands
-    late = sim.run(s.engine_output(C.ClauseSpoken(rid, 1, b"\x01\x00" * 2400, 1.0), 0.7))
+    late = run(sim, s.engine_output(C.ClauseSpoken(rid, 1, b"\x01\x00" * 2400, 1.0), 0.7))
     assert late == [] and s.idle  # a clause finishing after the cancel is never sent
 
 
 def test_barge_in_during_decoding_stops_the_audio_and_ends_cancelled():
     st_ = SessionSettings(input_rate_hz=16000, output_audio=True, audio_out=VOICED)
     s, sim = Session("sess_b", st_, "ga"), EngineSim()
-    sim.run(s.start(0.0))
+    run(sim, s.start(0.0))
     rid = ask(s, sim)
     stream(s, sim, rid, ANSWER[0], ANSWER[1], " More")
     second = sim.clauses.pop(1)  # the second clause is still in the voice pool
     deliver(s, sim)  # the first clause is heard
-    events = sim.run(s.receive_audio(speech_pcm(600), 1.0))  # the user talks over the answer
+    events = run(sim, s.receive_audio(speech_pcm(600), 1.0))  # the user talks over the answer
     assert "input_audio_buffer.speech_started" in types(events)
     assert C.CancelResponse(rid, "turn_detected") in sim.commands and C.CancelSpeech(rid) in sim.commands
     events += stream(s, sim, rid, " text. And")  # decoding had not stopped yet: nothing of it is sent
-    events += sim.run(s.engine_output(second, 1.1))  # nor the clause that finished after the barge-in
+    events += run(sim, s.engine_output(second, 1.1))  # nor the clause that finished after the barge-in
     assert not [e for e in events if e["type"].startswith("response.output_audio")]
     events += finish(s, sim, rid, "".join(ANSWER[:2]) + " More text. And", "cancelled", "turn_detected")
     final = events[-1]["response"]
@@ -153,7 +163,7 @@ def test_barge_in_during_decoding_stops_the_audio_and_ends_cancelled():
 
 def test_chinese_text_is_sent_with_the_reason_it_has_no_audio():
     s, sim = spoken_session(), EngineSim()
-    sim.run(s.start(0.0))
+    run(sim, s.start(0.0))
     rid = ask(s, sim)
     events = stream(s, sim, rid, "法国的首都是", "巴黎。", "它很美")
     events += finish(s, sim, rid, "法国的首都是巴黎。它很美")
@@ -171,11 +181,11 @@ def test_chinese_text_is_sent_with_the_reason_it_has_no_audio():
 
 def test_a_failed_synthesis_sends_the_text_and_says_why():
     s, sim = spoken_session(), EngineSim()
-    sim.run(s.start(0.0))
+    run(sim, s.start(0.0))
     rid = ask(s, sim)
     stream(s, sim, rid, "Hello there.")
     events = finish(s, sim, rid, "Hello there.")
-    events += sim.run(s.engine_output(C.SpeechFailed(rid, 0, "onnxruntime error"), 0.5))
+    events += run(sim, s.engine_output(C.SpeechFailed(rid, 0, "onnxruntime error"), 0.5))
     [delta] = [e for e in events if e["type"] == "response.output_audio_transcript.delta"]
     assert delta["no_audio"]["code"] == "speech_failed" and "onnxruntime error" in delta["no_audio"]["message"]
     assert events[-1]["type"] == "response.done" and events[-1]["response"]["status"] == "completed"
@@ -183,7 +193,7 @@ def test_a_failed_synthesis_sends_the_text_and_says_why():
 
 def test_truncate_cuts_the_item_and_the_history_to_what_was_heard_and_retrieve_shows_it():
     s, sim = spoken_session(), EngineSim()
-    sim.run(s.start(0.0))
+    run(sim, s.start(0.0))
     rid = ask(s, sim)
     stream(s, sim, rid, *ANSWER)
     finish(s, sim, rid, "".join(ANSWER))
@@ -193,23 +203,23 @@ def test_truncate_cuts_the_item_and_the_history_to_what_was_heard_and_retrieve_s
     # the listener heard the first clause and about half of the second
     heard_ms = first_ms + 10 * len(ANSWER[1]) // 2
     ev = {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": heard_ms}
-    events = validated(sim.run(s.receive_event(ev, 1.0)), "ga")
+    events = validated(run(sim, s.receive_event(ev, 1.0)), "ga")
     assert events == [events[0]] and events[0]["type"] == "conversation.item.truncated"
     assert events[0]["audio_end_ms"] == heard_ms and events[0]["item_id"] == item_id
     [cut] = [c for c in sim.commands if isinstance(c, C.TruncateReply)]
     assert cut.response_id == rid and cut.text == "The capital of France is Paris. It is on"
-    got = validated(sim.run(s.receive_event({"type": "conversation.item.retrieve", "item_id": item_id}, 1.1)), "ga")
+    got = validated(run(sim, s.receive_event({"type": "conversation.item.retrieve", "item_id": item_id}, 1.1)), "ga")
     assert got[0]["type"] == "conversation.item.retrieved"
     assert got[0]["item"]["content"] == [{"type": "output_audio", "transcript": cut.text}]
     # past the end of the (now shorter) audio nothing changes
-    sim.run(s.receive_event({**ev, "audio_end_ms": 99999}, 1.2))
+    run(sim, s.receive_event({**ev, "audio_end_ms": 99999}, 1.2))
     assert len([c for c in sim.commands if isinstance(c, C.TruncateReply)]) == 1
 
 
 def test_truncate_and_retrieve_errors_name_the_item():
     s, sim = spoken_session(), EngineSim()
-    sim.run(s.start(0.0))
-    events = sim.run(s.receive_event({"type": "conversation.item.create", "item": _user("hi")}, 0.1))
+    run(sim, s.start(0.0))
+    events = run(sim, s.receive_event({"type": "conversation.item.create", "item": _user("hi")}, 0.1))
     user_id = events[0]["item"]["id"]
     bad = [
         ({"type": "conversation.item.truncate", "item_id": "item_nope", "audio_end_ms": 5}, "item_not_found"),
@@ -219,23 +229,23 @@ def test_truncate_and_retrieve_errors_name_the_item():
         ({"type": "conversation.item.truncate", "audio_end_ms": 5}, "invalid_event"),
     ]
     for event, code in bad:
-        [err] = validated(sim.run(s.receive_event({**event, "event_id": "e1"}, 0.2)), "ga")
+        [err] = validated(run(sim, s.receive_event({**event, "event_id": "e1"}, 0.2)), "ga")
         assert err["error"]["code"] == code and err["error"]["event_id"] == "e1", event
-    [err] = sim.run(s.receive_event({"type": "conversation.item.retrieve", "item_id": "x" * 100000}, 0.2))
+    [err] = run(sim, s.receive_event({"type": "conversation.item.retrieve", "item_id": "x" * 100000}, 0.2))
     assert err["error"]["code"] == "item_not_found" and len(err["error"]["message"]) < 400  # not echoed whole
-    [user] = validated(sim.run(s.receive_event({"type": "conversation.item.retrieve", "item_id": user_id}, 0.3)), "ga")
+    [user] = validated(run(sim, s.receive_event({"type": "conversation.item.retrieve", "item_id": user_id}, 0.3)), "ga")
     assert user["item"]["content"] == [{"type": "input_text", "text": "hi"}]
 
 
 def test_truncate_during_the_answer_stops_it_there():
     s, sim = spoken_session(), EngineSim()
-    sim.run(s.start(0.0))
+    run(sim, s.start(0.0))
     rid = ask(s, sim)
     events = stream(s, sim, rid, ANSWER[0], ANSWER[1])
     events += deliver(s, sim)
     item_id = events[0]["item_id"]
     ev = {"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 120}
-    events = sim.run(s.receive_event(ev, 0.6))
+    events = run(sim, s.receive_event(ev, 0.6))
     assert C.CancelResponse(rid, "client_cancelled") in sim.commands
     assert types(events) == ["conversation.item.truncated"]
     events += finish(s, sim, rid, "".join(ANSWER), "cancelled", "client_cancelled")
@@ -245,8 +255,8 @@ def test_truncate_during_the_answer_stops_it_there():
 
 def test_a_text_response_on_a_voice_server_is_todays_text_response():
     s, sim = spoken_session(), EngineSim()
-    sim.run(s.start(0.0))
-    sim.run(s.receive_event({"type": "session.update", "session": {"output_modalities": ["text"]}}, 0.05))
+    run(sim, s.start(0.0))
+    run(sim, s.receive_event({"type": "session.update", "session": {"output_modalities": ["text"]}}, 0.05))
     rid = ask(s, sim)
     events = stream(s, sim, rid, "Hello.", " There")
     events += finish(s, sim, rid, "Hello. There")
@@ -262,14 +272,14 @@ def test_a_text_response_on_a_voice_server_is_todays_text_response():
 
 def test_g711_output_is_8khz_one_byte_a_sample():
     s, sim = spoken_session(format="g711_ulaw"), EngineSim()
-    sim.run(s.start(0.0))
+    run(sim, s.start(0.0))
     rid = ask(s, sim)
     stream(s, sim, rid, "Hi there.")
     finish(s, sim, rid, "Hi there.")
     [speak] = [c for c in sim.commands if isinstance(c, C.Speak)]
     assert speak.rate_hz == 8000
     pcm = (np.sin(np.arange(1600) / 5) * 8000).astype("<i2")
-    events = sim.run(s.engine_output(C.ClauseSpoken(rid, 0, pcm.tobytes(), 1.0), 0.5))
+    events = run(sim, s.engine_output(C.ClauseSpoken(rid, 0, pcm.tobytes(), 1.0), 0.5))
     audio = b"".join(base64.b64decode(e["delta"]) for e in events if e["type"] == "response.output_audio.delta")
     assert audio == g711.encode(pcm, "g711_ulaw")
 

@@ -190,6 +190,7 @@ async def test_cancel_leaves_no_audio_after_response_done(embedded_backend, spee
             await send_json(ws, {"type": "response.cancel"})
             done = await recv_until(ws, "response.done", log)
             assert done["response"]["status"] == "cancelled"
+            await recv_until(ws, "rate_limits.updated", log)  # follows every response.done
             # every clause submitted before the cancel has left the voice pool (it is FIFO): nothing can follow
             await asyncio.wrap_future(speech_pool.submit("marker"))
             await send_json(ws, {"type": "conversation.item.retrieve", "item_id": "item_marker", "event_id": "m"})

@@ -181,7 +181,7 @@ def _update(s: Session, session: dict) -> dict:
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 def test_session_update_sets_echoes_and_turns_off_the_wake_word(dialect):
     s = Session("sess_s", SessionSettings(), dialect, default_wake=WakeWordSettings("", 5000))
-    created = s.start(0.0)[-1]
+    [created] = [e for e in s.start(0.0) if isinstance(e, dict) and e["type"] == "session.created"]
 
     def shown(ev: dict):
         session = ev["session"]

@@ -85,6 +85,8 @@ async def test_wake_word_then_question_answered_without_it_ignored_follow_up_win
         answer = done["response"]["output"][0]["content"][0]["text"]
         assert done["response"]["status"] == "completed" and "paris" in answer.lower(), answer
 
+        await recv_until(ws, "rate_limits.updated")  # follows every response.done
+
         # A follow-up inside the window needs no wake word.
         await send_audio(ws, np.concatenate([silence(500), speak("What is the capital of Germany?"), silence(1500)]))
         log = []
@@ -93,6 +95,7 @@ async def test_wake_word_then_question_answered_without_it_ignored_follow_up_win
         assert "input_audio_buffer.wake_word_detected" not in types and types[0] == "input_audio_buffer.speech_started"
         transcript = next(e for e in log if e["type"] == "conversation.item.input_audio_transcription.completed")
         assert "germany" in transcript["transcript"].lower() and done["response"]["status"] == "completed"
+        await recv_until(ws, "rate_limits.updated")  # follows every response.done
 
         # After the window (passed in stream time with silence) the same kind of question is ignored.
         await send_audio(ws, np.concatenate([silence(FOLLOW_UP_MS + 200), question, silence(1500)]))

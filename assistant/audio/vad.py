@@ -13,6 +13,9 @@ States: idle -> pending -> speech -> idle.
   of unvoiced audio ends the turn: `SpeechStopped(audio_end_ms)` (end of the last voiced frame) and `Committed` with
   the audio from the pre-roll to `prefix_padding_ms` after the last voiced frame. A turn reaching `max_utterance_ms`
   (pre-roll included, <= 30 s: one model audio window) is committed by force (`Committed.forced`).
+- semantic VAD (`TurnDetection.type == "semantic_vad"`): the silence that ends a turn is `max_silence_ms` (the
+  eagerness's longest wait) until the caller, having the words of the tentative audio, calls `end_turn_after(ms)`
+  (`assistant.audio.semantic_vad`); speech resuming restores the longest wait.
 - tentative end (speculation): once the trailing silence of a spoken turn reaches `max(early_prepare_ms,
   prefix_padding_ms)` (still below `silence_duration_ms`), `TentativeEnd` carries exactly the audio the commit will
   carry if the silence goes on (the padding must be complete for that, hence the max). A voiced frame before the
@@ -30,6 +33,7 @@ import numpy as np
 import webrtcvad
 
 from assistant.audio import MODEL_RATE_HZ
+from assistant.audio.semantic_vad import SEMANTIC_EARLY_PREPARE_MS, max_silence_ms
 from assistant.schema import bounds, check_fields
 
 # A candidate (not yet speech) interrupted by this much unvoiced audio is dropped: webrtcvad's own hangover already
@@ -52,13 +56,18 @@ class VadParams:
     early_prepare_ms: int = field(default=0, metadata=bounds(0, 5000))  # 0 = no TentativeEnd events
 
     @property
+    def max_silence_ms(self) -> int:
+        """The trailing silence that ends a turn unless `VadSegmenter.end_turn_after` shortens it (semantic VAD)."""
+        return self.silence_duration_ms
+
+    @property
     def tentative_ms(self) -> int | None:
         """Trailing silence after which `TentativeEnd` fires, or None when it never does (off, or not earlier than
         the commit itself)."""
         if self.early_prepare_ms <= 0:
             return None
         ms = max(self.early_prepare_ms, self.prefix_padding_ms)
-        return ms if ms < self.silence_duration_ms else None
+        return ms if ms < self.max_silence_ms else None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -69,13 +78,28 @@ class TurnDetection(VadParams):
     """Turn detection: the segmenter's knobs plus what happens at a turn's edges. A session's `turn_detection` and
     the config's `[vad]` section. OpenAI's keys (threshold, prefix_padding_ms, silence_duration_ms, create_response,
     interrupt_response) + the segmenter's (aggressiveness, min_speech_ms, max_utterance_ms, frame_ms,
-    early_prepare_ms). `type` is what the client asked for; both kinds run the same VAD here."""
+    early_prepare_ms) + semantic VAD's `eagerness`. `server_vad` ends a turn after `silence_duration_ms` of silence;
+    `semantic_vad` runs the same segmenter but decides how much silence ends the turn from the words heard so far
+    and `eagerness` (`assistant.realtime.semantic_vad`)."""
 
     type: Literal["server_vad", "semantic_vad"] = "server_vad"
+    eagerness: Literal["low", "medium", "high", "auto"] = "auto"  # semantic_vad: how soon a turn may end
     threshold: float = field(default=0.5, metadata=bounds(0.0, 1.0))  # echoed; this VAD's knob is aggressiveness
     create_response: bool = True
     interrupt_response: bool = True
     early_prepare_ms: int = field(default=200, metadata=bounds(0, 5000))
+
+    @property
+    def max_silence_ms(self) -> int:
+        """semantic_vad waits up to OpenAI's longest wait for its eagerness, until the words say how long."""
+        return max_silence_ms(self.eagerness) if self.type == "semantic_vad" else self.silence_duration_ms
+
+    @property
+    def tentative_ms(self) -> int | None:
+        """semantic_vad needs the words, so its turns are always prepared during the silence."""
+        if self.type != "semantic_vad" or self.early_prepare_ms > 0:
+            return super().tentative_ms
+        return max(SEMANTIC_EARLY_PREPARE_MS, self.prefix_padding_ms)
 
 
 @dataclass(frozen=True)
@@ -175,6 +199,17 @@ class VadSegmenter:
         end = self._pos
         return [SpeechStopped(self._ms(end)), self._commit(end, forced=False)]
 
+    def end_turn_after(self, silence_ms: int) -> list[VadEvent]:
+        """Semantic VAD: the open turn ends after `silence_ms` of trailing silence instead of `max_silence_ms`; when
+        that much has already passed, it ends now ([SpeechStopped, Committed], the same cut as ever). It holds for
+        this silence only: speech resuming puts `max_silence_ms` back, and the next silence is judged again."""
+        if self._state != _SPEECH:
+            return []
+        self._end_ms = silence_ms
+        if self._unvoiced_run_ms >= silence_ms:
+            return self._end_turn()
+        return []
+
     def reset(self) -> None:
         """Drop buffered audio and any open turn (`input_audio_buffer.clear`); stream time keeps running."""
         self._pos += len(self._rest)
@@ -195,6 +230,7 @@ class VadSegmenter:
         self._unvoiced_run_ms = 0
         self._last_voiced_end = self._pos
         self._tentative = False  # a TentativeEnd was emitted for the current trailing silence
+        self._end_ms = self.params.max_silence_ms  # the trailing silence that ends this turn (end_turn_after)
 
     def _step(self, frame: np.ndarray, voiced: bool) -> list[VadEvent]:
         p = self.params
@@ -233,6 +269,7 @@ class VadSegmenter:
         if voiced:
             self._voiced_frames += 1
             self._unvoiced_run_ms = 0
+            self._end_ms = p.max_silence_ms
             self._last_voiced_end = self._pos
             if self._tentative:
                 self._tentative = False
@@ -245,16 +282,19 @@ class VadSegmenter:
                 return []
             return self._maybe_confirm()
         # speech
-        if self._unvoiced_run_ms >= p.silence_duration_ms:
-            pad = p.prefix_padding_ms * MODEL_RATE_HZ // 1000
-            end = min(self._pos, self._last_voiced_end + pad)
-            stopped = SpeechStopped(self._ms(self._last_voiced_end))
-            return [stopped, self._commit(end, forced=False)]
+        if self._unvoiced_run_ms >= self._end_ms:
+            return self._end_turn()
         tentative_ms = p.tentative_ms
         if tentative_ms is not None and not self._tentative and self._unvoiced_run_ms >= tentative_ms:
             self._tentative = True
             return [self._tentative_end()]
         return resumed
+
+    def _end_turn(self) -> list[VadEvent]:
+        pad = self.params.prefix_padding_ms * MODEL_RATE_HZ // 1000
+        end = min(self._pos, self._last_voiced_end + pad)
+        stopped = SpeechStopped(self._ms(self._last_voiced_end))
+        return [stopped, self._commit(end, forced=False)]
 
     def _tentative_end(self) -> TentativeEnd:
         """The audio `_commit` would cut if the silence lasts: the trailing padding is complete by now."""

@@ -72,6 +72,7 @@ class SpeculateCmd:
     session_id: str
     utterance: Utterance
     submitted_s: float
+    heard: Any = None  # concurrent.futures.Future[TurnInfo | None]: its result (None when it did not run), or None
 
 
 @dataclass(frozen=True)

@@ -163,11 +163,16 @@ class Engine:
         identical to the speculated one and its "Audio k" number is unchanged (then `TurnInfo.speculative`)."""
         return await self._submit_turn(session_id, utterance, confirm=True)
 
-    def speculate_user_turn(self, session_id: str, utterance: Utterance) -> None:
+    def speculate_user_turn(
+        self, session_id: str, utterance: Utterance, heard: bool = False
+    ) -> concurrent.futures.Future[TurnInfo | None] | None:
         """Start this turn's audio work now, before it is committed; returns at once. Nothing enters the
-        conversation until `confirm_user_turn`; `discard_user_turn` (or a reset/close) forgets it."""
+        conversation until `confirm_user_turn`; `discard_user_turn` (or a reset/close) forgets it. With `heard`, a
+        future of its `TurnInfo` (the transcript so far, for semantic turn detection), None if it did not run."""
         self._require_started()
-        self._worker.commands.put(SpeculateCmd(self._open(session_id), utterance, time.monotonic()))
+        fut: concurrent.futures.Future[TurnInfo | None] | None = concurrent.futures.Future() if heard else None
+        self._worker.commands.put(SpeculateCmd(self._open(session_id), utterance, time.monotonic(), fut))
+        return fut
 
     def discard_user_turn(self, session_id: str, key: str) -> None:
         """Forget the speculation of `key` (not yet run: it never runs). Unknown sessions and keys are ignored."""

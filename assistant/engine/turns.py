@@ -64,8 +64,16 @@ class TurnWork:
         return not self.cmd.reply.done()
 
     def refuse(self, err: Exception) -> None:
-        if not self.speculative and not self.cmd.reply.done():
+        """The work will not be done: a turn's caller gets `err`; a speculation's listener (`heard`) gets None."""
+        if self.speculative:
+            self.heard(None)
+        elif not self.cmd.reply.done():
             self.cmd.reply.set_exception(err)
+
+    def heard(self, info: TurnInfo | None) -> None:
+        fut = self.cmd.heard if isinstance(self.cmd, SpeculateCmd) else None
+        if fut is not None and not fut.done():
+            fut.set_result(info)
 
 
 @dataclass
@@ -163,6 +171,7 @@ class TurnQueue:
         for w in self.running.works if self.running else ():
             if w.speculative and w.conv is conv and w.key == key and not w.dropped:
                 w.dropped = True
+                w.heard(None)
                 metrics.SPECULATIONS.labels(outcome="discarded").inc()
         if conv.speculative.pop(key, None) is not None:
             metrics.SPECULATIONS.labels(outcome="discarded").inc()
@@ -171,6 +180,7 @@ class TurnQueue:
         for item in self.items:
             if isinstance(item, TurnWork) and item.speculative and item.conv is conv and item.key == key:
                 self.items.remove(item)
+                item.heard(None)
                 metrics.SPECULATIONS.labels(outcome=outcome).inc()
                 return True
         return False
@@ -197,6 +207,8 @@ class TurnQueue:
                 item.refuse()
             elif not item.speculative:
                 refuse_stopped(item.cmd.reply)
+            else:
+                item.heard(None)
         self.items.clear()
         self.running = None
 
@@ -268,6 +280,7 @@ class TurnQueue:
 
     def _admissible(self, w: TurnWork) -> bool:
         if not w.live():
+            w.heard(None)
             return False
         if w.conv.closed:
             w.refuse(UnknownSession(w.conv.session_id))
@@ -309,7 +322,9 @@ class TurnQueue:
                 w.refuse(UnknownSession(w.conv.session_id))
                 continue
             if w.speculative:
-                w.conv.add_speculation(Speculation(w.cmd.utterance, number, turns[id(w)], encode_ms))
+                turn = turns[id(w)]
+                w.conv.add_speculation(Speculation(w.cmd.utterance, number, turn, encode_ms))
+                w.heard(TurnInfo(turn.key, turn.transcript, turn.language, turn.audio_s, {"encode": encode_ms}))
                 metrics.SPECULATIONS.labels(outcome="prepared").inc()
                 continue
             turn, turn_encode_ms = (hit.turn, hit.encode_ms) if hit else (turns[id(w)], encode_ms)

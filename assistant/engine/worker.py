@@ -228,6 +228,8 @@ class Worker:
         if conv is None:
             if isinstance(cmd, PrepareCmd) and not cmd.reply.done():
                 cmd.reply.set_exception(UnknownSession(cmd.session_id))
+            elif isinstance(cmd, SpeculateCmd) and cmd.heard is not None and not cmd.heard.done():
+                cmd.heard.set_result(None)
         elif isinstance(cmd, DiscardCmd):
             self.turns.discard(conv, cmd.key)
         else:

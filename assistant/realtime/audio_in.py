@@ -1,5 +1,7 @@
-"""A session's incoming audio: client PCM16 at the session's rate -> 16 kHz -> (wake word ->) VAD events, or the
-push-to-talk buffer when turn detection is off. Pure and synchronous, like the VAD it wraps.
+"""A session's incoming audio: client PCM16 at the session's rate -> 16 kHz -> (noise suppression ->) (wake word ->)
+VAD events, or the push-to-talk buffer when turn detection is off. With `noise_reduction`, WebRTC noise suppression
+(`assistant.audio.denoise`) comes first, so the VAD, the wake word and the recogniser all hear the cleaned audio.
+Pure and synchronous, like the VAD it wraps.
 
 Time is stream time: milliseconds of 16 kHz audio received since the session started, so segmentation does not
 depend on how fast audio arrives. Push-to-talk keeps the newest `max_buffer_ms` (one model audio window); the session
@@ -15,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
+from assistant.audio.denoise import Denoiser, NoiseReductionType
 from assistant.audio.resample import StreamResampler
 from assistant.audio.vad import Committed, VadEvent, VadParams, VadSegmenter
 from assistant.audio.wake_word import WakeWordDetector, WakeWordSettings
@@ -32,7 +35,15 @@ class AudioIn:
         self.dropped_ms = 0  # push-to-talk audio dropped from the front of the current buffer (over max_buffer_ms)
         self._vad: VadSegmenter | WakeGate | None = None
         self._ptt_detector: WakeWordDetector | None = None  # push-to-talk with a wake word: detections reported only
+        self._denoiser: Denoiser | None = None
         self.reconfigure(vad, wake)
+
+    def set_noise_reduction(self, kind: NoiseReductionType | None) -> None:
+        """Noise suppression of the audio from now on (None = off); a new kind starts a fresh noise estimate."""
+        if kind is None:
+            self._denoiser = None
+        elif self._denoiser is None or self._denoiser.kind != kind:
+            self._denoiser = Denoiser(kind)
 
     @property
     def position_ms(self) -> int:
@@ -77,6 +88,10 @@ class AudioIn:
         assert self._vad is not None
         return self._vad.commit_now()
 
+    def end_turn_after(self, silence_ms: int) -> list[VadEvent]:
+        """Semantic VAD: the open turn ends after `silence_ms` of trailing silence (now, if that much has passed)."""
+        return [] if self._vad is None else self._vad.end_turn_after(silence_ms)
+
     def take_buffer(self) -> tuple[np.ndarray, int]:
         """Push-to-talk commit: the buffered audio (int16, 16 kHz) and the ms dropped from its front; emptied."""
         self._feed_16k(self._resampler.flush())
@@ -99,6 +114,8 @@ class AudioIn:
     def _feed_16k(self, pcm16k: np.ndarray) -> list[GateEvent]:
         if len(pcm16k) == 0:
             return []
+        if self._denoiser is not None:
+            pcm16k = self._denoiser.process(pcm16k)
         self._samples += len(pcm16k)
         if self._vad is None:
             heard: list[GateEvent] = []

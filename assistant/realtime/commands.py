@@ -44,9 +44,11 @@ class AddTurn:
 
 @dataclass(frozen=True)
 class Speculate:
-    """Start the audio work of a turn that is not committed yet (fire and forget)."""
+    """Start the audio work of a turn that is not committed yet (fire and forget; with `heard`, its transcript
+    comes back as `TurnHeard`, for semantic turn detection)."""
 
     utterance: Utterance
+    heard: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,15 @@ class TurnPrepared:
 
 
 @dataclass(frozen=True)
+class TurnHeard:
+    """The transcript of a speculation asked with `Speculate(heard=True)`: None when the backend gives none or the
+    speculation did not run (discarded, failed, engine busy closing)."""
+
+    key: str
+    transcript: str | None
+
+
+@dataclass(frozen=True)
 class TurnFailed:
     key: str
     message: str
@@ -165,7 +176,14 @@ class SpeechFailed:
 
 
 EngineOutput = (
-    TurnPrepared | TurnFailed | ResponseRefused | ResponseDelta | ResponseFinished | ClauseSpoken | SpeechFailed
+    TurnPrepared
+    | TurnHeard
+    | TurnFailed
+    | ResponseRefused
+    | ResponseDelta
+    | ResponseFinished
+    | ClauseSpoken
+    | SpeechFailed
 )
 
 

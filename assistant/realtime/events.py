@@ -64,6 +64,12 @@ class EventFactory:
         td = None
         if st.turn_detection is not None:
             td = dataclasses.asdict(st.turn_detection)
+            if td["type"] == "server_vad":
+                del td["eagerness"]  # semantic_vad's knob
+        tr = None if st.transcription is None else {"model": st.transcription.model}
+        nr = None if st.noise_reduction is None else {"type": st.noise_reduction}
+        given = st.as_given
+        tracing = {} if given.tracing is None else {"tracing": given.tracing}
         max_tokens: int | str = "inf" if st.max_output_tokens is None else st.max_output_tokens
         wake = None if st.wake_word is None else dataclasses.asdict(st.wake_word)  # extension: null = off
         ao = st.audio_out
@@ -75,6 +81,9 @@ class EventFactory:
                 "instructions": st.instructions,
                 "input_audio_format": "pcm16",
                 "turn_detection": td,
+                "input_audio_transcription": tr,
+                "input_audio_noise_reduction": nr,
+                **tracing,
                 "max_response_output_tokens": max_tokens,
                 "input_sample_rate": st.input_rate_hz,
                 "wake_word": wake,
@@ -89,7 +98,8 @@ class EventFactory:
         fmt: dict[str, Any] = {"type": "audio/pcm"}
         if st.input_rate_hz == OPENAI_RATE_HZ:
             fmt["rate"] = OPENAI_RATE_HZ
-        audio: dict[str, Any] = {"input": {"format": fmt, "turn_detection": td, "wake_word": wake}}
+        inp = {"format": fmt, "transcription": tr, "noise_reduction": nr, "turn_detection": td, "wake_word": wake}
+        audio: dict[str, Any] = {"input": inp}
         session = {
             "type": "realtime",
             "id": session_id,
@@ -100,11 +110,28 @@ class EventFactory:
             "max_output_tokens": max_tokens,
             "audio": audio,
             "input_sample_rate": st.input_rate_hz,
+            **tracing,
+            "truncation": given.truncation,
         }
+        if given.parallel_tool_calls is not None:
+            session["parallel_tool_calls"] = given.parallel_tool_calls
         if ao.voices:
             audio["output"] = {"format": self.output_format(ao), "voice": ao.voice_label, "speed": ao.speed}
             session["output_sample_rate"] = ao.rate_hz
         return session
+
+    def conversation_created(self, conversation_id: str) -> dict[str, Any]:
+        """Beta only: the session's one conversation exists (OpenAI sends it right after `session.created`)."""
+        return self.event(
+            "conversation.created", conversation={"id": conversation_id, "object": "realtime.conversation"}
+        )
+
+    def rate_limits(self, max_jobs: int, queued_jobs: int) -> dict[str, Any]:
+        """`rate_limits.updated` after each `response.done`, as OpenAI sends it. Our one limit is the session's job
+        queue: `requests` = turns and responses that may still be queued before `server_busy` (no time window, so
+        `reset_seconds` is 0: a slot frees as soon as its work ends). There is no token budget to report."""
+        limit = {"name": "requests", "limit": max_jobs, "remaining": max(0, max_jobs - queued_jobs)}
+        return self.event("rate_limits.updated", rate_limits=[{**limit, "reset_seconds": 0.0}])
 
     def modalities(self, audio: bool) -> list[str]:
         """GA: `["audio"]` or `["text"]` (audio carries its transcript); beta: `["audio", "text"]` or `["text"]`."""

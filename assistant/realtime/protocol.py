@@ -34,6 +34,11 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
         "invalid_request_error",
         "audio output asked of a server without a voice (answers stay text), or a WebRTC-only audio event",
     ),
+    "unknown_parameter": ("invalid_request_error", "a `session` key OpenAI's schema and ours lack; nothing changed"),
+    "unsupported_parameter": (
+        "invalid_request_error",
+        "a `session` setting of OpenAI's schema this server cannot honour (the message says why); nothing changed",
+    ),
     "unknown_voice": ("invalid_request_error", "a voice that is not installed; the message lists the installed ones"),
     "item_not_found": ("invalid_request_error", "conversation.item.truncate/retrieve names an item this session lacks"),
     "item_not_truncatable": (

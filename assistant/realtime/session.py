@@ -20,6 +20,8 @@ What the core owns:
   fast audio arrives) or push-to-talk (`turn_detection: null`: `commit` ends the turn, `response.create` answers;
   the buffer keeps the newest `max_buffer_ms`). With a wake word (`wake.py`), server VAD only hears audio from the
   wake word on, or within `follow_up_ms` after an answer; the wake word barges in like speech does.
+- Semantic VAD (`turn_detection.type: "semantic_vad"`): the turn's speculation asks for its words (`Speculate(heard)`)
+  and the engine's `TurnHeard` sets the silence that ends the turn (`assistant.audio.semantic_vad`).
 - Model-facing work runs one job at a time, in order, from a bounded queue (`max_jobs`; overflow -> `server_busy`):
   a committed turn is prepared (`AddTurn`), its transcript reported, then answered if turn detection says so; a
   `response.create` queues an answer. Handlers never wait, so barge-in and `response.cancel` act at once.
@@ -47,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
+from assistant.audio.semantic_vad import end_silence_ms
 from assistant.audio.vad import SpeechStarted, SpeechStopped, TentativeEnd, TentativeVoid
 from assistant.audio.wake_word import WakeWordSettings
 from assistant.backends.base import Utterance
@@ -126,6 +129,7 @@ class Session:
         self._committed_at_s: float | None = None  # when the turn now being answered ended (latency)
         td = settings.turn_detection
         self._audio = AudioIn(settings.input_rate_hz, td, self.limits.max_buffer_ms, settings.wake_word)
+        self._audio.set_noise_reduction(settings.noise_reduction)
         self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to Speculate
         self._item_id = new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
@@ -147,6 +151,8 @@ class Session:
         self.last_input_s = now_s
         self._out.append(C.OpenConversation(self.settings.instructions or None))
         self._emit("session.created", session=self.events.session(self.settings, self.id))
+        if self.events.dialect == "beta":
+            self._out.append(self.events.conversation_created(new_id("conv")))
         return self._take()
 
     def stop_accepting(self) -> None:
@@ -251,6 +257,7 @@ class Session:
         if new.turn_detection != old.turn_detection or new.wake_word != old.wake_word:
             self._discard_speculation()  # an open turn under the old settings is dropped
             self._audio.reconfigure(new.turn_detection, new.wake_word)
+        self._audio.set_noise_reduction(new.noise_reduction)
         if new.instructions != old.instructions:
             self._out.append(C.SetInstructions(new.instructions or None))
         self._emit("session.updated", session=self.events.session(new, self.id))
@@ -335,7 +342,10 @@ class Session:
     def _speculate(self, audio: np.ndarray) -> None:
         """Start the open turn's audio work now (the silence may still be broken by speech)."""
         self._discard_speculation()
-        self._out.append(C.Speculate(Utterance(key=self._item_id, audio=audio.astype(np.float32) / 32768.0)))
+        td = self.settings.turn_detection
+        semantic = td is not None and td.type == "semantic_vad"  # its words decide when the turn ends: `_heard`
+        utt = Utterance(key=self._item_id, audio=audio.astype(np.float32) / 32768.0)
+        self._out.append(C.Speculate(utt, heard=semantic))
         self._spec = (self._item_id, audio.copy())
 
     def _discard_speculation(self) -> None:
@@ -450,12 +460,15 @@ class Session:
         details = {"type": "failed", "error": {"type": P.ERROR_CODES[code][0], "code": code, "message": message}}
         self._emit("response.created", response=self.events.response(rid, "in_progress", []))
         self._emit("response.done", response=self.events.response(rid, "failed", [], details))
+        self._out.append(self.events.rate_limits(self.limits.max_jobs, len(self._jobs)))
 
     # ---- engine output -----------------------------------------------------------------------------------------
     def engine_output(self, out: C.EngineOutput, now_s: float) -> list[Output]:
         self._now_s = now_s
         if isinstance(out, C.TurnPrepared | C.TurnFailed):
             self._turn_done(out)
+        elif isinstance(out, C.TurnHeard):
+            self._heard(out)
         elif isinstance(out, C.ResponseDelta):
             r = self._response
             if r is not None and out.response_id == r.response_id and out.text:
@@ -482,6 +495,13 @@ class Session:
                 if r.engine_done is not None and r.speech.complete:
                     self._response_done()
         return self._take()
+
+    def _heard(self, out: C.TurnHeard) -> None:
+        """Semantic VAD: the words of the open turn's tentative audio set how much silence ends it."""
+        td = self.settings.turn_detection
+        if td is None or td.type != "semantic_vad" or self._spec is None or self._spec[0] != out.key:
+            return  # speech resumed (a new silence will be judged) or the settings changed meanwhile
+        self._on_vad_events(self._audio.end_turn_after(end_silence_ms(out.transcript, td.eagerness)))
 
     def _turn_done(self, out: C.TurnPrepared | C.TurnFailed) -> None:
         job = self._current
@@ -554,6 +574,7 @@ class Session:
             transcript, extra = speech.transcript(), speech.timings_ms()
             self._out.extend(self.events.response_end(r.response_id, r.item_id, done, speech.out, transcript, extra))
         self._out.extend(after)
+        self._out.append(self.events.rate_limits(self.limits.max_jobs, len(self._jobs)))
         self._audio.answer_finished()  # behind a wake word: the follow-up window opens
         self._items.finish(r.item_id, done, speech)
         self._response = None

@@ -9,6 +9,8 @@ effective session; its fields carry their ranges the same way. So the TOML valid
 GA `session.audio.input.wake_word`, beta `session.wake_word`) and the config's `[wake_word]` section.
 `apply_session_update(settings, payload, default_td, default_wake)` returns the new frozen settings and non-fatal
 warnings; a fatal problem raises `ProtocolError` and changes nothing. `events.EventFactory.session` renders it.
+Which keys exist (OpenAI's GA and beta, ours), the `unknown_parameter` / `unsupported_parameter` refusals and the
+settings kept as given (transcription model, noise reduction, tracing, ...) are `session_keys.py`'s.
 
 Spoken answers: `SessionSettings.output_audio` is the output modality (GA `output_modalities: ["audio"]`, beta
 `modalities: ["audio", "text"]`); `AudioOutput` is how answers are spoken (voice, speed, format, rate) and which
@@ -26,7 +28,9 @@ from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
 from assistant.audio.speech_text import MAX_FIRST_CLAUSE_CHARS, MAX_SPEED, MIN_SPEED, OPENAI_VOICES
 from assistant.audio.vad import TurnDetection
 from assistant.audio.wake_word import WakeWordSettings, installed_wake_words
+from assistant.realtime import session_keys as K
 from assistant.realtime.protocol import OPENAI_RATE_HZ, ProtocolError, max_tokens, output_modality
+from assistant.realtime.session_keys import AsGiven, NoiseReduction, Transcription
 from assistant.schema import SettingError, bounds, check_fields, coerce, shown
 
 OutputFormat = Literal["pcm16", "g711_ulaw", "g711_alaw"]  # beta names; GA `audio/pcm`, `audio/pcmu`, `audio/pcma`
@@ -70,7 +74,9 @@ class SessionSettings:
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)  # None = push-to-talk
     max_output_tokens: int | None = None  # None = "inf" (generation config)
     temperature: float | None = field(default=None, metadata=bounds(0.0, 2.0))
-    transcription: bool = False  # the client asked for input transcription (we send it whenever one exists)
+    transcription: Transcription | None = None  # asked-for input transcription (sent whenever the backend has one)
+    noise_reduction: NoiseReduction | None = None  # WebRTC noise suppression before the VAD (`audio.denoise`)
+    as_given: AsGiven = field(default_factory=AsGiven)  # parallel_tool_calls, tracing, truncation: echoed as sent
     wake_word: WakeWordSettings | None = None  # None = every turn is heard; else only after the wake word
     output_audio: bool = False  # answers are spoken (audio + transcript) instead of text
     audio_out: AudioOutput = field(default_factory=AudioOutput)
@@ -97,6 +103,12 @@ def _parse_turn_detection(
         return None
     if not isinstance(td, dict):
         raise ProtocolError("invalid_event", f"{param} must be an object or null, got {td!r}", param, eid)
+    kind = td.get("type", (current or default).type)
+    own = K.SEMANTIC_VAD_KEYS if kind == "semantic_vad" else K.SERVER_VAD_KEYS
+    K.check_keys(td, own | K.OUR_TURN_DETECTION_KEYS, param, eid)
+    if td.get("idle_timeout_ms") is not None:
+        why = "it never answers by itself after a silence; send response.create"
+        raise K.unsupported(f"{param}.idle_timeout_ms", td["idle_timeout_ms"], why, eid)
     changes = {k: _field(TurnDetection, k, td[k], f"{param}.{k}", eid) for k in _TD_KEYS if td.get(k) is not None}
     return dataclasses.replace(current or default, **changes)
 
@@ -114,6 +126,7 @@ def _parse_wake_word(
     if not isinstance(value, dict):
         msg = f"{param} must be an object {{name, follow_up_ms}} or null, got {value!r}"
         raise ProtocolError("invalid_event", msg, param, eid)
+    K.check_keys(value, K.WAKE_WORD_KEYS, param, eid)
     base = current or default
     if value.get("name") is None and not base.name:
         names = ", ".join(installed_wake_words())
@@ -153,7 +166,15 @@ def apply_session_update(
     default_td = default_td or TurnDetection()
     default_wake = default_wake or WakeWordSettings()
     warnings: list[ProtocolError] = []
+    K.check_keys(s, K.SESSION_KEYS, "session", eid)
+    K.refuse_unless_off(s, eid)
+    if s.get("type", "realtime") != "realtime":
+        why = "it serves realtime sessions only (connect a transcription client as a realtime one)"
+        raise K.unsupported("session.type", s["type"], why, eid)
     ch: dict[str, Any] = {}
+    as_given = K.parse_as_given(s, eid)
+    if as_given:
+        ch["as_given"] = dataclasses.replace(cur.as_given, **as_given)
     if isinstance(s.get("model"), str):
         ch["model"] = s["model"]
     if "instructions" in s:
@@ -186,8 +207,12 @@ def apply_session_update(
     if "turn_detection" in s:
         param = "session.turn_detection"
         ch["turn_detection"] = _parse_turn_detection(s["turn_detection"], cur.turn_detection, default_td, param, eid)
-    if s.get("input_audio_transcription") is not None:
-        ch["transcription"] = True
+    if "input_audio_transcription" in s:
+        param = "session.input_audio_transcription"
+        ch["transcription"] = K.parse_transcription(s["input_audio_transcription"], param, eid)
+    if "input_audio_noise_reduction" in s:
+        param = "session.input_audio_noise_reduction"
+        ch["noise_reduction"] = K.parse_noise_reduction(s["input_audio_noise_reduction"], param, eid)
     if "wake_word" in s:
         ch["wake_word"] = _parse_wake_word(s["wake_word"], cur.wake_word, default_wake, "session.wake_word", eid)
     # GA (nested)
@@ -209,14 +234,18 @@ def _parse_ga_audio(
 ) -> dict[str, Any]:
     if not isinstance(audio, dict):
         raise ProtocolError("invalid_event", "session.audio must be an object", "session.audio", eid)
+    K.check_keys(audio, K.AUDIO_KEYS, "session.audio", eid)
     ch: dict[str, Any] = {}
     inp = audio.get("input")
     if inp is None:
         return ch
     if not isinstance(inp, dict):
         raise ProtocolError("invalid_event", "session.audio.input must be an object", "session.audio.input", eid)
+    K.check_keys(inp, K.AUDIO_INPUT_KEYS, "session.audio.input", eid)
     fmt = inp.get("format")
     if fmt is not None:
+        if isinstance(fmt, dict):
+            K.check_keys(fmt, K.FORMAT_KEYS, "session.audio.input.format", eid)
         if not isinstance(fmt, dict) or fmt.get("type", "audio/pcm") != "audio/pcm":
             msg = f"session.audio.input.format must be {{'type': 'audio/pcm'}}, got {fmt!r}"
             raise ProtocolError("unsupported_audio_format", msg, "session.audio.input.format", eid)
@@ -225,8 +254,12 @@ def _parse_ga_audio(
     if "turn_detection" in inp:
         param = "session.audio.input.turn_detection"
         ch["turn_detection"] = _parse_turn_detection(inp["turn_detection"], cur.turn_detection, default_td, param, eid)
-    if inp.get("transcription") is not None:
-        ch["transcription"] = True
+    if "transcription" in inp:
+        param = "session.audio.input.transcription"
+        ch["transcription"] = K.parse_transcription(inp["transcription"], param, eid)
+    if "noise_reduction" in inp:
+        param = "session.audio.input.noise_reduction"
+        ch["noise_reduction"] = K.parse_noise_reduction(inp["noise_reduction"], param, eid)
     if "wake_word" in inp:
         param = "session.audio.input.wake_word"
         ch["wake_word"] = _parse_wake_word(inp["wake_word"], cur.wake_word, default_wake, param, eid)
@@ -238,6 +271,10 @@ def _parse_audio_output(
 ) -> AudioOutput:
     """Beta `voice` / `speed` / `output_audio_format`, GA `audio.output {format, voice, speed}`, and our
     `output_sample_rate` extension. Without a voice on the server they are ignored with one warning."""
+    if isinstance(ga, dict):
+        K.check_keys(ga, K.AUDIO_OUTPUT_KEYS, "session.audio.output", eid)
+        if isinstance(ga.get("format"), dict):
+            K.check_keys(ga["format"], K.FORMAT_KEYS, "session.audio.output.format", eid)
     if not cur.voices:
         where = "session.audio.output" if ga is not None else f"session.{next(iter(beta))}"
         msg = f"{where} is ignored: this server has no voice installed, answers are text"

@@ -85,6 +85,15 @@ class WakeGate:
             self._vad = None
         return events
 
+    def end_turn_after(self, silence_ms: int) -> list[VadEvent]:
+        """Semantic VAD's decision for the open turn (`VadSegmenter.end_turn_after`)."""
+        if self._vad is None:
+            return []
+        events = self._vad.end_turn_after(silence_ms)
+        if events:
+            self._vad = None  # the turn is complete, as in `_hear`
+        return events
+
     def reset(self) -> None:
         """`input_audio_buffer.clear`: the open turn is dropped; a listening window stays open."""
         if self._vad is not None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from assistant.engine.api import ConversationBusy, ServerBusy, TextDelta
+from assistant.engine.api import ConversationBusy, ServerBusy, TextDelta, TurnInfo
 from assistant.realtime import commands as C
 from assistant.realtime.protocol import ERROR_CODES
 from assistant.realtime.session import Output, Session
@@ -169,9 +169,14 @@ class Connection:
             e.set_instructions(sid, cmd.instructions)
         elif isinstance(cmd, C.Speculate):
             try:
-                e.speculate_user_turn(sid, cmd.utterance)
+                heard = e.speculate_user_turn(sid, cmd.utterance, heard=cmd.heard)
             except Exception as err:  # only a head start: the commit does the work anyway
                 log.debug("session %s: speculation not started: %s", sid, err)
+                heard = None
+                if cmd.heard:  # semantic VAD still hears that there are no words (and waits the unclear time)
+                    asyncio.get_running_loop().call_soon(self._feed, C.TurnHeard(cmd.utterance.key, None))
+            if heard is not None:
+                self._spawn(self._turn_heard(cmd.utterance.key, heard))
         elif isinstance(cmd, C.Discard):
             e.discard_user_turn(sid, cmd.key)
         elif isinstance(cmd, C.AddTurn):
@@ -195,6 +200,10 @@ class Connection:
         if response_id is not None:
             self._relays[response_id] = task
             task.add_done_callback(lambda _t: self._relays.pop(response_id, None))
+
+    async def _turn_heard(self, key: str, heard: concurrent.futures.Future[TurnInfo | None]) -> None:
+        info = await asyncio.wrap_future(heard)
+        self._feed(C.TurnHeard(key, info.transcript if info is not None else None))
 
     async def _add_turn(self, cmd: C.AddTurn) -> None:
         utt = cmd.utterance
