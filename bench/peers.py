@@ -71,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--with-llama-cpp", action="store_true", help="build (once, ~15-20 min) and run llama-cpp-python")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-spoken", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="only the spoken set's answers")
+    ap.add_argument("--tag", default="", help="appended to the result file's name (e.g. -spoken)")
     ap.add_argument("--notes", default="")
     args = ap.parse_args(argv)
-    record = Record("peers", vars(args))
+    record = Record("peers", vars(args), tag=args.tag)
     torch.set_num_threads(args.threads)  # the engine worker threads started below take this setting
     asyncio.run(run(args, record))
     return 0
@@ -124,25 +126,25 @@ async def run(args, record: Record) -> None:
                         answers[f"engine {q}"] = await engine.call(
                             lambda b, p=spoken_prompts: [greedy_answer(b, x).text for x in p]
                         )
-                    await engine_speed(engine, args, q, r, runs)
-                    if q == quants[-1] and not args.skip_hf:
+                    if not args.skip_speed:
+                        await engine_speed(engine, args, q, r, runs)
+                    if q == quants[-1] and not args.skip_hf and not args.skip_speed:
                         await hf_phase(engine, args, r, runs)
                     tok, prompt = backend.tokenizer, prompt_ids(backend, PEER_SYSTEM, PEER_QUESTION)
                 del engine, backend  # before the next variant loads: one model in memory at a time
                 gc.collect()
-            if llama is not None:
+            if llama is not None and not args.skip_speed:
                 for n in args.stream_counts:
                     t = llama.timed(prompt, n, args.tokens)
                     note(
                         runs, "llama-cpp-python", n, r, t["first_token_s"], t["decode_s"], [len(x) for x in t["tokens"]]
                     )
-                if r == 0 and spoken_prompts is not None:
-                    stop = sorted(tok.stop_ids)
-                    answers["llama-cpp-python"] = [
-                        _text(tok, llama.answer(p, ANSWER_TOKENS, stop)) for p in spoken_prompts
-                    ]
+            if llama is not None and r == 0 and spoken_prompts is not None:
+                stop = sorted(tok.stop_ids)
+                answers["llama-cpp-python"] = [_text(tok, llama.answer(p, ANSWER_TOKENS, stop)) for p in spoken_prompts]
             numbers["rounds_done"] = r + 1
-            numbers["speed"] = speed_table(runs)
+            if runs:
+                numbers["speed"] = speed_table(runs)
             if answers:
                 numbers["spoken_set"] = spoken_table(answers)
             record.write(numbers, torch_threads=numbers["worker_torch_threads"], notes=args.notes)
