@@ -178,8 +178,8 @@ class Qwen2LM(CachedDecoder):
     ) -> Qwen2LM:
         """From a directory with `config.json` + `model.safetensors` as written by `assistant.weights.convert`;
         `quantization` as in `quant.make_linear`. A quantized model's matrices are cached beside the weights
-        (`quantized-<mode>-v<QUANT_FORMAT>.safetensors`, written at the first load): quantizing takes about a minute
-        of CPU, reading them back a second. The file goes when `prepare` rebuilds the directory."""
+        (`quantized-<mode>-v<QUANT_FORMAT>.safetensors`, written at the first load): reading them back is far cheaper
+        than quantizing again. The file goes when `prepare` rebuilds the directory."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
