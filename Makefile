@@ -46,6 +46,8 @@ bench: install prepare
 	$(BIN)/python -m bench.engine_throughput
 	$(BIN)/python -m bench.server_latency
 	$(BIN)/python -m bench.stalls
+	$(BIN)/python -m bench.voice_latency
+	$(BIN)/python -m bench.wake_word
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-output

@@ -4,12 +4,14 @@
 every key; a user file given with `--config` overlays it key by key. Loading is strict: an unknown key or a value of
 the wrong type, outside its range or not finite fails at start, naming the key, what was expected and what came
 (`assistant.schema` checks every field by its declaration). The `[vad]` section is the sessions' own
-`TurnDetection` (the server-wide default of every session). Nothing here reads argv or the environment at import time.
+`TurnDetection` (the server-wide default of every session), the `[wake_word]` section the sessions' `WakeWordSettings`.
+Nothing here reads argv or the environment at import time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
+from assistant.audio.speech_text import MAX_FIRST_CLAUSE_CHARS
 from assistant.audio.vad import TurnDetection
+from assistant.audio.voice import MAX_SPEED, MIN_SPEED, VOICE_PACKAGES, VoiceParams
+from assistant.audio.wake_word import WakeWordSettings, check_wake_word_name
 from assistant.schema import SettingError, bounds, coerce_type
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.toml"
@@ -47,7 +53,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backend: Literal["embedded", "qwen-audio"] = "embedded"
+    backend: Literal["embedded", "qwen-audio", "openai"] = "embedded"
     path: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -57,13 +63,28 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EmbeddedConfig:
-    whisper: Literal["base", "small"] = "base"
+    whisper: Literal["base", "tiny.en", "small"] = "base"
     quantization: Literal["auto", "none", "int8", "int4"] = "auto"
     cache_dir: str = ""
     system_prompt: str = (
         "You are a helpful voice assistant. Answer in one or two short sentences, "
         "in the language the user speaks. Do not use lists or markdown."
     )
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    """Backend `openai`: an OpenAI-compatible chat server (vLLM) answers; see assistant/backends/openai_chat.py."""
+
+    base_urls: tuple[str, ...] = ()
+    model: str = ""
+    api_key: str = ""
+    audio_input: Literal["transcript", "audio"] = "transcript"
+    connect_timeout_s: float = field(default=5.0, metadata=bounds(0.1, 600))
+    read_timeout_s: float = field(default=60.0, metadata=bounds(0.1, 3600))
+    response_timeout_s: float = field(default=300.0, metadata=bounds(1, 86400))
+    health_interval_s: float = field(default=5.0, metadata=bounds(0.1, 3600))
+    sampling_extensions: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,7 @@ class EngineConfig:
     cache_budget_tokens: int = field(default=65536, metadata=bounds(0, None))
     delta_queue_size: int = field(default=256, metadata=bounds(1, None))
     max_turn_tokens: int = field(default=1024, metadata=bounds(16, None))
+    threads: int = field(default=0, metadata=bounds(0, 1024))  # 0 = automatic, see `Config.engine_threads`
 
 
 @dataclass(frozen=True)
@@ -99,6 +121,29 @@ class MqttConfig:
     reconnect_max_s: float = field(default=30.0, metadata=bounds(0.1, None))
     max_devices: int = field(default=32, metadata=bounds(1, None))
     device_idle_timeout_s: float = field(default=600.0, metadata=bounds(1, None))
+    wake_word: str = ""  # the device sessions' wake word ("" = off); follow_up_ms from [wake_word]
+
+
+@dataclass(frozen=True)
+class WyomingConfig:
+    uri: str = ""
+    max_connections: int = field(default=16, metadata=bounds(1, None))
+    idle_timeout_s: float = field(default=60.0, metadata=bounds(1, None))
+    max_conversations: int = field(default=64, metadata=bounds(1, None))
+    conversation_idle_s: float = field(default=300.0, metadata=bounds(1, None))
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    name: str = "joe"
+    speed: float = field(default=1.0, metadata=bounds(MIN_SPEED, MAX_SPEED))
+    output_rate_hz: int = field(default=24000, metadata=bounds(MIN_RATE_HZ, MAX_RATE_HZ))
+    threads: int = field(default=1, metadata=bounds(1, 64))
+    max_concurrent: int = field(default=1, metadata=bounds(1, 64))
+    first_clause_chars: int = field(default=0, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))
+
+    def params(self) -> VoiceParams:
+        return VoiceParams(name=self.name, threads=self.threads, max_concurrent=self.max_concurrent)
 
 
 @dataclass(frozen=True)
@@ -111,11 +156,22 @@ class Config:
     server: ServerConfig = ServerConfig()
     model: ModelConfig = ModelConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
+    openai: OpenAIConfig = OpenAIConfig()
     generation: GenerationConfig = GenerationConfig()
     engine: EngineConfig = EngineConfig()
     vad: TurnDetection = TurnDetection()
+    wake_word: WakeWordSettings = WakeWordSettings()
     mqtt: MqttConfig = MqttConfig()
+    wyoming: WyomingConfig = WyomingConfig()
+    voice: VoiceConfig = VoiceConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    def engine_threads(self, speaking: bool) -> int:
+        """The engine's torch threads: `[engine] threads`, or the CPU's cores minus the voice's onnxruntime threads
+        when answers are spoken (at least 1), so the two never ask for more threads than there are cores."""
+        if self.engine.threads:
+            return self.engine.threads
+        return max(1, (os.cpu_count() or 1) - (self.voice.threads if speaking else 0))
 
     def replace(self, **overrides: Any) -> Config:
         """Dotted overrides, e.g. `cfg.replace(**{"server.port": 0})`; validated like file values, and the result
@@ -203,13 +259,58 @@ def parse_mqtt_url(url: str, cfg_tls: bool = False) -> BrokerAddress:
     )
 
 
+def parse_wyoming_uri(uri: str) -> tuple[str, int]:
+    """`tcp://HOST:PORT` (port 0 = any free port) -> (host, port)."""
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number or out of range, a malformed IPv6 address
+        host = port = None
+    if not uri.startswith("tcp://") or not host or port is None or parts.path not in ("", "/"):
+        raise ValueError(f"config key 'wyoming.uri': expected tcp://HOST:PORT (e.g. tcp://0.0.0.0:10700), got {uri!r}")
+    return host, port
+
+
 def _check(cfg: Config) -> None:
     if cfg.model.backend == "qwen-audio" and not cfg.model.path:
         raise ConfigError("config key 'model.path': the qwen-audio backend needs a checkpoint directory, got ''")
+    if cfg.model.backend == "openai":
+        _check_openai(cfg.openai)
     if cfg.mqtt.url:
         try:
             parse_mqtt_url(cfg.mqtt.url, cfg.mqtt.tls)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.wyoming.uri:
+        try:
+            parse_wyoming_uri(cfg.wyoming.uri)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.voice.name and cfg.voice.name not in VOICE_PACKAGES:
+        raise ConfigError(
+            f"config key 'voice.name': expected one of {sorted(VOICE_PACKAGES)} or \"\" (text only), "
+            f"got {cfg.voice.name!r}"
+        )
+    try:
+        check_wake_word_name("mqtt.wake_word", cfg.mqtt.wake_word, allow_off=True)
+    except SettingError as e:
+        raise ConfigError(f"config key {e}") from None
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         raise ConfigError("config keys 'server.tls_cert' and 'server.tls_key' must be set together (or both empty)")
+
+
+def _check_openai(o: OpenAIConfig) -> None:
+    if not o.base_urls or not o.model:
+        raise ConfigError(
+            "config keys 'openai.base_urls' and 'openai.model': the openai backend needs at least one server URL "
+            f'(e.g. ["http://127.0.0.1:8000/v1"]) and the model name it serves, got {list(o.base_urls)} and {o.model!r}'
+        )
+    for url in o.base_urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(
+                f"config key 'openai.base_urls': expected http(s)://HOST[:PORT][/PATH] (the API root, e.g. "
+                f"http://127.0.0.1:8000/v1), got {url!r}"
+            )
+    if len(set(o.base_urls)) != len(o.base_urls):
+        raise ConfigError(f"config key 'openai.base_urls': each server once, got {list(o.base_urls)}")

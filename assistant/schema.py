@@ -43,7 +43,7 @@ def coerce(key: str, cls: type, name: str, value: Any) -> Any:
     return coerce_type(key, _hints(cls)[name], value, dict(f.metadata))
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
         return f"an integer of {len(str(abs(value)))} digits"
     text = repr(value)
@@ -61,21 +61,21 @@ def coerce_type(key: str, tp: Any, value: Any, meta: dict[str, Any] | None = Non
         return coerce_type(key, inner[0], value, meta)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, tp):
-            raise SettingError(key, f"a {tp.__name__}", _shown(value))
+            raise SettingError(key, f"a {tp.__name__}", shown(value))
         return value
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
-            raise SettingError(key, "one of " + ", ".join(map(repr, allowed)), _shown(value))
+            raise SettingError(key, "one of " + ", ".join(map(repr, allowed)), shown(value))
         return value
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
         if not isinstance(value, list | tuple):
-            raise SettingError(key, f"a list of {item_tp.__name__}", _shown(value))
+            raise SettingError(key, f"a list of {item_tp.__name__}", shown(value))
         return tuple(coerce_type(key, item_tp, v) for v in value)
     if tp is bool or tp is str:
         if not isinstance(value, tp):
-            raise SettingError(key, tp.__name__, _shown(value))
+            raise SettingError(key, tp.__name__, shown(value))
         return value
     if tp in (int, float):
         return _number(key, tp, value, meta.get("range"))
@@ -89,17 +89,17 @@ def _number(key: str, tp: type, value: Any, rng: tuple[float | None, float | Non
         ok = value.is_integer()
         value = int(value) if ok else value
     if not ok:
-        raise SettingError(key, tp.__name__, _shown(value))
+        raise SettingError(key, tp.__name__, shown(value))
     if isinstance(value, float) and not math.isfinite(value):
-        raise SettingError(key, "a finite number", _shown(value))
+        raise SettingError(key, "a finite number", shown(value))
     lo, hi = rng or (None, None)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         where = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise SettingError(key, f"a value in {where}", _shown(value))
+        raise SettingError(key, f"a value in {where}", shown(value))
     try:
         return tp(value)
     except OverflowError:  # an enormous integer for a float field without an upper bound
-        raise SettingError(key, "a finite number", _shown(value)) from None
+        raise SettingError(key, "a finite number", shown(value)) from None
 
 
 def check_fields(obj: Any, prefix: str = "") -> None:

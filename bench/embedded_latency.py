@@ -8,7 +8,7 @@ shared with `tests/test_embedded_backend.py`, which asserts the same outcome as 
 
 This drives the embedded backend's own calls directly on the main thread (not the engine: `bench/engine_throughput.py`
 and `bench/server_latency.py` measure the engine and the server), doing for one turn what the engine does:
-Whisper on the clip plus a short padding (full 30 s window only when the short result looks unreliable), then a
+Whisper on the clip cut to its speech, in the full 30 s window (`WhisperTranscriber`), then a
 prefill onto the conversation's KV cache and greedy decoding. Two cases: `cold` prefills the whole prompt; `session`
 has the system prompt already cached, as in any conversation after its first turn. Decode tok/s excludes the prefill
 on every row (first token -> last token / tokens after the first; `generate()` timed with a streamer).

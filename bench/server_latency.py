@@ -95,7 +95,8 @@ async def ask(srv, pcm: np.ndarray) -> dict:
     confirmed, prefix_hits = _confirmed(), _prefix_hits()
     async with websockets.connect(srv.ws_url) as ws:  # a fresh conversation per question
         await ws.recv()
-        await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}}))
+        session = {"input_sample_rate": 16000, "output_modalities": ["text"]}  # text latency (voice: voice_latency)
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
         await ws.recv()
         row = await one_turn(ws, pcm)
     row["speculative"] = _confirmed() > confirmed

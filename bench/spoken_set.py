@@ -40,24 +40,30 @@ ANSWER_TOKENS = 48  # new tokens per answer (greedy), the same for the test and 
 SYNTH_TIMEOUT_S = 60.0
 
 
-def synthesize(text: str, wav_path: Path) -> np.ndarray:
-    """Speak `text` with espeak-ng (default `en` voice, 150 wpm); returns 16 kHz mono float32 and writes it to
-    `wav_path` as 16-bit PCM (for `ask --audio`)."""
+def synthesize(text: str, wav_path: Path, voice: str = "en", wpm: int = 150) -> np.ndarray:
+    """Speak `text` with espeak-ng (`voice`, e.g. "en-gb" or "en-us+f3"; `wpm` words per minute); returns 16 kHz
+    mono float32 and writes it to `wav_path` as 16-bit PCM (for `ask --audio`)."""
     import soxr
 
     raw = wav_path.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(raw), text], check=True, timeout=SYNTH_TIMEOUT_S)
+    cmd = ["espeak-ng", "-v", voice, "-s", str(wpm), "-w", str(raw), text]
+    subprocess.run(cmd, check=True, timeout=SYNTH_TIMEOUT_S)
     with wave.open(str(raw)) as w:
         rate = w.getframerate()
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
     raw.unlink()
     audio = soxr.resample(pcm.astype(np.float32) / 32768.0, rate, 16000).astype(np.float32)
-    with wave.open(str(wav_path), "wb") as w:
+    write_wav(wav_path, audio)
+    return audio
+
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    """16 kHz mono float32 -> 16-bit PCM WAV (truncated to the int16 grid, as `synthesize` always did)."""
+    with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(16000)
         w.writeframes((np.clip(audio, -1, 1 - 1 / 32768) * 32768).astype(np.int16).tobytes())
-    return audio
 
 
 def correct(answer: str, keywords: tuple[str, ...]) -> bool:

@@ -10,7 +10,7 @@ as server-VAD turns would: the turn's audio is submitted (`add_user_turn`, the m
 - the worker's prepare chunks, decode steps and largest decode batch.
 Two modes on the same engine and weights, alternating which goes first per level (the machine's load drifts):
 `bounded_steps` (the engine as it is) and `one_batch`, which emulates the engine before bounded steps (every queued
-turn in one prepare call, Whisper's short pass and its full-window redos in one go).
+turn in one prepare call, all its Whisper work in one go).
 
 Writes bench/results/stalls-<YYYYMMDD><tag>.json (`bench/results.py`): date, git commit, machine (CPU model, cores,
 torch version and threads), load (os.getloadavg before/after), parameters and the results per level and mode.

@@ -1,50 +1,70 @@
 """Protocol helpers shared by the thin clients (desktop, MQTT device): no torch, no server imports.
 
-Owns: the client events our clients send (`session.update` with the 16 kHz input-rate extension, push-to-talk
-commit), the `TurnView` that turns server events into what a person reads (state, transcript, streamed answer,
-per-turn latency), the two conversation loops (a WAV file streamed like a microphone; the live microphone with
-optional push-to-talk) written against `send_audio`/`send_event` callables so the WebSocket and MQTT clients share
-them, the reconnect backoff schedule, and the command-line plumbing both clients have in common (audio/reconnect
-options, opening the audio source, running one connection's receive and send loops, counting failed connections).
-Audio sources live in `clients.audio_source`.
+Owns: the client events our clients send (`session.update` with the 16 kHz input-rate extension, text or spoken
+answers, push-to-talk commit), the `TurnView` that turns server events into what a person reads (state, transcript,
+streamed answer, per-turn latency, why an answer was not spoken), and the two conversation loops (a WAV file
+streamed like a microphone; the live microphone with optional push-to-talk, half duplex while the answer plays, and
+the interrupt key) written against `send_audio`/`send_event` callables so the WebSocket and MQTT clients share them.
+The answer's audio is `clients.playback`; the command-line plumbing `clients.cli`; audio sources
+`clients.audio_source`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from clients.audio_source import (
-    DEFAULT_BLOCK_MS,
-    INPUT_RATE_HZ,
-    Microphone,
-    NoMicrophone,
-    blocks,
-    load_wav_pcm16,
-    paced,
-    silence,
-)
+from clients.audio_source import INPUT_RATE_HZ, Microphone, blocks, paced, silence
+from clients.playback import SpokenAnswers
 
 SendAudio = Callable[[bytes], Awaitable[None]]
 SendEvent = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 # ----------------------------------------------------------------------------------------------- client events
-def session_update(input_rate_hz: int = INPUT_RATE_HZ, push_to_talk: bool = False) -> dict[str, Any]:
+WAKE_WORD_OFF = "off"  # `--wake-word off`: no wake word, even when the server's default has one
+
+
+def session_update(
+    input_rate_hz: int = INPUT_RATE_HZ,
+    push_to_talk: bool = False,
+    wake_word: str | None = None,
+    follow_up_ms: int | None = None,
+    text_only: bool = False,
+    output_rate_hz: int | None = None,
+) -> dict[str, Any]:
     """The first event our clients send: raw PCM16 at `input_rate_hz` (extension) and the turn-taking mode.
 
-    Push-to-talk switches server VAD off (`turn_detection: null`): the client commits and asks for the answer."""
-    session: dict[str, Any] = {"type": "realtime", "output_modalities": ["text"], "input_sample_rate": input_rate_hz}
+    Push-to-talk switches server VAD off (`turn_detection: null`): the client commits and asks for the answer.
+    `wake_word` (extension): only speech after it is heard (`WAKE_WORD_OFF` turns the server's default off; None
+    leaves the server's default); `follow_up_ms` is how long after an answer speech needs no wake word.
+    Answers are spoken when the server has a voice (its default, as OpenAI's); `text_only` asks for text, and
+    `output_rate_hz` (extension) for the answer audio at that rate instead of the server's 24 kHz."""
+    session: dict[str, Any] = {"type": "realtime", "input_sample_rate": input_rate_hz}
+    if text_only:
+        session["output_modalities"] = ["text"]
+    elif output_rate_hz is not None:
+        session["output_sample_rate"] = output_rate_hz
+    audio_input: dict[str, Any] = {}
     if push_to_talk:
-        session["audio"] = {"input": {"turn_detection": None}}
+        audio_input["turn_detection"] = None
+    if wake_word == WAKE_WORD_OFF:
+        audio_input["wake_word"] = None
+    elif wake_word is not None:
+        audio_input["wake_word"] = {"name": wake_word}
+        if follow_up_ms is not None:
+            audio_input["wake_word"]["follow_up_ms"] = follow_up_ms
+    if audio_input:
+        session["audio"] = {"input": audio_input}
     return {"type": "session.update", "session": session}
+
+
+TEXT_ANSWERS = {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"]}}
 
 
 def push_to_talk_end() -> list[dict[str, Any]]:
@@ -52,32 +72,24 @@ def push_to_talk_end() -> list[dict[str, Any]]:
     return [{"type": "input_audio_buffer.commit"}, {"type": "response.create"}]
 
 
-# ----------------------------------------------------------------------------------------------- reconnects
-@dataclass
-class Backoff:
-    """Exponential reconnect delays: initial_s, 2x, 4x ... capped at max_s; `reset()` after a good connection."""
-
-    initial_s: float = 0.5
-    max_s: float = 10.0
-    attempt: int = 0
-
-    def next_delay_s(self) -> float:
-        delay_s = min(self.max_s, self.initial_s * (2**self.attempt))
-        self.attempt += 1
-        return delay_s
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 # ----------------------------------------------------------------------------------------------- rendering
+# The answer as text: text answers (GA, beta) and the transcript of spoken ones (GA, beta), clause by clause.
+TEXT_DELTAS = (
+    "response.output_text.delta",
+    "response.text.delta",
+    "response.output_audio_transcript.delta",
+    "response.audio_transcript.delta",
+)
+
+
 @dataclass
 class TurnView:
     """Sans-I/O view of a conversation: feed server events, it writes lines a person reads and keeps counts.
 
-    Output: `you: <transcript>` when the server has one, `assistant: <answer streamed as it arrives>`, state changes
-    (`[listening]`, `[speech]`, `[thinking]`) and each answer's latency, measured from the end of the user's speech
-    (VAD `speech_stopped`, or the push-to-talk release) to the first text delta."""
+    Output: `you: <transcript>` when the server has one, `assistant: <answer streamed as it arrives>` (the text, or
+    a spoken answer's transcript), state changes (`[listening]`, `[speech]`, `[thinking]`, `[speaking]` while an
+    answer's audio plays: `set_speaking`), each answer's latency, measured from the end of the user's speech (VAD
+    `speech_stopped`, or the push-to-talk release) to its first text, and why text was not spoken (`no_audio`)."""
 
     out: TextIO = field(default_factory=lambda: sys.stdout)
     show_state: bool = True
@@ -89,6 +101,9 @@ class TurnView:
     errors: list[dict[str, Any]] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
     active_responses: int = 0
+    wake_words: int = 0  # wake_word_detected events seen
+    speaking: bool = False  # an answer's audio is playing (told by the client's playback: `set_speaking`)
+    _not_spoken: str = ""  # why some of the current answer has no audio (the server's `no_audio` message)
     _turn_end_s: float | None = None
     _first_delta_seen: bool = False
     _line_open: bool = False
@@ -100,6 +115,7 @@ class TurnView:
         self.active_responses = 0
         self._turn_end_s = None
         self._first_delta_seen = False
+        self.speaking = False
         self.state = "connecting"
 
     def mark_turn_end(self) -> None:
@@ -107,10 +123,23 @@ class TurnView:
         self._turn_end_s = self.clock()
         self._set_state("thinking")
 
+    def set_speaking(self, speaking: bool) -> None:
+        """The client's playback started or finished; after the answer is done its end means listening again."""
+        if speaking != self.speaking:
+            self.speaking = speaking
+            if speaking:
+                self._set_state("speaking")
+            elif self.active_responses == 0:
+                self._set_state("listening")
+
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type", "")
         if kind in ("session.created", "session.updated"):
             self._set_state("listening")
+        elif kind == "input_audio_buffer.wake_word_detected":
+            self.wake_words += 1
+            if self.show_state:
+                self._write_line(f"[wake word: {event.get('name', '')}]")
         elif kind == "input_audio_buffer.speech_started":
             self._set_state("speech")
         elif kind == "input_audio_buffer.speech_stopped":
@@ -124,8 +153,11 @@ class TurnView:
             self.active_responses += 1
             self._first_delta_seen = False
             self._answer = ""
-        elif kind in ("response.output_text.delta", "response.text.delta"):
+            self._not_spoken = ""
+        elif kind in TEXT_DELTAS:
             self._on_delta(str(event.get("delta", "")))
+            if isinstance(event.get("no_audio"), dict) and not self._not_spoken:
+                self._not_spoken = str(event["no_audio"].get("message") or event["no_audio"].get("code"))
         elif kind == "response.done":
             self._on_done(event.get("response") or {})
         elif kind == "error":
@@ -159,13 +191,15 @@ class TurnView:
             details.append(f"server {float(timings['total']):.0f} ms")
         if self.show_state and details:
             self._write_line(f"[{', '.join(details)}]")
+        if self._not_spoken:
+            self._write_line(f"[shown as text, not spoken: {self._not_spoken}]")
         self._turn_end_s = None
-        self._set_state("listening")
+        self._set_state("speaking" if self.speaking else "listening")
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
             self.state = state
-            if self.show_state:
+            if self.show_state and not (state == "speaking" and self._line_open):  # the answer's line says it
                 self._write_line(f"[{state}]")
 
     def _write_line(self, text: str) -> None:
@@ -194,10 +228,16 @@ class WavOptions:
 
 
 async def wav_conversation(
-    send_audio: SendAudio, send_event: SendEvent, view: TurnView, pcm: bytes, opts: WavOptions
+    send_audio: SendAudio,
+    send_event: SendEvent,
+    view: TurnView,
+    pcm: bytes,
+    opts: WavOptions,
+    spoken: SpokenAnswers | None = None,
 ) -> None:
-    """Stream `pcm` at real time, then (VAD) keep streaming silence like an open mic until every answer is done,
-    or (push-to-talk) commit and ask for the answer. Returns when the last answer is done; raises NoAnswer."""
+    """Stream `pcm` at real time, then (VAD) keep streaming silence like an open mic until every answer is done
+    (and, with `spoken`, played), or (push-to-talk) commit and ask for the answer. Returns when the last answer is
+    done; raises NoAnswer."""
     done_before = view.responses_done
     async for chunk in paced(blocks(pcm, opts.block_ms), speed=opts.speed):
         await send_audio(chunk)
@@ -208,7 +248,9 @@ async def wav_conversation(
     quiet = silence(opts.block_ms)
     tail_ms = 0
     while True:
-        answered = view.responses_done > done_before and view.active_responses == 0
+        speaking = spoken is not None and spoken.speaking
+        view.set_speaking(speaking)
+        answered = view.responses_done > done_before and view.active_responses == 0 and not speaking
         if answered and (opts.push_to_talk or (tail_ms >= opts.tail_ms and view.state == "listening")):
             return
         if tail_ms >= opts.tail_ms + opts.wait_s * 1000:
@@ -220,29 +262,41 @@ async def wav_conversation(
 
 
 def stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str]:
-    """Lines typed on stdin (push-to-talk presses), read on a daemon thread so the event loop never blocks."""
+    """Lines typed on stdin (Enter presses), read on a daemon thread so the event loop never blocks."""
     lines: asyncio.Queue[str] = asyncio.Queue()
 
     def read() -> None:
         for line in sys.stdin:
             loop.call_soon_threadsafe(lines.put_nowait, line)
 
-    threading.Thread(target=read, name="stdin-ptt", daemon=True).start()
+    threading.Thread(target=read, name="stdin-keys", daemon=True).start()
     return lines
 
 
+@dataclass
+class MicOptions:
+    push_to_talk: bool = False
+    keys: asyncio.Queue[str] | None = None  # Enter presses: push-to-talk, and interrupting the spoken answer
+    spoken: SpokenAnswers | None = None  # the answers' playback (None: text answers)
+    half_duplex: bool = True  # the microphone is not sent while the answer plays (no echo cancellation)
+
+
 async def mic_conversation(
-    send_audio: SendAudio, send_event: SendEvent, view: TurnView, mic: Microphone, ptt: asyncio.Queue[str] | None
+    send_audio: SendAudio, send_event: SendEvent, view: TurnView, mic: Microphone, opts: MicOptions
 ) -> None:
-    """Forward microphone blocks forever; with push-to-talk (`ptt` = Enter presses) only between two presses."""
+    """Forward microphone blocks forever; with push-to-talk only between two Enter presses; half duplex: not
+    while the answer plays. Enter while the answer plays interrupts it (and, in push-to-talk, starts your turn)."""
     mic.drain()  # audio captured while disconnected belongs to no turn
-    talking = ptt is None
-    if ptt is not None:
+    talking = not opts.push_to_talk
+    spoken = opts.spoken
+    if opts.push_to_talk:
         print("push-to-talk: press Enter to start talking, Enter again to send", file=sys.stderr)
+    if spoken is not None and opts.keys is not None:
+        print("press Enter while the assistant speaks to interrupt it", file=sys.stderr)
     while True:
         getters = [asyncio.ensure_future(mic.queue.get())]
-        if ptt is not None:
-            getters.append(asyncio.ensure_future(ptt.get()))
+        if opts.keys is not None:
+            getters.append(asyncio.ensure_future(opts.keys.get()))
         try:
             done, _ = await asyncio.wait(getters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -250,10 +304,21 @@ async def mic_conversation(
                 if not task.done():
                     task.cancel()
         for task in done:
+            speaking = spoken is not None and spoken.speaking
+            view.set_speaking(speaking)
             if task is getters[0]:
-                if talking:
+                if talking and not (opts.half_duplex and speaking):
                     await send_audio(task.result())
-            elif not talking:  # Enter: start a turn on a fresh buffer
+                continue
+            if spoken is not None and speaking:  # Enter over the answer: stop it where the listener is
+                for event in spoken.interrupt(view.active_responses > 0):
+                    await send_event(event)
+                print("[interrupted]", file=sys.stderr)
+                if talking or not opts.push_to_talk:
+                    continue
+            if not opts.push_to_talk:
+                continue
+            if not talking:  # Enter: start a turn on a fresh buffer
                 talking = True
                 await send_event({"type": "input_audio_buffer.clear"})
                 print("[talking... press Enter to send]", file=sys.stderr)
@@ -262,123 +327,3 @@ async def mic_conversation(
                 for event in push_to_talk_end():
                     await send_event(event)
                 view.mark_turn_end()
-
-
-# ----------------------------------------------------------------------------------------------- command line
-def _input_device(value: str) -> int | str:
-    """sounddevice takes an input device by index (a number) or by name."""
-    return int(value) if value.isdigit() else value
-
-
-def add_audio_arguments(p: argparse.ArgumentParser, device_flag: str) -> None:
-    """The audio, pacing, reconnect and output options both clients share. `device_flag` names the sounddevice
-    input option: `--device` on the desktop, `--input-device` on MQTT (where `--device` is the device id)."""
-    p.add_argument("--wav", metavar="FILE", help="stream this WAV file at real-time speed instead of the microphone")
-    p.add_argument("--push-to-talk", action="store_true", help="no server VAD: Enter starts and ends each turn")
-    p.add_argument(
-        device_flag, type=_input_device, help="sounddevice input device name or index (default: the system default)"
-    )
-    p.add_argument("--block-ms", type=int, default=DEFAULT_BLOCK_MS, help="audio block length (default 20 ms)")
-    p.add_argument("--speed", type=float, default=1.0, help="--wav pacing: 1.0 = real time")
-    p.add_argument("--tail-ms", type=int, default=1500, help="--wav: silence streamed after the file (VAD end)")
-    p.add_argument("--wait-s", type=float, default=120.0, help="--wav: longest wait for the answer after the tail")
-    p.add_argument("--max-retries", type=int, default=-1, help="reconnect attempts before giving up (-1 = forever)")
-    p.add_argument("--reconnect-initial-s", type=float, default=0.5, help="first reconnect delay")
-    p.add_argument("--reconnect-max-s", type=float, default=10.0, help="longest reconnect delay")
-    p.add_argument("--quiet", action="store_true", help="print only transcripts and answers, no state lines")
-
-
-# ----------------------------------------------------------------------------------------------- running a client
-def run_main(
-    parser: argparse.ArgumentParser,
-    run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
-    argv: list[str] | None,
-) -> int:
-    """A client's `main`: parse `argv`, run the client's `run(args)` to its exit code; Ctrl-C exits with 130."""
-    args = parser.parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        return 130
-
-
-AudioSource = bytes | Microphone  # the --wav file's PCM16, or the live microphone
-
-
-def open_audio_source(args: argparse.Namespace, input_device: int | str | None) -> AudioSource | None:
-    """The --wav file's PCM16, or the opened microphone (then `args.ptt_lines` holds the Enter presses for
-    push-to-talk). None, after saying why on stderr, when no microphone can be opened."""
-    if args.wav:
-        return load_wav_pcm16(args.wav)
-    mic = Microphone(input_device, args.block_ms)
-    try:
-        mic.open(asyncio.get_running_loop())
-    except NoMicrophone as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
-    args.ptt_lines = stdin_lines(asyncio.get_running_loop()) if args.push_to_talk else None
-    return mic
-
-
-def input_rate_hz(source: AudioSource) -> int:
-    """The rate the source's audio is sent at (the microphone may only offer another rate than 16 kHz)."""
-    return source.rate_hz if isinstance(source, Microphone) else INPUT_RATE_HZ
-
-
-def conversation(
-    send_audio: SendAudio, send_event: SendEvent, view: TurnView, source: AudioSource, args: argparse.Namespace
-) -> Coroutine[Any, Any, None]:
-    """The send loop of one connection: the microphone forever, or the --wav file until its answer is done."""
-    if isinstance(source, Microphone):
-        return mic_conversation(send_audio, send_event, view, source, args.ptt_lines)
-    opts = WavOptions(args.push_to_talk, args.block_ms, args.speed, args.tail_ms, args.wait_s)
-    return wav_conversation(send_audio, send_event, view, source, opts)
-
-
-async def run_until_either_ends(receive: Coroutine[Any, Any, None], send: Coroutine[Any, Any, None]) -> bool:
-    """One connection: the receive and send loops run together; whichever ends first cancels the other.
-
-    Re-raises what ended a loop (a lost connection, for the caller's reconnect loop; NoAnswer). Returns True when
-    the receive loop ended by itself (the peer closed the connection cleanly), False when the send loop finished."""
-    receiver = asyncio.create_task(receive, name="receive")
-    sender = asyncio.create_task(send, name="send")
-    try:
-        done, _ = await asyncio.wait([receiver, sender], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (receiver, sender):
-            task.cancel()
-        for task in (receiver, sender):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    for task in done:
-        task.result()
-    return receiver in done
-
-
-@dataclass
-class Reconnects:
-    """Failed connection attempts in a row: the backoff between them and the `--max-retries` bound."""
-
-    backoff: Backoff
-    max_retries: int  # -1 = forever
-    failures: int = 0
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Reconnects:
-        return cls(Backoff(initial_s=args.reconnect_initial_s, max_s=args.reconnect_max_s), args.max_retries)
-
-    def connected(self) -> None:
-        self.backoff.reset()
-        self.failures = 0
-
-    async def wait_or_give_up(self, peer: str, address: str, error: BaseException, detail: str) -> bool:
-        """After a failed or lost connection to the `peer` ("server", "broker"): False, after saying so on stderr,
-        when the retries are used up; otherwise waits the next backoff delay (said on stderr) and returns True."""
-        self.failures += 1
-        if self.max_retries >= 0 and self.failures > self.max_retries:
-            print(f"error: cannot reach the {peer} at {address} ({error}); is it running?", file=sys.stderr)
-            return False
-        delay_s = self.backoff.next_delay_s()
-        print(f"[{peer} unavailable ({detail}); retrying in {delay_s:.1f} s]", file=sys.stderr)
-        await asyncio.sleep(delay_s)
-        return True

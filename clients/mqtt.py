@@ -1,9 +1,14 @@
-"""MQTT device client (a smart-speaker stand-in): `python -m clients.mqtt --broker mqtt://HOST:PORT --device ID`.
+"""MQTT device client (a smart-speaker stand-in): `python -m clients.mqtt --broker mqtt://HOST:PORT --device ID
+[--wav FILE [--out ANSWER.wav]] [--output-rate HZ] [--text]`.
 
-Owns one device's side of the MQTT bridge protocol (DESIGN.md): PCM16 16 kHz chunks to `<prefix>/<device>/audio`,
-JSON client events to `<prefix>/<device>/control`, server events (same JSON as the WebSocket) read from
-`<prefix>/<device>/events`. Audio comes from the microphone or `--wav FILE` (streamed at real time); the answer is
-printed as it streams. Reconnects with backoff when the broker goes away.
+Owns one device's side of the MQTT bridge protocol (README, PROTOCOL.md): PCM16 16 kHz chunks to
+`<prefix>/<device>/audio`, JSON client events to `<prefix>/<device>/control`, server events (the WebSocket's JSON)
+read from `<prefix>/<device>/events`, and the spoken answer as raw PCM16 from `<prefix>/<device>/speech` (each
+answer's start is announced on the events topic by `response.output_audio.started` with its rate, its end by
+`response.output_audio.done`). Audio comes from the microphone or `--wav FILE` (streamed at real time); the answer
+is printed as it streams and played (or written to `--out FILE`); `--output-rate` asks for the answer audio at the
+device's own rate. Reconnects with backoff when the broker goes away. `--wake-word NAME` sets this device's wake word
+(the server's default for devices is `mqtt.wake_word`; `--wake-word off` turns it off).
 """
 
 from __future__ import annotations
@@ -19,20 +24,17 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
-from clients.audio_source import Microphone
-from clients.common import (
-    AudioSource,
-    NoAnswer,
+from clients.cli import (
+    ClientAudio,
     Reconnects,
-    TurnView,
     add_audio_arguments,
     conversation,
-    input_rate_hz,
-    open_audio_source,
+    open_client_audio,
     run_main,
     run_until_either_ends,
-    session_update,
 )
+from clients.common import NoAnswer, SendEvent, TurnView
+from clients.playback import NoAnswerAudio
 
 # Audio is a live stream: QoS 0 (a late chunk is worth nothing after a reconnect). Control events must arrive: QoS 1.
 AUDIO_QOS = 0
@@ -69,17 +71,28 @@ def _tls_context(args: argparse.Namespace, broker: Broker) -> ssl.SSLContext | N
     return ssl.create_default_context(cafile=args.ca_file or None)
 
 
-async def _receive(client: aiomqtt.Client, view: TurnView) -> None:
+async def _receive(
+    client: aiomqtt.Client, topic: str, view: TurnView, audio: ClientAudio, send_event: SendEvent
+) -> None:
     async for message in client.messages:
         payload = message.payload
-        if isinstance(payload, bytes | bytearray):
-            try:
-                view.handle(json.loads(payload))
-            except ValueError:
-                print(f"[ignored a non-JSON message on {message.topic.value}]", file=sys.stderr)
+        if not isinstance(payload, bytes | bytearray):
+            continue
+        if message.topic.value == f"{topic}/speech":
+            if audio.spoken is not None:
+                audio.spoken.raw_audio(bytes(payload))
+            continue
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            print(f"[ignored a non-JSON message on {message.topic.value}]", file=sys.stderr)
+            continue
+        view.handle(event)
+        for reply in audio.handle(event):  # barge-in: tell the server what was heard
+            await send_event(reply)
 
 
-async def _converse(client: aiomqtt.Client, view: TurnView, args: argparse.Namespace, source: AudioSource) -> None:
+async def _converse(client: aiomqtt.Client, view: TurnView, args: argparse.Namespace, audio: ClientAudio) -> None:
     topic = f"{args.prefix}/{args.device}"
 
     async def send_event(event: dict[str, Any]) -> None:
@@ -88,13 +101,16 @@ async def _converse(client: aiomqtt.Client, view: TurnView, args: argparse.Names
     async def send_audio(chunk: bytes) -> None:
         await client.publish(f"{topic}/audio", chunk, qos=AUDIO_QOS)
 
-    await client.subscribe(f"{topic}/events", qos=1)
+    subscriptions = [(f"{topic}/events", 1)] + ([(f"{topic}/speech", 1)] if audio.spoken is not None else [])
+    await client.subscribe(subscriptions)
     view.new_connection()
+    audio.new_connection()
     if args.reset:
         await send_event({"type": "conversation.reset"})
-    await send_event(session_update(input_rate_hz(source), push_to_talk=args.push_to_talk))
+    await send_event(audio.session_update(args, args.output_rate))
     # Re-raises MqttError for the reconnect loop.
-    if await run_until_either_ends(_receive(client, view), conversation(send_audio, send_event, view, source, args)):
+    receive = _receive(client, topic, view, audio, send_event)
+    if await run_until_either_ends(receive, conversation(send_audio, send_event, view, audio, args)):
         raise aiomqtt.MqttError("the broker closed the connection")
 
 
@@ -105,8 +121,8 @@ async def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     view = TurnView(show_state=not args.quiet)
-    source = open_audio_source(args, args.input_device)
-    if source is None:
+    audio = open_client_audio(args, args.input_device)
+    if audio is None:
         return 2
     reconnects = Reconnects.from_args(args)
     try:
@@ -122,17 +138,17 @@ async def run(args: argparse.Namespace) -> int:
             try:
                 async with client:
                     reconnects.connected()
-                    await _converse(client, view, args, source)
-                    return 0  # only the --wav conversation ends by itself
-            except NoAnswer as e:
+                    await _converse(client, view, args, audio)
+                audio.finish(args.out)
+                return 0  # only the --wav conversation ends by itself
+            except (NoAnswer, NoAnswerAudio) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             except aiomqtt.MqttError as e:
                 if not await reconnects.wait_or_give_up("broker", args.broker, e, str(e)):
                     return 1
     finally:
-        if isinstance(source, Microphone):
-            source.close()
+        audio.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="TLS to the broker (implied by mqtts://)")
     p.add_argument("--ca-file", help="CA bundle for the broker certificate")
     p.add_argument("--reset", action="store_true", help="start a fresh conversation (conversation.reset)")
+    p.add_argument(
+        "--output-rate",
+        type=int,
+        metavar="HZ",
+        help="the device's output rate: the spoken answer comes at this rate (8000-48000; default: the server's 24000)",
+    )
     add_audio_arguments(p, device_flag="--input-device")
     return p
 

@@ -176,3 +176,26 @@ def embedded_questions(tmp_path_factory):
 
 
 # ---- end of engineer B block ---------------------------------------------------------------------------------------
+
+
+# ---- spoken answers: the Piper voice pool, loaded once --------------------------------------------------------------
+@pytest.fixture(scope="session")
+def speech_pool():
+    """The server's voice (`[voice]` defaults: joe, 1 thread), loaded once and shared by the spoken-answer tests."""
+    from assistant.audio.voice import SpeechPool, VoiceParams, installed_voices
+
+    if "joe" not in installed_voices():
+        pytest.skip("the voice extra is not installed (pip install '.[voice]')")
+    pool = SpeechPool(VoiceParams())
+    pool.load().result()
+    yield pool
+    pool.close()
+
+
+# ---- end of spoken answers block -----------------------------------------------------------------------------------
+
+
+# ---- Wyoming / Home Assistant -------------------------------------------------------------------------------------
+# tests/home_assistant/ is run by Home Assistant's own venv (tests/test_home_assistant.py), never by this pytest.
+collect_ignore = ["home_assistant"]
+# ---- end of Wyoming / Home Assistant block ---------------------------------------------------------------------------

@@ -20,8 +20,14 @@ TIMEOUT_S = 120.0  # the one bound every wait in the server tests derives from (
 
 
 def make_cfg(**overrides: Any) -> Config:
-    """A server on a free port (0) with greedy 6-token answers; `overrides` by dotted key, e.g. `server.token`."""
-    base: dict[str, Any] = {"server.port": 0, "generation.max_new_tokens": 6, "generation.greedy": True}
+    """A server on a free port (0) with greedy 6-token answers, text only (no voice: the tiny random model's answers
+    are not worth speaking; spoken-answer tests set `voice.name`); `overrides` by dotted key, e.g. `server.token`."""
+    base: dict[str, Any] = {
+        "server.port": 0,
+        "generation.max_new_tokens": 6,
+        "generation.greedy": True,
+        "voice.name": "",
+    }
     base.update(overrides)
     return load_config(overrides=base)
 

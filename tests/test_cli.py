@@ -15,7 +15,7 @@ def run(*args):
 def test_help_lists_subcommands():
     r = run("--help")
     assert r.returncode == 0
-    for cmd in ("serve", "ask", "prepare"):
+    for cmd in ("serve", "ask", "tls-cert", "prepare"):
         assert cmd in r.stdout
 
 
@@ -50,6 +50,11 @@ def test_config_is_accepted_before_and_after_the_command(tmp_path):
 def test_a_bad_mqtt_url_fails_at_start_naming_the_key():
     r = run("serve", "--port", "0", "--mqtt", "tcp://broker:1883")
     assert r.returncode == 2 and "mqtt.url" in r.stderr and "mqtt://HOST" in r.stderr
+
+
+def test_a_bad_wyoming_uri_fails_at_start_naming_the_key():
+    r = run("serve", "--port", "0", "--wyoming", "tcp://0.0.0.0")
+    assert r.returncode == 2 and "wyoming.uri" in r.stderr and "tcp://HOST:PORT" in r.stderr
 
 
 def test_sigterm_while_the_model_loads_exits_cleanly_and_says_why(tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from clients.audio_source import blocks, load_wav_pcm16, paced, silence
-from clients.common import Backoff, NoAnswer, Reconnects, TurnView, WavOptions, session_update, wav_conversation
+from clients.cli import Backoff, Reconnects
+from clients.common import NoAnswer, TurnView, WavOptions, session_update, wav_conversation
 from clients.mqtt import parse_broker_url
 
 
@@ -70,6 +71,18 @@ def test_session_update_selects_rate_and_push_to_talk() -> None:
     ptt = session_update(44100, push_to_talk=True)
     assert ptt["session"]["audio"]["input"]["turn_detection"] is None
     assert ptt["session"]["input_sample_rate"] == 44100
+
+
+def test_session_update_and_the_view_carry_the_wake_word() -> None:
+    wake = session_update(16000, wake_word="alexa", follow_up_ms=3000)["session"]["audio"]["input"]
+    assert wake == {"wake_word": {"name": "alexa", "follow_up_ms": 3000}}
+    assert session_update(16000, wake_word="off")["session"]["audio"]["input"] == {"wake_word": None}
+    both = session_update(16000, push_to_talk=True, wake_word="hey_mycroft")["session"]["audio"]["input"]
+    assert both == {"turn_detection": None, "wake_word": {"name": "hey_mycroft"}}
+    out = io.StringIO()
+    view = TurnView(out=out)
+    view.handle({"type": "input_audio_buffer.wake_word_detected", "name": "alexa", "audio_start_ms": 1280})
+    assert view.wake_words == 1 and out.getvalue() == "[wake word: alexa]\n"
 
 
 def _wav_bytes(samples: np.ndarray, rate_hz: int, channels: int = 1, width: int = 2) -> bytes:
@@ -191,6 +204,9 @@ def test_both_clients_share_the_audio_options_and_parse_the_input_device() -> No
     m = mqtt.build_parser().parse_args(["--device", "kitchen", "--input-device", "USB Mic", "--push-to-talk"])
     assert (m.device, m.input_device, m.push_to_talk, m.wait_s) == ("kitchen", "USB Mic", True, 120.0)
     assert desktop.build_parser().parse_args([]).device is None  # the system default input
+    w = mqtt.build_parser().parse_args(["--device", "d", "--wake-word", "okay_nabu", "--follow-up-ms", "5000"])
+    assert (w.wake_word, w.follow_up_ms) == ("okay_nabu", 5000)
+    assert desktop.build_parser().parse_args(["--wake-word", "alexa"]).wake_word == "alexa"
 
 
 async def test_reconnects_give_up_after_max_retries_and_reset_on_success(capsys) -> None:

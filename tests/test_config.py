@@ -48,6 +48,9 @@ def test_overlay_file_and_overrides(tmp_path):
         ("[vad]\nthreshold = inf\n", "'vad.threshold': expected a finite number, got inf"),
         ("[vad]\nsilence_duration_ms = " + "9" * 5000 + "\n", "is not valid TOML"),
         ('[mqtt]\nurl = "broker:1883"\n', "'mqtt.url': expected mqtt://HOST[:PORT]"),
+        ('[wyoming]\nuri = "0.0.0.0:10700"\n', "'wyoming.uri': expected tcp://HOST:PORT"),
+        ('[wyoming]\nuri = "tcp://host"\n', "'wyoming.uri': expected tcp://HOST:PORT"),
+        ("[wyoming]\nmax_conversations = 0\n", "'wyoming.max_conversations': expected a value in [1, "),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, fragment):
@@ -61,3 +64,14 @@ def test_bad_config_names_the_key(tmp_path, text, fragment):
 def test_missing_file_says_so(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_the_thread_budget_leaves_the_voice_its_threads():
+    import os
+
+    cfg = load_config()
+    cores = os.cpu_count() or 1
+    assert cfg.engine_threads(speaking=False) == cores
+    assert cfg.engine_threads(speaking=True) == max(1, cores - cfg.voice.threads)
+    assert cfg.replace(**{"engine.threads": 3}).engine_threads(speaking=True) == 3
+    assert cfg.replace(**{"voice.threads": 64}).engine_threads(speaking=True) == 1  # never below one

@@ -62,19 +62,6 @@ def test_encoder_and_incremental_decoder_match_transformers(tiny_pair):
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_cross_mask_makes_a_padded_batch_equal_single_runs(tiny_pair):
-    ours, _ = tiny_pair
-    mels = [torch.randn(1, 80, 200), torch.randn(1, 80, 120)]
-    feats = [ours.encode(m)[0] for m in mels]  # 100 and 60 positions
-    tokens = torch.randint(0, DIMS.vocab_size, (2, 5))
-    solo = [ours.decode(tokens[i : i + 1], ours.cross_kv(f[None]), None)[0] for i, f in enumerate(feats)]
-    padded = torch.zeros(2, 100, DIMS.d_model)
-    padded[0], padded[1, :60] = feats[0], feats[1]
-    mask = (torch.arange(100)[None, :] < torch.tensor([100, 60])[:, None])[:, None, None, :]
-    batched, _ = ours.decode(tokens, ours.cross_kv(padded), None, mask)
-    torch.testing.assert_close(batched, torch.cat(solo), atol=1e-4, rtol=1e-4)
-
-
 def test_repeat_detector_finds_a_loop_and_leaves_normal_text():
     assert _repeat_start([5, 6, 7, 8, 9, 5, 6, 7, 8, 9]) == 5
     assert _repeat_start([1, 2, 3, 4, 5, 6, 7]) is None

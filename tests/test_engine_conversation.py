@@ -146,3 +146,19 @@ async def test_stream_wakes_the_loop_from_another_thread():
     await asyncio.to_thread(produce)
     done = await stream.wait_done()
     assert done.status == "completed"
+
+
+def test_a_reply_cut_to_what_was_heard_replaces_it_and_nothing_heard_reopens_the_turn():
+    conv = Conversation("s", "sys", _cache([]))
+    q1, q2 = PreparedTurn(key="q1", user_text="Tell me about Paris."), PreparedTurn(key="q2", user_text="And Rome?")
+    conv.record(q1, "Paris is the capital of France. It has many museums.", "resp_1")
+    conv.record(q2, "Rome is the capital of Italy.", "resp_2")
+    assert conv.truncate_reply("resp_1", "Paris is the capital of France. ")
+    assert [ex.reply for ex in conv.history] == ["Paris is the capital of France.", "Rome is the capital of Italy."]
+    assert not conv.truncate_reply("resp_gone", "x")  # fell out of the window, or never recorded
+    # the newest answer was not heard at all: its question is answered again with the next response
+    assert conv.truncate_reply("resp_2", "")
+    assert [ex.user.key for ex in conv.history] == ["q1"] and [t.key for t in conv.pending] == ["q2"]
+    # an older answer heard not at all stays, empty (later turns already built on it)
+    conv.record(q2, "Rome.", "resp_3")
+    assert conv.truncate_reply("resp_1", "") and conv.history[0].reply == ""

@@ -461,3 +461,20 @@ async def test_a_bad_utterance_in_a_batch_does_not_sink_the_others(qwen_backend,
     assert isinstance(results[0], Exception) and results[1].audio_s > 2.0
     assert done.status in ("completed", "incomplete")
     assert "Audio 1:" in qwen_backend.tokenizer.decode_bytes(done.prompt_ids).decode()  # numbering not skewed
+
+
+async def test_a_reply_cut_to_what_was_heard_is_what_the_next_prompt_holds(qwen_backend):
+    engine = await _engine(qwen_backend, threads=1)
+    try:
+        engine.open_session("s")
+        first = await _ask(engine, "s", "u1", text="Tell me something.", n=12)
+        heard = first.text[: len(first.text) // 2]
+        engine.truncate_reply("s", first.response_id, heard)
+        engine.truncate_reply("gone", first.response_id, "")  # a closed session: ignored
+        done = await _ask(engine, "s", "u2", text="And then?")
+        threads = await engine.call(lambda b: torch.get_num_threads())
+    finally:
+        await engine.stop()
+    prompt = qwen_backend.tokenizer.decode_bytes(done.prompt_ids).decode()
+    assert heard.strip() in prompt and first.text not in prompt
+    assert threads == 1  # `[engine] threads` is applied on the worker, which runs all model code

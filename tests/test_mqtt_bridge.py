@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import numpy as np
 import pytest
 
 from assistant.config import parse_mqtt_url
@@ -44,6 +45,8 @@ def test_topics_route_only_device_audio_and_control() -> None:
     assert t.parse("home/assistant/bridge/control") is None  # the status namespace is not a device
     assert t.parse("other/assistant/kitchen/audio") is None
     assert t.events("kitchen") == "home/assistant/kitchen/events" and t.status == "home/assistant/bridge/status"
+    assert t.out("kitchen", "speech") == "home/assistant/kitchen/speech"
+    assert t.parse("home/assistant/kitchen/speech") is None  # our own output
 
 
 def test_parse_mqtt_url_and_tls() -> None:
@@ -65,12 +68,12 @@ async def test_outbox_drops_oldest_and_counts_per_device() -> None:
     box = Outbox(capacity=2)
     box.put("a", b"1")
     box.put("b", b"2")
-    box.put("b", b"3")  # full: a's oldest event goes
+    box.put("b", b"3", "speech")  # full: a's oldest event goes
     assert box.dropped == {"a": 1}
     first = await box.get()
-    assert first == ("b", b"2")
+    assert first == ("b", "events", b"2")
     box.requeue_front(first)  # a publish that did not complete is delivered first after reconnecting
-    assert [await box.get(), await box.get()] == [("b", b"2"), ("b", b"3")]
+    assert [await box.get(), await box.get()] == [("b", "events", b"2"), ("b", "speech", b"3")]
     assert len(box) == 0
 
 
@@ -80,9 +83,9 @@ def _cfg(tiny_qwen_dir, broker_url: str, **extra: Any):
 
 
 @contextlib.asynccontextmanager
-async def bridge(cfg, backend):
-    """The real server core plus the bridge, wired exactly as `serve()` does."""
-    async with running_server(cfg, backend=backend) as server:
+async def bridge(cfg, backend, speech=None):
+    """The real server core plus the bridge, wired exactly as `serve()` does (`speech`: a loaded voice pool)."""
+    async with running_server(cfg, backend=backend, speech=speech) as server:
         stop = asyncio.Event()
         task = asyncio.create_task(run_mqtt_bridge(cfg, server.hub, stop, server.app.health_checks))
         try:
@@ -103,13 +106,15 @@ class Watcher:
         b = parse_mqtt_url(broker_url)
         self.client = aiomqtt.Client(b.host, b.port, **client_options)
         self.events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.speech: dict[str, bytearray] = defaultdict(bytearray)  # raw answer audio per device
         self.status: list[str] = []
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Watcher:
         await self.client.__aenter__()
-        await self.client.subscribe([(f"{PREFIX}/+/events", 1), (f"{PREFIX}/bridge/status", 1)])
+        topics = [(f"{PREFIX}/+/events", 1), (f"{PREFIX}/+/speech", 1), (f"{PREFIX}/bridge/status", 1)]
+        await self.client.subscribe(topics)
         self._task = asyncio.create_task(self._collect())
         return self
 
@@ -126,6 +131,8 @@ class Watcher:
             topic = message.topic.value
             if topic.endswith("/bridge/status"):
                 self.status.append(bytes(message.payload).decode())
+            elif topic.endswith("/speech"):
+                self.speech[topic.split("/")[1]] += bytes(message.payload)
             else:
                 self.events[topic.split("/")[1]].append(json.loads(message.payload, parse_constant=_not_json))
             self._changed.set()
@@ -328,3 +335,61 @@ async def test_serve_with_mqtt_flag_bridges_devices_and_goes_offline_on_sigint(
             rc = await asyncio.wait_for(proc.wait(), CLIENT_TIMEOUT_S)
         assert rc == 0
         await w.wait_for(lambda: w.status[-1] == "offline", "'offline' after Ctrl-C")
+
+
+async def test_spoken_answer_goes_as_raw_pcm_on_the_speech_topic(
+    mosquitto, tiny_qwen_dir, server_tiny_backend, speech_pool
+) -> None:
+    """A device that asks for 16 kHz output gets its answer's audio as raw PCM16 on `<prefix>/<id>/speech`,
+    announced on its events topic by `response.output_audio.started` (format, rate) and ended by
+    `response.output_audio.done`; no base64 audio on the events topic. (The tiny random model's 16-token answer to
+    "hello" has a clause the voice can say.)"""
+    cfg = _cfg(tiny_qwen_dir, mosquitto.url, **{"voice.name": "joe", "generation.max_new_tokens": 16})
+    hello = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}
+    control = [
+        {"type": "session.update", "session": {"output_sample_rate": 16000}},
+        {"type": "conversation.item.create", "item": hello},
+        {"type": "response.create"},
+    ]
+    async with bridge(cfg, server_tiny_backend, speech_pool), Watcher(mosquitto.url) as w:
+        await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
+        for event in control:
+            await w.client.publish(f"{PREFIX}/box/control", json.dumps(event), qos=1)
+        await w.wait_for(lambda: _answered(w.events["box"]), "the spoken answer")
+    types = w.types("box")
+    assert "error" not in types and not [t for t in types if t.endswith("audio.delta")]
+    started = [e for e in w.events["box"] if e["type"] == "response.output_audio.started"]
+    assert len(started) == 1 and started[0]["format"] == "pcm16" and started[0]["sample_rate"] == 16000
+    done = w.events["box"][-1]["response"]
+    assert started[0]["item_id"] == done["output"][0]["id"] and started[0]["response_id"] == done["id"]
+    order = [types.index(t) for t in ("response.output_audio.started", "response.output_audio.done", "response.done")]
+    assert order == sorted(order)
+    audio_ms = done["timings_ms"]["audio"]  # what the server says it sent (whole ms per clause)
+    assert audio_ms > 0 and len(w.speech["box"]) / (2 * 16000) * 1000 == pytest.approx(audio_ms, abs=5)
+
+
+@pytest.mark.slow
+async def test_device_client_writes_an_intelligible_spoken_answer(
+    mosquitto, embedded_backend, speech_pool, question_wav, tmp_path
+) -> None:
+    """The device client asks 'What is the capital of France?' at its own 16 kHz output rate and writes the spoken
+    answer to a file (`--out`): the server's recogniser hears Paris in it."""
+    import wave
+
+    import soxr
+
+    from tests.test_spoken_answers import transcribe
+
+    answer = tmp_path / "answer.wav"
+    cfg = make_cfg(**{"voice.name": "joe", "generation.max_new_tokens": 48, "mqtt.url": mosquitto.url})
+    async with bridge(cfg, embedded_backend, speech_pool) as server, Watcher(mosquitto.url) as w:
+        await w.wait_for(lambda: "online" in w.status, "the bridge's online status")
+        extra = ("--out", str(answer), "--output-rate", "16000")
+        assert await ask_by_device(mosquitto.url, "speaker", question_wav, *extra) == 0
+        with wave.open(str(answer)) as f:
+            assert f.getframerate() == 16000
+            pcm = np.frombuffer(f.readframes(f.getnframes()), dtype="<i2")
+        heard = await transcribe(server, soxr.resample(pcm, 16000, 24000).tobytes())
+    assert len(pcm) > 16000 and "paris" in heard.lower(), heard
+    assert bytes(w.speech["speaker"]) == pcm.tobytes()  # the file is exactly what came on the speech topic
+    assert not [t for t in w.types("speaker") if t.endswith("audio.delta")]

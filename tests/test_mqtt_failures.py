@@ -324,10 +324,14 @@ EVENT_TYPES = st.sampled_from(
         "conversation.item.create",
         "conversation.reset",
         "output_audio_buffer.clear",
+        "conversation.item.truncate",
+        "conversation.item.retrieve",
         "no.such.event",
     ]
 )
-FIELDS = st.sampled_from(["session", "audio", "response", "response_id", "item", "event_id", "content"])
+FIELDS = st.sampled_from(
+    ["session", "audio", "response", "response_id", "item", "event_id", "content", "item_id", "audio_end_ms"]
+)
 CONTROL = st.one_of(
     st.builds(
         lambda t, extra: json.dumps({"type": t, **extra}),

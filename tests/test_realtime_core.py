@@ -1,7 +1,8 @@
 """The sans-I/O session core without an event loop, a socket or a model: client events, audio and engine outputs go
-in, server events and engine commands come out. `EngineSim` plays the engine's side of the command contract
-(turns are prepared, responses stream and end exactly once, cancels and resets end them) so the core's own rules can
-be checked on sequences no real client would think of, including randomised ones (hypothesis)."""
+in, server events and engine commands come out. `EngineSim` plays the engine's and the voice pool's side of the
+command contract (turns are prepared, responses stream and end exactly once, cancels and resets end them, clauses
+come back synthesised, in any order, unless cancelled) so the core's own rules can be checked on sequences no real
+client would think of, including randomised ones (hypothesis), with text and with spoken answers."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from assistant.engine.api import ResponseDone, TurnInfo
 from assistant.realtime import commands as C
 from assistant.realtime.session import Session, SessionLimits
-from assistant.realtime.settings import SessionSettings, TurnDetection
+from assistant.realtime.settings import AudioOutput, SessionSettings, TurnDetection
 from tests.server_util import silence, vowel
 
 RATE_HZ = 16000
@@ -33,6 +34,7 @@ class EngineSim:
     responses: dict[str, list[C.EngineOutput]] = field(default_factory=dict)  # rid -> outputs still to deliver
     refuse_next: bool = False
     commands: list[C.EngineCommand] = field(default_factory=list)
+    clauses: list[C.ClauseSpoken] = field(default_factory=list)  # synthesised clauses not delivered yet
 
     def run(self, outputs: list) -> list[dict]:
         events = []
@@ -54,6 +56,10 @@ class EngineSim:
                 self.responses[rid] = [C.ResponseRefused(rid, "server_busy", "engine at capacity")]
             else:
                 self.responses[rid] = [C.ResponseDelta(rid, "Hello"), C.ResponseDelta(rid, " there"), done_out(rid)]
+        elif isinstance(cmd, C.Speak):  # 10 ms of 24 kHz audio per character
+            self.clauses.append(C.ClauseSpoken(cmd.response_id, cmd.index, b"\x01\x00" * 240 * len(cmd.text), 5.0))
+        elif isinstance(cmd, C.CancelSpeech):
+            self.clauses = [c for c in self.clauses if c.response_id != cmd.response_id]
         elif isinstance(cmd, C.CancelResponse | C.ResetConversation | C.CloseConversation):
             reason = cmd.reason if isinstance(cmd, C.CancelResponse) else "conversation_reset"
             for rid, outs in self.responses.items():
@@ -62,16 +68,20 @@ class EngineSim:
                         outs[:] = [C.ResponseFinished(done(rid, "cancelled", reason))]
 
     def pending(self) -> bool:
-        return bool(self.turns) or any(self.responses.values())
+        return bool(self.turns) or any(self.responses.values()) or bool(self.clauses)
 
-    def step(self, fail_turn: bool = False) -> C.EngineOutput | None:
+    def step(self, fail_turn: bool = False, clause: int = 0) -> C.EngineOutput | None:
+        """The next engine output; with `clause` > 0 a synthesised clause first (the clause-th one waiting, so
+        clauses come back out of order)."""
+        if clause and self.clauses:
+            return self.clauses.pop(clause % len(self.clauses))
         if self.turns:
             key = self.turns.pop(0)
             return C.TurnFailed(key, "bad audio") if fail_turn else C.TurnPrepared(key, TurnInfo(key, "hi", "en", 1.0))
         for outs in self.responses.values():
             if outs:
                 return outs.pop(0)
-        return None
+        return self.clauses.pop(0) if self.clauses else None
 
 
 def done_out(rid: str) -> C.ResponseFinished:
@@ -81,8 +91,10 @@ def done_out(rid: str) -> C.ResponseFinished:
 NO_SPECULATION = TurnDetection(early_prepare_ms=0)
 
 
-def new_session(td: TurnDetection | None = NO_SPECULATION, **limits) -> Session:
-    st_ = SessionSettings(input_rate_hz=RATE_HZ, turn_detection=td)
+def new_session(td: TurnDetection | None = NO_SPECULATION, spoken: bool = False, **limits) -> Session:
+    """A session as the hub opens it; `spoken`: the server has a voice, answers are audio by default."""
+    voice = {"output_audio": True, "audio_out": AudioOutput.of_server(("joe",))} if spoken else {}
+    st_ = SessionSettings(input_rate_hz=RATE_HZ, turn_detection=td, **voice)
     return Session("sess_t", st_, "ga", default_td=TurnDetection(), limits=SessionLimits(**limits))
 
 
@@ -235,13 +247,43 @@ CLIENT = st.sampled_from(
     ]
 )
 ENGINE = st.tuples(st.just("engine"), st.booleans())  # deliver the engine's next output (True: a turn fails)
+VOICE = st.tuples(st.just("voice"), st.integers(1, 3))  # deliver a synthesised clause (out of order)
+SPOKEN_CLIENT = st.sampled_from(
+    [
+        ("event", {"type": "session.update", "session": {"output_modalities": ["text"]}}),
+        ("event", {"type": "session.update", "session": {"output_modalities": ["audio"]}}),
+        ("event", {"type": "response.create", "response": {"output_modalities": ["text"]}}),
+        ("event", {"type": "conversation.item.truncate", "item_id": "last", "content_index": 0, "audio_end_ms": 70}),
+        ("event", {"type": "conversation.item.retrieve", "item_id": "last"}),
+    ]
+)
 STEP = st.one_of(CLIENT, CLIENT, CLIENT, ENGINE, ENGINE, st.tuples(st.just("refuse"), st.none()))
+SPOKEN_STEP = st.one_of(STEP, VOICE, VOICE, SPOKEN_CLIENT)
+AUDIO_EVENTS = ("response.output_audio.delta", "response.output_audio_transcript.delta")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(STEP, max_size=50), st.none() | st.integers(0, 50))
 def test_no_sequence_doubles_a_response_done_loses_a_turn_or_raises(steps, close_at):
-    s, sim = new_session(td=TurnDetection(early_prepare_ms=300)), EngineSim()
+    check_random_sequence(steps, close_at, spoken=False)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(SPOKEN_STEP, max_size=50), st.none() | st.integers(0, 50))
+def test_spoken_answers_keep_the_same_rules_and_send_no_audio_after_done(steps, close_at):
+    events = check_random_sequence(steps, close_at, spoken=True)
+    open_responses: set[str] = set()
+    for e in events:
+        if e["type"] == "response.created":
+            open_responses.add(e["response"]["id"])
+        elif e["type"] == "response.done":
+            open_responses.discard(e["response"]["id"])
+        elif e["type"] in AUDIO_EVENTS:
+            assert e["response_id"] in open_responses, "audio or transcript outside its response"
+
+
+def check_random_sequence(steps, close_at, spoken: bool) -> list[dict]:
+    s, sim = new_session(td=TurnDetection(early_prepare_ms=300), spoken=spoken), EngineSim()
     events = sim.run(s.start(0.0))
     committed: list[str] = []
     forgiven: set[str] = set()  # committed turns a later reset or a full queue legitimately dropped
@@ -254,11 +296,14 @@ def test_no_sequence_doubles_a_response_done_loses_a_turn_or_raises(steps, close
         if kind == "audio":
             events += sim.run(s.receive_audio(arg, t))
         elif kind == "event":
+            if arg.get("item_id") == "last":  # the newest item this session announced, or an unknown one
+                items = [e.get("item", {}).get("id") for e in events if "item" in e] or ["item_unknown"]
+                arg = {**arg, "item_id": items[-1]}
             events += sim.run(s.receive_event(arg, t))
         elif kind == "text":
             events += sim.run(s.receive_text(arg, t))
-        elif kind == "engine":
-            out = sim.step(fail_turn=arg)
+        elif kind in ("engine", "voice"):
+            out = sim.step(fail_turn=arg is True) if kind == "engine" else sim.step(clause=arg)
             if out is not None:
                 events += sim.run(s.engine_output(out, t))
         elif kind == "refuse":
@@ -289,6 +334,7 @@ def test_no_sequence_doubles_a_response_done_loses_a_turn_or_raises(steps, close
         json.dumps(e, allow_nan=False)  # never NaN in what we send
     if not s.closed:
         assert s.idle  # every job ran to its end
+    return events
 
 
 def test_push_to_talk_over_the_limit_keeps_the_newest_audio_and_says_so():

@@ -141,6 +141,11 @@ class VadSegmenter:
         return self._state == _SPEECH
 
     @property
+    def idle(self) -> bool:
+        """True when no turn is open, not even a candidate (pending) one."""
+        return self._state == _IDLE
+
+    @property
     def position_ms(self) -> int:
         """Stream time of the end of all audio fed so far (whole frames and the partial one)."""
         return self._ms(self._pos + len(self._rest))

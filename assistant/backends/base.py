@@ -1,4 +1,4 @@
-"""The boundary between the engine and the two model backends (`qwen-audio`, `embedded`).
+"""The boundary between the engine and the model backends (`qwen-audio`, `embedded`; `openai` is the remote kind).
 
 The engine sees token ids, embeddings and a `DecoderLM`; it knows nothing about Whisper, mel spectrograms or
 checkpoint layouts. A backend turns utterances into `PreparedTurn`s (audio work, batched), renders the chat prompt
@@ -8,8 +8,9 @@ for a conversation, and owns the tokenizer. Everything here runs on the engine's
 from __future__ import annotations
 
 from collections.abc import Generator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class PreparedTurn:
     language: str | None = None
     audio_s: float = 0.0
     audio_embeds: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> [span, hidden] (qwen-audio)
+    audio_wavs: tuple[str, ...] = ()  # openai backend, audio_input "audio": the turn's audio, base64 16 kHz WAV
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Exchange:
 
     user: PreparedTurn
     reply: str
+    response_id: str | None = None  # the response that said `reply` (so what was heard can cut it later)
 
 
 @dataclass
@@ -145,6 +148,49 @@ class Backend(Protocol):
     def build_prompt(self, system: str, history: list[Exchange], turn: PreparedTurn, max_window_tokens: int) -> Prompt:
         """Chat prompt for `turn` after `history`, newest history first while it fits `max_window_tokens`."""
         ...
+
+
+@dataclass
+class ChatRequest:
+    """One answer for a remote backend: the OpenAI chat request body (messages, sampling; the pool adds the model
+    and streaming fields) and what the conversation needs to know about it."""
+
+    body: dict
+    history_kept: int  # how many of the newest history exchanges fit in the window
+    input_tokens: int  # the prompt's size as counted here (when the server reports no usage)
+
+
+class ChatBackend(Protocol):
+    """A backend whose LLM is a remote chat server (`openai`). The worker keeps the conversation and runs the turn's
+    audio work exactly as for `Backend` (`prepare`, optional `prepare_steps` and `prepare_batch`), but an answer
+    streams from the server (`assistant/engine/remote.py`) instead of being decoded on the worker: no `lm`, no
+    token prompt, no KV cache here."""
+
+    name: str
+    tokenizer: Tokenizer  # counts tokens: the history budget, the turn limit
+    default_system_prompt: str
+    max_window_tokens: int
+
+    def prepare(self, utterances: list[Utterance], audio_numbers: list[int]) -> list[PreparedTurn]: ...
+
+    def chat_request(
+        self,
+        system: str,
+        history: list[Exchange],
+        turn: PreparedTurn,
+        max_window_tokens: int,
+        params: SamplingParams,
+        max_new_tokens: int,
+    ) -> ChatRequest:
+        """The request answering `turn` after the newest `history` that fits `max_window_tokens`."""
+        ...
+
+    def stream(self, request: ChatRequest, sink: Any) -> Future:
+        """Start streaming the answer into `sink` (an `upstream.ChatSink`, called on another thread); cancelling the
+        returned future closes the stream."""
+        ...
+
+    def close(self) -> None: ...
 
 
 # The Qwen-Audio-Chat generation config: the defaults of `SamplingParams` and of a checkpoint without its own.

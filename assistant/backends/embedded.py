@@ -17,14 +17,11 @@ from assistant.backends.base import Exchange, PreparedTurn, Prompt, Steps, Utter
 from assistant.models.device import resolve_dtype
 from assistant.models.qwen2_lm import Qwen2LM
 from assistant.models.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
-from assistant.models.whisper import Whisper, WhisperTranscriber
+from assistant.models.whisper import WhisperTranscriber
 
 log = logging.getLogger("assistant.embedded")
 
 DEFAULT_WINDOW_TOKENS = 2048  # history budget: a 0.5B model answers best with a short, recent context
-# Whisper runs on the clip plus this much padding; unreliable results are redone on the full 30 s window (see
-# WhisperTranscriber.transcribe_steps). Measured on the espeak question set: same transcripts, a fraction of the cost.
-WHISPER_PAD_S = 2.0
 
 
 def qwen2_tokenizer(llm_dir: Path) -> QwenTokenizer:
@@ -32,6 +29,36 @@ def qwen2_tokenizer(llm_dir: Path) -> QwenTokenizer:
     cfg = json.loads((llm_dir / "config.json").read_text(encoding="utf-8"))
     ranks = load_ranks(llm_dir / "qwen2.tiktoken", expected_sha256=None)  # the cache manifest already vouches
     return QwenTokenizer(ranks, cfg["specials"], stop_tokens=(IM_END, ENDOFTEXT, IM_START), name="qwen2.5")
+
+
+def load_transcriber(whisper_dir: Path, device) -> WhisperTranscriber:
+    """Whisper from the weights cache, in the dtype the device runs best (also the `openai` backend's recogniser)."""
+    return WhisperTranscriber.load(whisper_dir, resolve_dtype("auto", device, "whisper"), str(device))
+
+
+def transcribed_turns(transcriber: WhisperTranscriber | None, utterances: list[Utterance], backend: str) -> Steps:
+    """Whisper's transcript of every utterance with audio, in bounded steps; typed text alone is the user message
+    as-is, and with both the typed text follows the transcript on a new line (an instruction about what was said)."""
+    spoken = [u for u in utterances if u.audio is not None and len(u.audio) > 0]
+    if spoken and transcriber is None:
+        raise ValueError(f"this {backend} backend was built without Whisper and cannot take audio")
+    heard = {}
+    if spoken:
+        results = yield from transcriber.transcribe_steps([u.audio for u in spoken])
+        heard = {u.key: r for u, r in zip(spoken, results, strict=True)}
+    turns = []
+    for u in utterances:
+        r = heard.get(u.key)
+        if r is None:
+            turns.append(PreparedTurn(key=u.key, user_text=(u.text or "").strip()))
+            continue
+        user_text = "\n".join(s for s in (r.text, (u.text or "").strip()) if s)
+        turns.append(
+            PreparedTurn(
+                key=u.key, user_text=user_text, transcript=r.text, language=r.language or None, audio_s=u.audio_s
+            )
+        )
+    return turns
 
 
 class EmbeddedBackend:
@@ -50,8 +77,9 @@ class EmbeddedBackend:
         self.lm, self.tokenizer, self.transcriber = lm, tokenizer, transcriber
         self.default_system_prompt = system_prompt
         self.max_window_tokens = max_window_tokens
-        # Utterances per prepare call (the engine's chunk). On CPU, Whisper's batched short pass cost about the same
-        # per utterance at 1, 4 or 8 utterances (2 shared cores), so one per call keeps every step short.
+        # Utterances per prepare call (the engine's chunk). On CPU the 30 s window's encoder is most of the work and
+        # costs the same per utterance in a batch (one window per step), while a batch answers every utterance only
+        # after all are encoded: one per call gives each turn its transcript soonest. A GPU batches them.
         self.prepare_batch = 1 if lm.device.type == "cpu" else 8
 
     @classmethod
@@ -61,10 +89,7 @@ class EmbeddedBackend:
         paths = ensure_prepared(cfg)
         t0 = time.perf_counter()
         lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype, cfg.embedded.quantization)
-        whisper = Whisper.load(paths.whisper_dir, resolve_dtype("auto", lm.device, "whisper"), str(lm.device))
-        transcriber = WhisperTranscriber(
-            whisper, paths.whisper_dir / "tokenizer.json", paths.whisper_dir / "config.json", pad_s=WHISPER_PAD_S
-        )
+        transcriber = load_transcriber(paths.whisper_dir, lm.device)
         log.info(
             "embedded backend loaded in %.1f s (LM %s, quantization %s, on %s, Whisper %s)",
             time.perf_counter() - t0,
@@ -85,26 +110,7 @@ class EmbeddedBackend:
     def prepare_steps(self, utterances: list[Utterance], audio_numbers: list[int]) -> Steps:
         """`prepare` in bounded steps (`WhisperTranscriber.transcribe_steps`): the engine's worker runs a decode step
         for the running answers between them."""
-        spoken = [u for u in utterances if u.audio is not None and len(u.audio) > 0]
-        if spoken and self.transcriber is None:
-            raise ValueError("this embedded backend was built without Whisper and cannot take audio")
-        heard = {}
-        if spoken:
-            results = yield from self.transcriber.transcribe_steps([u.audio for u in spoken])
-            heard = {u.key: r for u, r in zip(spoken, results, strict=True)}
-        turns = []
-        for u in utterances:
-            r = heard.get(u.key)
-            if r is None:
-                turns.append(PreparedTurn(key=u.key, user_text=(u.text or "").strip()))
-                continue
-            user_text = "\n".join(s for s in (r.text, (u.text or "").strip()) if s)
-            turns.append(
-                PreparedTurn(
-                    key=u.key, user_text=user_text, transcript=r.text, language=r.language or None, audio_s=u.audio_s
-                )
-            )
-        return turns
+        return (yield from transcribed_turns(self.transcriber, utterances, self.name))
 
     def _message(self, role: str, text: str, close: bool = True) -> list[int]:
         t = self.tokenizer

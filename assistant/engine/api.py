@@ -11,6 +11,7 @@ never runs model code. This module holds only the typed values that cross that b
     async for ev in stream:                               # TextDelta ... then exactly one ResponseDone
         ...
     engine.cancel(stream.response_id)                     # or stream.cancel(); ends with ResponseDone(cancelled)
+    engine.truncate_reply("s1", stream.response_id, "Paris is")   # the listener heard only that much of the reply
     await engine.stop()
 
 Speculative turns (server VAD starts a turn's audio work during the silence that may end it):

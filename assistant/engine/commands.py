@@ -52,6 +52,13 @@ class InstructionsCmd:
 
 
 @dataclass(frozen=True)
+class TruncateReplyCmd:
+    session_id: str
+    response_id: str
+    text: str  # what the listener heard of that reply
+
+
+@dataclass(frozen=True)
 class PrepareCmd:
     session_id: str
     utterance: Utterance
@@ -102,11 +109,22 @@ class StopCmd:
     pass
 
 
+@dataclass(frozen=True)
+class RemoteDoneCmd:
+    """A remote answer ended (`engine/remote.py`; sent from the backend's I/O thread)."""
+
+    response_id: str
+    status: str  # "completed" | "incomplete" | "failed"
+    reason: str | None
+    error: str | None
+
+
 Command = (
     OpenSessionCmd
     | CloseSessionCmd
     | ResetSessionCmd
     | InstructionsCmd
+    | TruncateReplyCmd
     | PrepareCmd
     | SpeculateCmd
     | DiscardCmd
@@ -114,6 +132,7 @@ Command = (
     | CancelCmd
     | CallCmd
     | StopCmd
+    | RemoteDoneCmd
 )
 
 
@@ -132,6 +151,7 @@ class Job:
     cancel_reason: str | None = None
     t: dict[str, float] = field(default_factory=dict)
     turns_before: int = 0  # `TurnQueue.mark()` at the respond: it waits for its session's turns queued before it
+    reply: Any = None  # a remote backend's answer: the `remote.RemoteReply` it streams into (None: decoded here)
 
     @property
     def response_id(self) -> str:

@@ -13,6 +13,9 @@ Decisions written down here because callers rely on them:
 - Cache reuse: the longest prefix of the new prompt that equals what the cache holds (token ids, and for audio
   placeholder runs the same audio key at the same place) is kept, the rest is truncated and prefilled. A cache whose
   dynamic-NTK alpha differs from the one the new prompt needs is reset, so results equal a fresh prefill.
+- What was heard: a spoken answer cut short (barge-in, `conversation.item.truncate`) keeps in the history only the
+  text the listener heard (`truncate_reply`, by the response id each exchange records); the cache follows by the
+  prefix rule above.
 - Speculative turns (`speculative`): audio work done before the turn was committed, kept aside by key. They are not
   part of the conversation (no pending turn, no "Audio k" number taken, nothing in the cache) until confirmed, and
   a reset or close forgets them. At most `MAX_SPECULATIONS` are kept per session (oldest dropped).
@@ -65,6 +68,7 @@ def merge_turns(turns: list[PreparedTurn]) -> PreparedTurn:
         language=languages[-1] if languages else None,
         audio_s=sum(t.audio_s for t in turns),
         audio_embeds=embeds,
+        audio_wavs=tuple(w for t in turns for w in t.audio_wavs),
     )
 
 
@@ -170,8 +174,24 @@ class Conversation:
         if history_kept < len(self.history):
             del self.history[: len(self.history) - history_kept]
 
-    def record(self, turn: PreparedTurn, reply: str) -> None:
-        self.history.append(Exchange(user=turn, reply=reply))
+    def record(self, turn: PreparedTurn, reply: str, response_id: str | None = None) -> None:
+        self.history.append(Exchange(user=turn, reply=reply, response_id=response_id))
+
+    def truncate_reply(self, response_id: str, text: str) -> bool:
+        """The listener heard only `text` of the reply of `response_id` (a spoken answer cut short): the history keeps
+        that. Nothing heard at all, for the newest exchange with no response running: its turn goes back to pending
+        and is answered with the next response, as for an answer cancelled before it said anything. False when
+        that exchange is no longer in the history (it fell out of the window, or a reset forgot it)."""
+        for i, ex in enumerate(self.history):
+            if ex.response_id != response_id:
+                continue
+            if not text.strip() and i == len(self.history) - 1 and not self.busy:
+                del self.history[i]
+                self.pending.insert(0, ex.user)
+            else:
+                ex.reply = text.strip()
+            return True
+        return False
 
     def reset(self) -> None:
         """`conversation.reset`: forget history, pending turns, audio numbering and the cache."""

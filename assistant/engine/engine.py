@@ -39,6 +39,7 @@ from assistant.engine.commands import (
     RespondCmd,
     SpeculateCmd,
     StopCmd,
+    TruncateReplyCmd,
 )
 from assistant.engine.stream import ResponseStream
 from assistant.engine.worker import Worker
@@ -129,6 +130,14 @@ class Engine:
     def set_instructions(self, session_id: str, instructions: str | None) -> None:
         """Replace the system text (None or "" = the backend default); applies from the next response."""
         self._worker.commands.put(InstructionsCmd(self._open(session_id), instructions))
+
+    def truncate_reply(self, session_id: str, response_id: str, text: str) -> None:
+        """The listener heard only `text` of that response's reply: the history keeps just that (an empty text puts
+        its turn back to pending when it is the newest exchange). Sessions already closed are ignored."""
+        with self._lock:
+            known = session_id in self._sessions
+        if known:
+            self._worker.commands.put(TruncateReplyCmd(session_id, response_id, text))
 
     def _open(self, session_id: str) -> str:
         with self._lock:

@@ -6,7 +6,8 @@ per loop iteration, between draining its commands and one batched decode step, s
 answer waits for at most one step of audio work, never for a whole burst of turns:
 - a chunk is at most `backend.prepare_batch` consecutive turns (default `PREPARE_BATCH`); its audio work runs as the
   steps of `prepare_steps` when the backend's class defines it (a generator that yields between bounded pieces of
-  work: the embedded backend's Whisper short pass, then each full-window redo), else as one `backend.prepare` call;
+  work: the embedded backend's Whisper encodes one 30 s window per step, then decodes the chunk), else as one
+  `backend.prepare` call;
 - "Audio k" numbers are taken in command order when a chunk starts; a speculation renders with the number it would
   take, without taking it, and is kept aside in `Conversation.speculative`; a confirmed turn reuses its speculation
   when the utterance is identical and its number unchanged;

@@ -5,7 +5,7 @@ Loop, one iteration per decode step:
    (`turns.TurnQueue`), responses wait for admission, cancellations and closes apply at once (a cancelled response
    ends before the next step: "within one decode step"), resets and `call`s keep their order with queued turns;
 2. one bounded step of audio work (`TurnQueue.step`): a chunk of at most `prepare_batch` turns, in the backend's
-   steps (Whisper's short pass, then each full-window redo), speculative ones included (kept aside in
+   steps (Whisper: one 30 s window encoded per step, then the chunk decoded), speculative ones included (kept aside in
    `Conversation.speculative`); a confirmed speculation skips the backend. A burst of turns is prepared over many
    iterations, so cancellations and running answers never wait for more than one step of it;
 3. admit waiting responses while fewer than `max_active` decode (all at once when idle, one per step while others
@@ -15,11 +15,15 @@ Loop, one iteration per decode step:
    session whose cache is empty (new, evicted, rebuilt) first copies the shared system-prompt snapshot
    (`prefix_cache.PrefixSnapshots`), so only the part after the system message is prefilled;
 4. one batched `lm.decode` for every active response, pick each next token, stream its text.
+A remote backend (`openai`, `remote.py`) has no model here: admission starts the answer's HTTP stream instead of a
+prefill, its deltas reach the client without the worker, and its end comes back as a `RemoteDoneCmd`.
 
 What a response leaves in the history (the user heard what was streamed):
 - completed / incomplete (max tokens): the answered turns with the reply text;
 - cancelled after some text: the answered turns with the partial reply (what was actually said);
 - cancelled before any text: the turns go back to pending and are answered with the next response;
+- a spoken answer cut short: later, only what the listener heard (`TruncateReplyCmd` from the session core, which
+  knows what audio was sent and played; `Conversation.truncate_reply`);
 - failed: the turns are dropped (retrying a turn that broke the model would likely break it again) and the
   session's cache is reset; the engine keeps serving everyone else.
 """
@@ -49,15 +53,18 @@ from assistant.engine.commands import (
     Job,
     OpenSessionCmd,
     PrepareCmd,
+    RemoteDoneCmd,
     ResetSessionCmd,
     RespondCmd,
     SpeculateCmd,
     StopCmd,
+    TruncateReplyCmd,
     refuse_stopped,
 )
 from assistant.engine.conversation import CachePlan, Conversation, evict_lru, merge_turns, plan_cache
 from assistant.engine.decoding import TokenStream, prefill_prompt
 from assistant.engine.prefix_cache import PrefixSnapshots
+from assistant.engine.remote import RemoteResponses, empty_cache, is_remote
 from assistant.engine.sampling import sampling_params
 from assistant.engine.turns import TurnQueue
 
@@ -96,13 +103,17 @@ class Worker:
 
     def _attach(self, backend: Backend) -> None:
         self.backend = backend
-        self.lm = backend.lm
+        # a remote backend (`ChatBackend`) has no model here: its answers stream from a server (`remote.py`)
+        self.remote = RemoteResponses(backend, self.gen_cfg, self.commands.put) if is_remote(backend) else None
+        self.lm = None if self.remote else backend.lm
         self.window_tokens = self.cfg.max_window_tokens or backend.max_window_tokens
         self.prefixes = PrefixSnapshots(backend, self.window_tokens)  # shared system-prompt K/V
         self.turns = TurnQueue(backend, self.cfg.max_turn_tokens)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.cfg.threads:  # the budget applies to this thread, which runs all model code
+            torch.set_num_threads(self.cfg.threads)
         try:
             self._attach(self._load())
         except BaseException as e:  # handed to Engine.start, which raises it on the loop
@@ -128,6 +139,8 @@ class Worker:
                 self._finish(job, "cancelled", "shutdown")
             self.turns.refuse_all()
             self._refuse_leftovers()
+            if self.remote:
+                self.backend.close()
 
     def _refuse_leftovers(self) -> None:
         """After a stop (or a failed load): nothing submitted late may wait forever."""
@@ -146,7 +159,11 @@ class Worker:
 
     def _drain_commands(self) -> bool:
         """Handle every queued command; False once a stop was received."""
-        block = not self.active and not self.waiting and self.turns.idle
+        # nothing to do until a command comes: no local decode, no audio work, no waiting response with a free slot
+        # (remote answers in `active` end with a RemoteDoneCmd)
+        decoding = any(job.reply is None for job in self.active)
+        admissible = self.waiting and len(self.active) < self.cfg.max_active
+        block = not decoding and not admissible and self.turns.idle
         cmds: list[Command] = []
         try:
             cmds.append(self.commands.get(block=block))
@@ -166,15 +183,20 @@ class Worker:
                 self.turns.in_order(lambda cmd=cmd: self._call(cmd), lambda cmd=cmd: refuse_stopped(cmd.reply))
             elif isinstance(cmd, StopCmd):
                 keep_running = False
+            elif isinstance(cmd, RemoteDoneCmd):
+                for job in [j for j in self.active if j.response_id == cmd.response_id]:
+                    self._finish(job, cmd.status, cmd.reason, error=cmd.error)
             else:
                 self._session(cmd)
         metrics.QUEUED.set(len(self.waiting))
         return keep_running
 
     # ---- sessions and user turns --------------------------------------------------------------------------------
-    def _session(self, cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd) -> None:
+    def _session(
+        self, cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd | TruncateReplyCmd
+    ) -> None:
         if isinstance(cmd, OpenSessionCmd):
-            cache = self.lm.new_cache()
+            cache = empty_cache() if self.remote else self.lm.new_cache()
             cache.release()  # storage grows on the first prefill; an idle session costs nothing
             system = cmd.instructions or self.backend.default_system_prompt
             self.conversations[cmd.session_id] = Conversation(cmd.session_id, system, cache)
@@ -184,6 +206,9 @@ class Worker:
             return
         if isinstance(cmd, InstructionsCmd):
             conv.system = cmd.instructions or self.backend.default_system_prompt
+            return
+        if isinstance(cmd, TruncateReplyCmd):
+            conv.truncate_reply(cmd.response_id, cmd.text)
             return
         closing = isinstance(cmd, CloseSessionCmd)
         for job in self.waiting + self.active:
@@ -265,6 +290,8 @@ class Worker:
             self._finish(job, "failed", None, error="no user turn to answer: commit audio or text before a response")
             return False
         turn = merge_turns(job.turns)
+        if self.remote:
+            return self.remote.start(job, turn, self.window_tokens)
         prompt = self.backend.build_prompt(conv.system, conv.history, turn, self.window_tokens)
         conv.keep_window(prompt.history_kept)
         job.prompt = prompt
@@ -312,7 +339,9 @@ class Worker:
         return True
 
     def _decode_step(self) -> None:
-        jobs = list(self.active)
+        jobs = [job for job in self.active if job.reply is None]  # remote answers stream elsewhere
+        if not jobs:
+            return
         metrics.BATCH_SIZE.observe(len(jobs))
         self.max_batch = max(self.max_batch, len(jobs))
         try:
@@ -371,14 +400,18 @@ class Worker:
             if tail:
                 job.stream.push(TextDelta(tail))
         text = tokens.text() if tokens else ""
+        if job.reply is not None:
+            text = job.reply.close()  # a remote answer: its stream stops here
         if status == "failed":
             conv.cache.reset()
         elif job.turns and not conv.closed:
             if status == "cancelled" and not text:
                 conv.restore_pending(job.turns, job.encode_ms)
             else:
-                conv.record(merge_turns(job.turns), text)
+                conv.record(merge_turns(job.turns), text, job.response_id)
         done = job.done(status, reason, text, error)
+        if job.reply is not None:
+            done = job.reply.amend(done, self.backend.tokenizer)
         conv.busy = False
         conv.touch()
         job.cmd.on_finish(conv.session_id, job.response_id)

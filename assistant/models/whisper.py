@@ -4,10 +4,9 @@ Owns the model read top to bottom: dimensions, attention, residual blocks, encod
 learned positions + blocks), decoder (token + position embeddings, self- and cross-attention blocks, logits tied to
 the token embedding), and `WhisperTranscriber`, which turns a batch of 16 kHz clips into (text, language).
 
-Latency: the reference encoder always runs a 30 s window (1500 positions) whatever the clip length. Here the encoder
-can run on the clip's own frames (`pad_to_30s=False`, positions sliced to the clip length); which mode the backend
-uses is a config choice backed by the accuracy measured in tests/bench. Weights: transformers' Whisper names, as
-written by `assistant/weights/convert.py` from the CTranslate2 package.
+The encoder always runs the 30 s window it was trained on (1500 positions; see `WhisperTranscriber` for what
+shorter windows did to the words). Weights: transformers' Whisper names, as written by
+`assistant/weights/convert.py` from the CTranslate2 package.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from assistant.audio import MODEL_RATE_HZ
 from assistant.audio.frontend import HOP, MIN_SAMPLES, N_FRAMES, log_mel
+from assistant.audio.trim import trim_silence
 from assistant.models.layers import multi_head_attention
 
 
@@ -38,6 +38,12 @@ class WhisperDims:
     vocab_size: int
     max_source_positions: int
     max_target_positions: int
+
+    @property
+    def multilingual(self) -> bool:
+        """openai/whisper's rule: the English-only models (tiny.en, base.en, ...) have a 51864-token vocabulary, the
+        multilingual ones 51865 or more (the extra token shifts every special token by one)."""
+        return self.vocab_size >= 51865
 
     def transformers_config(self, **token_ids: int):
         """The same dimensions as a transformers `WhisperConfig` (tests and the benchmark compare against it);
@@ -133,10 +139,9 @@ class Whisper:
         tokens: torch.Tensor,
         cross: list[tuple[torch.Tensor, torch.Tensor]],
         self_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
-        cross_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """tokens [B, T] appended after the cached `self_kv` ([B, t, D] per layer) -> (logits [B, T, V] float32,
-        the grown self_kv). `cross_mask` [B, 1, 1, Tk] hides padded audio positions of shorter clips."""
+        the grown self_kv)."""
         past = 0 if self_kv is None else self_kv[0][0].shape[1]
         n = tokens.shape[1]
         x = F.embedding(tokens.to(self.device), self.w["model.decoder.embed_tokens.weight"])
@@ -156,7 +161,7 @@ class Whisper:
             x = x + self._lin(multi_head_attention(q, k, v, heads, causal), p + "self_attn.out_proj")
             a = self._ln(x, p + "encoder_attn_layer_norm")
             q = self._lin(a, p + "encoder_attn.q_proj")
-            x = x + self._lin(multi_head_attention(q, *cross[i], heads, cross_mask), p + "encoder_attn.out_proj")
+            x = x + self._lin(multi_head_attention(q, *cross[i], heads), p + "encoder_attn.out_proj")
             x = x + self._mlp(x, p)
         x = self._ln(x, "model.decoder.layer_norm")
         return F.linear(x, self.w["model.decoder.embed_tokens.weight"]).float(), new_kv
@@ -169,26 +174,30 @@ class Transcript:
     token_ids: list[int]
     avg_logprob: float = 0.0  # mean log-probability of the chosen tokens
     language_prob: float = 1.0
-    reliable: bool = True  # False: looped, hit the token cap, or unsure (see WhisperTranscriber thresholds)
+    looped: bool = False  # a repetition loop was cut, or the token cap was hit
     no_speech: bool = False  # judged silent (or too short): text is empty
 
 
 class WhisperTranscriber:
-    """Batched greedy transcription with language detection (Whisper's `<|lang|><|transcribe|><|notimestamps|>`)."""
+    """Batched greedy transcription with language detection (Whisper's `<|lang|><|transcribe|><|notimestamps|>`;
+    English-only models: `<|notimestamps|>` alone, language "en").
 
-    # Below this mean token log-probability a short-window transcript is redone on the full window. Whisper's own
-    # fallback uses -1.0; on the espeak question set the wrong short-window transcripts scored -0.74 and -2.3 and
-    # the right ones -0.13..-0.42. (The language probability is no signal: a right transcript had 0.36.)
-    MIN_AVG_LOGPROB = -0.5
+    Every clip is cut to its speech plus a fixed margin (`assistant.audio.trim`) and encoded in the full 30 s window
+    the model was trained on. Both are needed for the words not to depend on the silence around them (measured by
+    bench/asr_peers.py, README "Speech recognition"). Encoding only the clip plus 2 s gave the encoder and the
+    decoder's cross-attention 13-27 % of the positions they were trained with (a 2-6 s question): attention that
+    training spread over the whole window then lands on the speech alone, the features drift (cosine 0.86-0.90 to
+    the full-window ones, some frames anti-correlated) and the words, even the detected language, change with where
+    the speech sits in that short window. In the full window Whisper is steadier but still not shift-invariant
+    (faster-whisper changes words with leading silence too), hence the trim.
+    """
+
     NO_SPEECH_PROB, SILENT_AVG_LOGPROB = 0.6, -1.0  # openai/whisper's defaults for "this segment is silence"
-    # Full-window redos per step. On 2 shared CPU cores one 30 s redo took 2-5 s and a batch of 4 took 12.6 s:
-    # batching gains little there, and each step holds the engine's worker (running answers wait for it).
-    REDO_BATCH = 1
 
-    def __init__(self, model: Whisper, tokenizer_json: Path, config_json: Path, pad_s: float = 30.0):
+    def __init__(self, model: Whisper, tokenizer_json: Path, config_json: Path):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.model, self.pad_s = model, pad_s
+        self.model = model
         self.tok = HFTokenizer.from_file(str(tokenizer_json))
         cfg = json.loads(Path(config_json).read_text(encoding="utf-8"))
 
@@ -200,8 +209,15 @@ class WhisperTranscriber:
 
         self.sot, self.eot = tid("<|startoftranscript|>"), tid("<|endoftext|>")
         self.transcribe, self.no_timestamps = tid("<|transcribe|>"), tid("<|notimestamps|>")
-        self.no_speech = tid("<|nospeech|>")
-        self.lang_ids = list(cfg["lang_ids"])
+        self.multilingual = model.dims.multilingual
+        if self.multilingual:
+            self.no_speech = tid("<|nospeech|>")
+            self.lang_ids = list(cfg["lang_ids"])
+        else:
+            # English-only (tiny.en): no language detection; its prompt is `<|startoftranscript|><|notimestamps|>`
+            # and its no-speech token has the older name. (Its config.json lists multilingual lang_ids: not used.)
+            self.no_speech = tid("<|nocaptions|>")
+            self.lang_ids = [tid("<|en|>")]
         self.lang_names = {i: self.tok.id_to_token(i)[2:-2] for i in self.lang_ids}
         vocab = model.dims.vocab_size
         suppress = torch.zeros(vocab, dtype=torch.bool)
@@ -211,61 +227,58 @@ class WhisperTranscriber:
         self.suppress_begin = self.suppress.clone()
         self.suppress_begin[[i for i in cfg["suppress_ids_begin"] if i < vocab]] = True  # no blank/eot first
 
-    def mel(self, audio: np.ndarray, pad_s: float) -> torch.Tensor:
-        """[n_mels, frames]: the clip followed by `pad_s` seconds of padding (silence frames of the 30 s window),
-        at most the whole window; frames rounded up to even (the second convolution has stride 2)."""
-        m = log_mel(audio[: N_FRAMES * HOP])
-        frames = min(N_FRAMES, max(2, -(-len(audio) // HOP) + int(pad_s * MODEL_RATE_HZ) // HOP))
-        return m[:, : frames + frames % 2]
+    @classmethod
+    def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> WhisperTranscriber:
+        """The transcriber of a prepared Whisper directory (`assistant.weights.cache`)."""
+        model_dir = Path(model_dir)
+        return cls(Whisper.load(model_dir, dtype, device), model_dir / "tokenizer.json", model_dir / "config.json")
+
+    @staticmethod
+    def speech(audio: np.ndarray) -> np.ndarray:
+        """What the model hears of `audio`: its speech with `trim.MARGIN_S` around it, at most one 30 s window."""
+        return trim_silence(audio)[: N_FRAMES * HOP]
 
     def transcribe_steps(
         self, audios: list[np.ndarray], max_tokens: int | None = None
     ) -> Generator[None, None, list[Transcript]]:
-        """Greedy transcripts of `audios`, in bounded steps (the caller may do other work at each `yield`): one pass
-        over the batch, then, with a short window (`pad_s` < 30), each utterance whose result looks unreliable (unsure
-        language, low token confidence, or a repetition loop) is decoded again on the full 30 s window the model was
-        trained on, `REDO_BATCH` per step, so the fast path never costs accuracy on those."""
+        """Greedy transcripts of `audios`, in bounded steps (the caller may do other work at each `yield`): one
+        30 s window encoded per step, then the batch decoded together."""
         # A clip under 30 ms holds no word (and gives the convolutions too few frames): an empty transcript.
         results: list[Transcript] = [Transcript("", "", [], no_speech=True) for _ in audios]
         runnable = [i for i, a in enumerate(audios) if len(a) >= MIN_SAMPLES]
-        for i, r in zip(runnable, self._run([audios[i] for i in runnable], self.pad_s, max_tokens), strict=True):
-            results[i] = r
-        if self.pad_s < 30.0:
-            redo = [i for i in runnable if not results[i].reliable]
-            for at in range(0, len(redo), self.REDO_BATCH):
+        speech = [self.speech(audios[i]) for i in runnable]
+        feats = []
+        for k, clip in enumerate(speech):
+            if k:
                 yield
-                part = redo[at : at + self.REDO_BATCH]
-                for i, r in zip(part, self._run([audios[i] for i in part], 30.0, max_tokens), strict=True):
-                    results[i] = r
+            feats.append(self.model.encode(log_mel(clip)[None]))
+        if runnable:
+            yield
+            for i, r in zip(runnable, self.decode_features(torch.cat(feats), speech, max_tokens), strict=True):
+                results[i] = r
         return results
 
     @torch.inference_mode()
-    def _run(self, audios: list[np.ndarray], pad_s: float, max_tokens: int | None) -> list[Transcript]:
-        if not audios:
-            return []
-        m = self.model
-        feats = [m.encode(self.mel(a, pad_s)[None])[0] for a in audios]  # lengths differ unless padded: one pass each
-        lengths = [f.shape[0] for f in feats]
-        tk = max(lengths)
-        b = len(audios)
-        padded = torch.zeros(b, tk, feats[0].shape[1], dtype=feats[0].dtype, device=m.device)
-        for i, f in enumerate(feats):
-            padded[i, : f.shape[0]] = f
-        cross_mask = None
-        if min(lengths) != tk:
-            valid = torch.arange(tk, device=m.device)[None, :] < torch.tensor(lengths, device=m.device)[:, None]
-            cross_mask = valid[:, None, None, :]  # [B, 1, 1, Tk]
-        cross = m.cross_kv(padded)
+    def decode_features(
+        self, feats: torch.Tensor, speech: list[np.ndarray], max_tokens: int | None = None
+    ) -> list[Transcript]:
+        """feats [B, T, D] (the encoder output; T = 1500 for the 30 s window) of the clips `speech` (their length
+        caps the tokens) -> greedy transcripts. Public for bench/asr_peers.py, which also decodes shorter windows."""
+        m, b = self.model, feats.shape[0]
+        cross = m.cross_kv(feats)
         # Language: the distribution over language tokens right after <|startoftranscript|>.
-        logits, _ = m.decode(torch.full((b, 1), self.sot), cross, None, cross_mask)
+        logits, _ = m.decode(torch.full((b, 1), self.sot), cross, None)
         no_speech_p = logits[:, 0].softmax(-1)[:, self.no_speech]  # Whisper's voice-activity signal
         lang_probs = logits[:, 0, self.lang_ids].softmax(-1)
         lang_p, lang_j = lang_probs.max(-1)
         langs = [self.lang_ids[int(j)] for j in lang_j]
-        prompt = torch.tensor([[self.sot, lang, self.transcribe, self.no_timestamps] for lang in langs])
-        logits, kv = m.decode(prompt, cross, None, cross_mask)
-        # A cap on tokens per second of audio stops a runaway loop that the repetition check would miss.
-        limits = [min(m.dims.max_target_positions - 8, 16 + int(6 * len(a) / MODEL_RATE_HZ)) for a in audios]
+        if self.multilingual:
+            prompt = torch.tensor([[self.sot, lang, self.transcribe, self.no_timestamps] for lang in langs])
+        else:
+            prompt = torch.tensor([[self.sot, self.no_timestamps]] * b)
+        logits, kv = m.decode(prompt, cross, None)
+        # A cap on tokens per second of speech stops a runaway loop that the repetition check would miss.
+        limits = [min(m.dims.max_target_positions - 8, 16 + int(6 * len(a) / MODEL_RATE_HZ)) for a in speech]
         if max_tokens is not None:
             limits = [min(x, max_tokens) for x in limits]
         out: list[list[int]] = [[] for _ in range(b)]
@@ -281,6 +294,7 @@ class WhisperTranscriber:
                     continue
                 tok = int(nxt[i])
                 if tok == self.eot or len(out[i]) >= limits[i]:
+                    looped[i] = tok != self.eot
                     done[i] = True
                     continue
                 out[i].append(tok)
@@ -291,16 +305,16 @@ class WhisperTranscriber:
                     looped[i] = done[i] = True
             if all(done):
                 break
-            logits, kv = m.decode(nxt[:, None], cross, kv, cross_mask)
+            logits, kv = m.decode(nxt[:, None], cross, kv)
         results = []
         for i in range(b):
             avg_lp = logprob[i] / max(1, len(out[i]))
-            reliable = not looped[i] and len(out[i]) < limits[i] and avg_lp >= self.MIN_AVG_LOGPROB
             # Whisper's rule: likely no speech and an unsure transcript -> nothing was said (no hallucinated text).
             silent = float(no_speech_p[i]) > self.NO_SPEECH_PROB and avg_lp < self.SILENT_AVG_LOGPROB
             text = "" if silent else self.tok.decode(out[i], skip_special_tokens=True).strip()
             lang = self.lang_names[langs[i]]
-            results.append(Transcript(text, lang, [] if silent else out[i], avg_lp, float(lang_p[i]), reliable, silent))
+            ids = [] if silent else out[i]
+            results.append(Transcript(text, lang, ids, avg_lp, float(lang_p[i]), looped[i], silent))
         return results
 
 

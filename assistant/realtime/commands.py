@@ -1,7 +1,7 @@
-"""What the session core asks of the engine, and what the engine's answers look like when they come back.
+"""What the session core asks of the engine and of the voice, and what their answers look like when they come back.
 
-The core (`session.Session`) never calls the engine: it returns these commands among its outputs, and the
-transport's driver (`assistant.transport.connection`) carries them out and feeds the results back in as the
+The core (`session.Session`) never calls the engine or the voice: it returns these commands among its outputs, and
+the transport's driver (`assistant.transport.connection`) carries them out and feeds the results back in as the
 `EngineOutput` values below. All are plain frozen dataclasses; nothing here runs anything.
 """
 
@@ -68,6 +68,35 @@ class CancelResponse:
     reason: str  # "client_cancelled" | "turn_detected"
 
 
+@dataclass(frozen=True)
+class TruncateReply:
+    """The listener heard only `text` of the reply of `response_id`: the engine's history keeps just that (an empty
+    text puts the answered turn back to pending, as for an answer cancelled before it said anything)."""
+
+    response_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Speak:
+    """Synthesise clause `index` of the answer `response_id` (in the shared voice pool); the result comes back as
+    `ClauseSpoken` or `SpeechFailed` with the same ids. Clauses of one answer may finish in any order."""
+
+    response_id: str
+    index: int
+    text: str
+    voice: str
+    speed: float
+    rate_hz: int
+
+
+@dataclass(frozen=True)
+class CancelSpeech:
+    """Drop the clauses of `response_id` not synthesised yet (the one being synthesised finishes and is ignored)."""
+
+    response_id: str
+
+
 EngineCommand = (
     OpenConversation
     | CloseConversation
@@ -78,6 +107,9 @@ EngineCommand = (
     | Discard
     | StartResponse
     | CancelResponse
+    | TruncateReply
+    | Speak
+    | CancelSpeech
 )
 
 
@@ -115,12 +147,38 @@ class ResponseFinished:
     done: ResponseDone
 
 
-EngineOutput = TurnPrepared | TurnFailed | ResponseRefused | ResponseDelta | ResponseFinished
+@dataclass(frozen=True)
+class ClauseSpoken:
+    """The audio of one clause: PCM16 LE mono at the rate `Speak` asked for."""
+
+    response_id: str
+    index: int
+    pcm: bytes
+    synth_ms: float  # how long the synthesis took (latency breakdown)
+
+
+@dataclass(frozen=True)
+class SpeechFailed:
+    response_id: str
+    index: int
+    message: str
+
+
+EngineOutput = (
+    TurnPrepared | TurnFailed | ResponseRefused | ResponseDelta | ResponseFinished | ClauseSpoken | SpeechFailed
+)
 
 
 # ---- core -> driver (facts worth a metric) -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FirstText:
     """The first answer text of a response left the core `latency_s` after the turn ended (commit or create)."""
+
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class FirstAudio:
+    """The first answer audio of a response left the core `latency_s` after the turn ended (commit or create)."""
 
     latency_s: float

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from assistant.schema import shown
+
 Dialect = Literal["ga", "beta"]
 OPENAI_RATE_HZ = 24000  # the OpenAI formats' PCM16 rate: the default input rate in both dialects
 MIN_COMMIT_MS = 100  # OpenAI refuses commits holding less audio than this (input_audio_buffer_commit_empty)
@@ -28,8 +30,17 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
     "invalid_event": ("invalid_request_error", "the event lacks `type` or a field has the wrong type or value"),
     "unknown_event": ("invalid_request_error", "the event `type` is not an event this server knows"),
     "unsupported_event": ("invalid_request_error", "a well-formed OpenAI event this server does not implement"),
-    "audio_output_unsupported": ("invalid_request_error", "audio output was requested; answers are text only"),
-    "unsupported_audio_format": ("invalid_request_error", "input audio format other than PCM16 (e.g. G.711)"),
+    "audio_output_unsupported": (
+        "invalid_request_error",
+        "audio output asked of a server without a voice (answers stay text), or a WebRTC-only audio event",
+    ),
+    "unknown_voice": ("invalid_request_error", "a voice that is not installed; the message lists the installed ones"),
+    "item_not_found": ("invalid_request_error", "conversation.item.truncate/retrieve names an item this session lacks"),
+    "item_not_truncatable": (
+        "invalid_request_error",
+        "conversation.item.truncate of an item without audio (a user item or a text answer)",
+    ),
+    "unsupported_audio_format": ("invalid_request_error", "input other than PCM16, output other than PCM16 or G.711"),
     "sample_rate_out_of_range": ("invalid_request_error", "input_sample_rate outside 8000..48000 Hz"),
     "invalid_audio": ("invalid_request_error", "audio bytes are not PCM16 (odd length or bad base64)"),
     "message_too_large": ("invalid_request_error", "a message exceeds server.max_message_bytes; it was dropped"),
@@ -40,6 +51,9 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
     "server_busy": ("server_error", "too many sessions or queued responses; retry later"),
     "response_failed": ("server_error", "the model failed while answering; the session goes on"),
     "turn_failed": ("server_error", "the model failed to process the user's audio; the session goes on"),
+    "upstream_unavailable": ("server_error", "backend openai: no model server reachable, or it went away mid-answer"),
+    "upstream_timeout": ("server_error", "backend openai: the model server was too slow (openai.*_timeout_s)"),
+    "upstream_error": ("server_error", "backend openai: the model server answered with an error or nonsense"),
     "turn_too_long": ("invalid_request_error", "a user turn over `engine.max_turn_tokens`; it was not answered"),
     "turn_interrupted": ("server_error", "MQTT: the connection was lost mid-turn; that turn was dropped, speak again"),
     "input_audio_buffer_truncated": (
@@ -94,6 +108,7 @@ class ResponseCreate:
     event_id: str | None
     instructions: str | None = None  # replaces the session's for this response only: not supported, see session
     max_output_tokens: int | None = None
+    output_audio: bool | None = None  # this response's modality (None: the session's)
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,22 @@ class TextMessage:
     text: str
 
 
+@dataclass(frozen=True)
+class ItemTruncate:
+    """`conversation.item.truncate`: the listener heard only `audio_end_ms` of the assistant item's audio."""
+
+    event_id: str | None
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class ItemRetrieve:
+    event_id: str | None
+    item_id: str
+
+
 ClientEvent = (
     SessionUpdate
     | AudioAppend
@@ -124,13 +155,14 @@ ClientEvent = (
     | ResponseCancel
     | ConversationReset
     | TextMessage
+    | ItemTruncate
+    | ItemRetrieve
 )
 
-# Well-formed OpenAI client events we do not implement: audio-output ones get the clearer code.
-_AUDIO_OUTPUT_EVENTS = {"output_audio_buffer.clear", "conversation.item.truncate"}
+# Well-formed OpenAI client events we do not implement: the WebRTC-only audio one gets the clearer code.
+_AUDIO_OUTPUT_EVENTS = {"output_audio_buffer.clear"}
 _UNSUPPORTED_EVENTS = {
     "conversation.item.delete",
-    "conversation.item.retrieve",
     "transcription_session.update",
     "session.close",
 }
@@ -147,6 +179,29 @@ def max_tokens(value: Any, param: str, eid: str | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32767:
         raise ProtocolError("invalid_event", f"{param} must be an integer 1..32767 or 'inf', got {value!r}", param, eid)
     return value
+
+
+def output_modality(mods: Any, param: str, eid: str | None) -> bool:
+    """An `output_modalities` / `modalities` list -> True for audio (which always carries its transcript)."""
+    if not isinstance(mods, list) or not mods or not all(m in ("text", "audio") for m in mods):
+        raise ProtocolError("invalid_event", f"{param} must list 'text' and/or 'audio', got {shown(mods)}", param, eid)
+    return "audio" in mods
+
+
+def _int_field(obj: dict[str, Any], key: str, eid: str | None, default: int | None = None) -> int:
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31:
+        etype = obj.get("type")
+        raise ProtocolError("invalid_event", f"{etype}: {key} must be an integer >= 0, got {shown(value)}", key, eid)
+    return value
+
+
+def _item_id(obj: dict[str, Any], eid: str | None) -> str:
+    item_id = obj.get("item_id")
+    if not isinstance(item_id, str):
+        etype = obj.get("type")
+        raise ProtocolError("invalid_event", f"{etype} needs a string item_id, got {shown(item_id)}", "item_id", eid)
+    return item_id
 
 
 def decode_audio_b64(value: Any, eid: str | None) -> bytes:
@@ -210,8 +265,17 @@ def parse_client_event(raw: str | bytes | dict[str, Any]) -> ClientEvent:
         return ConversationReset(eid)
     if etype == "conversation.item.create":
         return _parse_item_create(obj, eid)
+    if etype == "conversation.item.truncate":
+        audio_end_ms = _int_field(obj, "audio_end_ms", eid)
+        return ItemTruncate(eid, _item_id(obj, eid), _int_field(obj, "content_index", eid, 0), audio_end_ms)
+    if etype == "conversation.item.retrieve":
+        return ItemRetrieve(eid, _item_id(obj, eid))
     if etype in _AUDIO_OUTPUT_EVENTS:
-        raise ProtocolError("audio_output_unsupported", f"{etype}: this server answers in text only", "type", eid)
+        msg = (
+            f"{etype} exists only over WebRTC; over WebSocket answers come as text or audio deltas: stop playback "
+            "on the client and send response.cancel and conversation.item.truncate"
+        )
+        raise ProtocolError("audio_output_unsupported", msg, "type", eid)
     if etype in _UNSUPPORTED_EVENTS:
         raise ProtocolError("unsupported_event", f"{etype} is not implemented by this server", "type", eid)
     raise ProtocolError("unknown_event", f"unknown event type {etype!r}; see PROTOCOL.md for the events", "type", eid)
@@ -221,14 +285,13 @@ def _parse_response_create(obj: dict[str, Any], eid: str | None) -> ResponseCrea
     resp = obj.get("response") or {}
     if not isinstance(resp, dict):
         raise ProtocolError("invalid_event", "response must be an object", "response", eid)
-    mods = resp.get("output_modalities", resp.get("modalities"))
-    if isinstance(mods, list) and "audio" in mods and "text" not in mods:
-        raise ProtocolError("audio_output_unsupported", "audio output was requested; answers are text only", None, eid)
+    key = "output_modalities" if "output_modalities" in resp else "modalities"
+    audio = None if resp.get(key) is None else output_modality(resp[key], f"response.{key}", eid)
     instr = resp.get("instructions")
     if instr is not None and not isinstance(instr, str):
         raise ProtocolError("invalid_event", "response.instructions must be a string", "response.instructions", eid)
     key = "max_output_tokens" if "max_output_tokens" in resp else "max_response_output_tokens"
-    return ResponseCreate(eid, instr, max_tokens(resp.get(key), f"response.{key}", eid))
+    return ResponseCreate(eid, instr, max_tokens(resp.get(key), f"response.{key}", eid), audio)
 
 
 def _parse_item_create(obj: dict[str, Any], eid: str | None) -> TextMessage:

@@ -18,7 +18,8 @@ a latency fact for the metrics.
 What the core owns:
 - Turn segmentation: server VAD (`VadSegmenter`, stream time in ms of 16 kHz audio, so results do not depend on how
   fast audio arrives) or push-to-talk (`turn_detection: null`: `commit` ends the turn, `response.create` answers;
-  the buffer keeps the newest `max_buffer_ms`).
+  the buffer keeps the newest `max_buffer_ms`). With a wake word (`wake.py`), server VAD only hears audio from the
+  wake word on, or within `follow_up_ms` after an answer; the wake word barges in like speech does.
 - Model-facing work runs one job at a time, in order, from a bounded queue (`max_jobs`; overflow -> `server_busy`):
   a committed turn is prepared (`AddTurn`), its transcript reported, then answered if turn detection says so; a
   `response.create` queues an answer. Handlers never wait, so barge-in and `response.cancel` act at once.
@@ -30,6 +31,10 @@ What the core owns:
 - Speculation (`early_prepare_ms` > 0): when the VAD reports a tentative end, the turn's audio work starts at once
   (`Speculate`); at the commit, identical samples confirm it (`AddTurn(confirm=True)`), anything else discards it.
 - Item ids, error codes (`protocol.ERROR_CODES`) and limits (`SessionLimits`).
+- Spoken answers: an audio response gets a `SpeechOut` (`speech_out.py`: clauses, `Speak` commands, transcript and
+  audio deltas in order) and ends only once its audio is sent; a cancel stops its audio at once. What the listener
+  heard (the spoken transcript, cut by `conversation.item.truncate`) goes back to the engine's history
+  (`TruncateReply`). `items.py` keeps the items a client may retrieve or truncate.
 """
 
 from __future__ import annotations
@@ -42,18 +47,22 @@ from typing import Any
 import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
-from assistant.audio.vad import SpeechStarted, SpeechStopped, TentativeEnd, TentativeVoid, VadEvent
+from assistant.audio.vad import SpeechStarted, SpeechStopped, TentativeEnd, TentativeVoid
+from assistant.audio.wake_word import WakeWordSettings
 from assistant.backends.base import Utterance
 from assistant.engine.api import ResponseDone, ResponseOptions, new_id
 from assistant.realtime import commands as C
 from assistant.realtime import protocol as P
 from assistant.realtime.audio_in import AudioIn, committed_ms
 from assistant.realtime.events import EventFactory
+from assistant.realtime.items import Item, Items
 from assistant.realtime.settings import SessionSettings, TurnDetection, apply_session_update
+from assistant.realtime.speech_out import SpeechOut
+from assistant.realtime.wake import GateEvent, WakeWordDetected
 
 log = logging.getLogger("assistant.session")
 
-Output = dict[str, Any] | C.EngineCommand | C.FirstText
+Output = dict[str, Any] | C.EngineCommand | C.FirstText | C.FirstAudio
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class SessionLimits:
     max_message_bytes: int = 16 * 1024 * 1024  # larger client messages are refused (`message_too_large`)
     max_jobs: int = 16  # committed turns + response requests waiting per session; overflow -> `server_busy`
     max_buffer_ms: int = 30000  # push-to-talk keeps the newest 30 s: one model audio window
+    max_items: int = 64  # conversation items kept for retrieve/truncate (older ones: `item_not_found`)
 
 
 @dataclass
@@ -72,6 +82,7 @@ class _Job:
     speculated: bool = False  # the turn's audio work was started during the silence
     max_output_tokens: int | None = None
     event_id: str | None = None
+    output_audio: bool | None = None  # response.create's modality (None: the session's)
 
 
 @dataclass
@@ -79,6 +90,9 @@ class _Response:
     response_id: str
     item_id: str
     cancelling: bool = False
+    cancel_reason: str | None = None
+    speech: SpeechOut | None = None  # a spoken answer
+    engine_done: ResponseDone | None = None  # the engine finished; a spoken answer may still be sending audio
 
 
 class Session:
@@ -89,12 +103,14 @@ class Session:
         dialect: P.Dialect = "ga",
         *,
         default_td: TurnDetection | None = None,
+        default_wake: WakeWordSettings | None = None,
         limits: SessionLimits | None = None,
     ) -> None:
         self.id = session_id
         self.events = EventFactory(dialect)
         self.settings = settings
         self.default_td = default_td or TurnDetection()
+        self.default_wake = default_wake or WakeWordSettings()
         self.limits = limits or SessionLimits()
         self.started = False
         self.closed = False
@@ -109,10 +125,11 @@ class Session:
         self._cancel_on_start = False  # barge-in arrived before the requested answer started
         self._committed_at_s: float | None = None  # when the turn now being answered ended (latency)
         td = settings.turn_detection
-        self._audio = AudioIn(settings.input_rate_hz, td, self.limits.max_buffer_ms)
+        self._audio = AudioIn(settings.input_rate_hz, td, self.limits.max_buffer_ms, settings.wake_word)
         self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to Speculate
         self._item_id = new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
+        self._items = Items(self.limits.max_items)
 
     # ---- queries (for the driver and the hub) ------------------------------------------------------------------
     @property
@@ -146,9 +163,7 @@ class Session:
         self._jobs.clear()
         if self._current is not None and self._current.utterance is not None:
             self._current = None  # a turn being prepared: nothing to answer any more
-        if self._response is not None and not self._response.cancelling:
-            self._response.cancelling = True
-            self._out.append(C.CancelResponse(self._response.response_id, "client_cancelled"))
+        self._cancel_response("client_cancelled")
         self._spec = None  # closing the engine conversation forgets its speculations
         if self.started:
             self._out.append(C.CloseConversation())
@@ -209,6 +224,10 @@ class Session:
             self._reset_conversation()
         elif isinstance(ev, P.TextMessage):
             self._text_message(ev)
+        elif isinstance(ev, P.ItemTruncate):
+            self._truncate(ev)
+        elif isinstance(ev, P.ItemRetrieve):
+            self._retrieve(ev)
 
     def _receive_pcm(self, pcm: bytes, event_id: str | None) -> None:
         if len(pcm) % 2:
@@ -220,7 +239,7 @@ class Session:
     def _session_update(self, ev: P.SessionUpdate) -> None:
         old = self.settings
         try:
-            new, warnings = apply_session_update(old, ev.session, ev.event_id, self.default_td)
+            new, warnings = apply_session_update(old, ev.session, ev.event_id, self.default_td, self.default_wake)
         except P.ProtocolError as e:
             self._error(e)
             return
@@ -229,21 +248,26 @@ class Session:
         if new.input_rate_hz != old.input_rate_hz:
             self._on_vad_events(self._audio.set_rate(new.input_rate_hz))
         self.settings = new
-        if new.turn_detection != old.turn_detection:  # an open turn under the old settings is dropped
-            self._discard_speculation()
-            self._audio.reconfigure(new.turn_detection)
+        if new.turn_detection != old.turn_detection or new.wake_word != old.wake_word:
+            self._discard_speculation()  # an open turn under the old settings is dropped
+            self._audio.reconfigure(new.turn_detection, new.wake_word)
         if new.instructions != old.instructions:
             self._out.append(C.SetInstructions(new.instructions or None))
         self._emit("session.updated", session=self.events.session(new, self.id))
 
     # ---- turns -------------------------------------------------------------------------------------------------
-    def _on_vad_events(self, events: list[VadEvent]) -> None:
+    def _on_vad_events(self, events: list[GateEvent]) -> None:
         for vev in events:
             self._on_vad_event(vev)
 
-    def _on_vad_event(self, vev: VadEvent) -> None:
+    def _on_vad_event(self, vev: GateEvent) -> None:
         td = self.settings.turn_detection
-        if isinstance(vev, TentativeEnd):
+        if isinstance(vev, WakeWordDetected):
+            item_id = self._item_id if td is not None else None  # push-to-talk: a detection opens no turn
+            self._out.append(self.events.wake_word_detected(vev.name, vev.audio_start_ms, item_id))
+            if td is not None and td.interrupt_response:
+                self._barge_in()
+        elif isinstance(vev, TentativeEnd):
             self._speculate(vev.audio)
         elif isinstance(vev, TentativeVoid):
             self._discard_speculation()  # speech resumed: that audio will not be the turn
@@ -258,9 +282,7 @@ class Session:
 
     def _barge_in(self) -> None:
         if self._response is not None:
-            if not self._response.cancelling:
-                self._response.cancelling = True
-                self._out.append(C.CancelResponse(self._response.response_id, "turn_detected"))
+            self._cancel_response("turn_detected")  # a spoken answer stops sending audio at once
         elif self._response_requested:
             # The answer still waits for its turn's audio work: it starts cancelled, so the committed turn still
             # ends in exactly one response.done.
@@ -295,6 +317,7 @@ class Session:
         if part["type"] == "input_audio":
             self._emit("input_audio_buffer.committed", item_id=item_id, previous_item_id=prev)
         self._out.extend(self.events.user_item(item_id, prev, part))
+        self._items.add(Item(item_id, "user", "completed", part=dict(part)))
         return item_id
 
     def _commit_audio(self, audio: np.ndarray, respond: bool) -> None:
@@ -340,6 +363,9 @@ class Session:
         self._cancel_on_start = False
         self._clear()
         self._last_item_id = None
+        self._items.clear()
+        if self._response is not None and self._response.speech is not None:
+            self._cancel_response("conversation_reset")  # its audio stops now, not when the reset reaches the engine
         self._out.append(C.ResetConversation())  # also cancels the answer in flight (it still gets response.done)
 
     # ---- responses ---------------------------------------------------------------------------------------------
@@ -348,7 +374,14 @@ class Session:
             msg = "a response is already in progress: wait for its response.done or send response.cancel"
             self._error(P.ProtocolError("conversation_already_has_active_response", msg, None, ev.event_id))
             return
-        self._enqueue(_Job(None, respond=True, max_output_tokens=ev.max_output_tokens, event_id=ev.event_id))
+        audio = ev.output_audio
+        if audio and not self.settings.audio_out.voices:
+            msg = "response.output_modalities asks for audio; this server has no voice installed, the answer is text"
+            self._error(P.ProtocolError("audio_output_unsupported", msg, "response.output_modalities", ev.event_id))
+            audio = False
+        job = _Job(None, respond=True, max_output_tokens=ev.max_output_tokens, event_id=ev.event_id)
+        job.output_audio = audio
+        self._enqueue(job)
 
     def _cancel(self, ev: P.ResponseCancel) -> None:
         r = self._response
@@ -356,9 +389,7 @@ class Session:
             msg = "no response in progress to cancel" if r is None else f"response {ev.response_id} is not active"
             self._error(P.ProtocolError("response_cancel_not_active", msg, "response_id", ev.event_id))
             return
-        if not r.cancelling:
-            r.cancelling = True
-            self._out.append(C.CancelResponse(r.response_id, "client_cancelled"))
+        self._cancel_response("client_cancelled")
 
     def _enqueue(self, job: _Job) -> None:
         if len(self._jobs) >= self.limits.max_jobs:
@@ -382,18 +413,36 @@ class Session:
             if job.utterance is not None:
                 self._out.append(C.AddTurn(job.utterance, confirm=job.speculated))
             else:
-                self._start_response(job.max_output_tokens)
+                self._start_response(job)
 
-    def _start_response(self, max_output_tokens: int | None) -> None:
-        limit = max_output_tokens or self.settings.max_output_tokens
+    def _start_response(self, job: _Job) -> None:
+        limit = job.max_output_tokens or self.settings.max_output_tokens
         opts = ResponseOptions(max_new_tokens=limit, temperature=self.settings.temperature)
         r = self._response = _Response(new_id("resp"), new_id("item"))
-        self._out.extend(self.events.response_start(r.response_id, r.item_id))
+        audio = self.settings.output_audio if job.output_audio is None else job.output_audio
+        if audio:
+            ao = self.settings.audio_out
+            r.speech = SpeechOut(self.events, r.response_id, r.item_id, ao, self._now_s, self._committed_at_s)
+        self._out.extend(self.events.response_start(r.response_id, r.item_id, r.speech.out if r.speech else None))
+        self._items.add(Item(r.item_id, "assistant", "in_progress", audio=audio, response_id=r.response_id))
         self._out.append(C.StartResponse(r.response_id, opts))
         if self._cancel_on_start:
             self._cancel_on_start = False
-            r.cancelling = True
-            self._out.append(C.CancelResponse(r.response_id, "turn_detected"))
+            self._cancel_response("turn_detected")
+
+    def _cancel_response(self, reason: str) -> None:
+        """Stop the answer in flight: the engine's decoding (unless it already finished) and its audio. A spoken
+        answer whose text was complete ends here and now; otherwise the engine's ResponseFinished ends it."""
+        r = self._response
+        if r is None or r.cancelling:
+            return
+        r.cancelling, r.cancel_reason = True, reason
+        if r.engine_done is None:
+            self._out.append(C.CancelResponse(r.response_id, reason))
+        if r.speech is not None:
+            self._out.extend(r.speech.cancel())
+            if r.engine_done is not None:
+                self._response_done()
 
     def _failed_response(self, code: str, message: str) -> None:
         """An answer that could not start still gets response.created + response.done(failed)."""
@@ -410,15 +459,28 @@ class Session:
         elif isinstance(out, C.ResponseDelta):
             r = self._response
             if r is not None and out.response_id == r.response_id and out.text:
-                if self._committed_at_s is not None:
-                    self._out.append(C.FirstText(max(0.0, now_s - self._committed_at_s)))
-                    self._committed_at_s = None
-                self._out.append(self.events.text_delta(r.response_id, r.item_id, out.text))
+                if r.speech is not None:
+                    self._out.extend(r.speech.on_text(out.text, now_s))
+                else:
+                    if self._committed_at_s is not None:
+                        self._out.append(C.FirstText(max(0.0, now_s - self._committed_at_s)))
+                        self._committed_at_s = None
+                    self._out.append(self.events.text_delta(r.response_id, r.item_id, out.text))
         elif isinstance(out, C.ResponseRefused):
             self._error(P.ProtocolError(out.code, out.message))
-            self._response_done(ResponseDone.refused(out.response_id, out.message, out.code))
+            self._engine_finished(ResponseDone.refused(out.response_id, out.message, out.code))
         elif isinstance(out, C.ResponseFinished):
-            self._response_done(out.done)
+            done, r = out.done, self._response
+            if done.status == "failed" and r is not None and done.response_id == r.response_id:
+                # the client hears why, as for a failed turn (e.g. `upstream_unavailable`); the session goes on
+                self._error(P.ProtocolError(done.error_code or "response_failed", done.error or "the model failed"))
+            self._engine_finished(done)
+        elif isinstance(out, C.ClauseSpoken | C.SpeechFailed):
+            r = self._response
+            if r is not None and r.speech is not None and out.response_id == r.response_id:
+                self._out.extend(r.speech.on_result(out, now_s))
+                if r.engine_done is not None and r.speech.complete:
+                    self._response_done()
         return self._take()
 
     def _turn_done(self, out: C.TurnPrepared | C.TurnFailed) -> None:
@@ -437,6 +499,9 @@ class Session:
         else:
             info = out.info
             if info.transcript is not None and job.utterance.audio is not None:
+                item = self._items.get(out.key)
+                if item is not None and item.part is not None:
+                    item.part["transcript"] = info.transcript
                 usage = {"type": "duration", "seconds": round(info.audio_s, 3)}
                 self._emit(
                     "conversation.item.input_audio_transcription.completed",
@@ -447,17 +512,30 @@ class Session:
                 )
             if job.respond and not self.closed:
                 job.utterance = None  # the same job goes on as the answer
-                self._start_response(job.max_output_tokens)
+                self._start_response(job)
                 return
             if job.respond:
                 self._response_requested = False
             self._current = None
         self._pump()
 
-    def _response_done(self, done: ResponseDone) -> None:
+    def _engine_finished(self, done: ResponseDone) -> None:
         r = self._response
         if r is None or done.response_id != r.response_id:
             return
+        r.engine_done = done
+        if r.speech is not None and not r.cancelling and done.status != "failed":
+            self._out.extend(r.speech.on_text_done(self._now_s))
+            if not r.speech.complete:
+                return  # the audio of the last clauses is still being made
+        self._response_done()
+
+    def _response_done(self) -> None:
+        r = self._response
+        assert r is not None and r.engine_done is not None
+        done, after, speech = r.engine_done, [], r.speech
+        if speech is not None:
+            done, after = speech.finish(done, r.cancel_reason if r.cancelling else None)
         timings = " ".join(f"{k}={v:.0f}" for k, v in done.timings_ms.items())
         log.info(
             "session %s: response %s %s%s: %d input (%d cached) + %d output tokens; ms: %s",
@@ -470,12 +548,42 @@ class Session:
             done.output_tokens,
             timings,
         )
-        self._out.extend(self.events.response_end(r.response_id, r.item_id, done))
+        if speech is None:
+            self._out.extend(self.events.response_end(r.response_id, r.item_id, done))
+        else:
+            transcript, extra = speech.transcript(), speech.timings_ms()
+            self._out.extend(self.events.response_end(r.response_id, r.item_id, done, speech.out, transcript, extra))
+        self._out.extend(after)
+        self._audio.answer_finished()  # behind a wake word: the follow-up window opens
+        self._items.finish(r.item_id, done, speech)
         self._response = None
         self._current = None
         self._response_requested = False
         self._committed_at_s = None
         self._pump()
+
+    # ---- conversation items ----------------------------------------------------------------------------------------
+    def _truncate(self, ev: P.ItemTruncate) -> None:
+        """`conversation.item.truncate`: the listener heard `audio_end_ms` of a spoken answer; the item, its
+        transcript and the engine's history keep only that. An answer still being spoken is stopped there."""
+        try:
+            item = self._items.truncatable(ev)
+        except P.ProtocolError as e:
+            self._error(e)
+            return
+        r = self._response
+        if r is not None and r.item_id == item.id and r.speech is not None:
+            r.speech.heard_ms = ev.audio_end_ms  # applied when it ends, which the cancel makes now or soon
+            self._cancel_response("client_cancelled")
+        elif item.truncate(ev.audio_end_ms) and item.response_id is not None:
+            self._out.append(C.TruncateReply(item.response_id, item.text))
+        self._emit("conversation.item.truncated", item_id=item.id, content_index=0, audio_end_ms=ev.audio_end_ms)
+
+    def _retrieve(self, ev: P.ItemRetrieve) -> None:
+        try:
+            self._emit("conversation.item.retrieved", item=self._items.render(ev.item_id, ev.event_id, self.events))
+        except P.ProtocolError as e:
+            self._error(e)
 
     # ---- output ------------------------------------------------------------------------------------------------
     def _emit(self, etype: str, **fields: Any) -> None:

@@ -5,20 +5,61 @@ edges; every field declares its type and range once, `assistant.schema`) is both
 the config file's `[vad]` section (the server-wide default every session starts from). `SessionSettings` is the
 effective session; its fields carry their ranges the same way. So the TOML validation, the GA and beta
 `session.update` parsing and the MQTT devices' sessions all check a value by the same declaration.
-`apply_session_update(settings, payload, default_td)` returns the new frozen settings and non-fatal warnings; a
-fatal problem raises `ProtocolError` and changes nothing. `events.EventFactory.session` renders it.
+`WakeWordSettings` (`assistant.audio.wake_word`) is likewise both a session's `wake_word` (None = off; our extension:
+GA `session.audio.input.wake_word`, beta `session.wake_word`) and the config's `[wake_word]` section.
+`apply_session_update(settings, payload, default_td, default_wake)` returns the new frozen settings and non-fatal
+warnings; a fatal problem raises `ProtocolError` and changes nothing. `events.EventFactory.session` renders it.
+
+Spoken answers: `SessionSettings.output_audio` is the output modality (GA `output_modalities: ["audio"]`, beta
+`modalities: ["audio", "text"]`); `AudioOutput` is how answers are spoken (voice, speed, format, rate) and which
+voices the server has (none: audio requests get a warning and answers stay text).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from assistant.audio.g711 import RATE_HZ as G711_RATE_HZ
 from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
+from assistant.audio.speech_text import MAX_FIRST_CLAUSE_CHARS, MAX_SPEED, MIN_SPEED, OPENAI_VOICES
 from assistant.audio.vad import TurnDetection
-from assistant.realtime.protocol import OPENAI_RATE_HZ, ProtocolError, max_tokens
-from assistant.schema import SettingError, bounds, check_fields, coerce
+from assistant.audio.wake_word import WakeWordSettings, installed_wake_words
+from assistant.realtime.protocol import OPENAI_RATE_HZ, ProtocolError, max_tokens, output_modality
+from assistant.schema import SettingError, bounds, check_fields, coerce, shown
+
+OutputFormat = Literal["pcm16", "g711_ulaw", "g711_alaw"]  # beta names; GA `audio/pcm`, `audio/pcmu`, `audio/pcma`
+GA_OUTPUT_FORMATS: dict[str, OutputFormat] = {
+    "audio/pcm": "pcm16",
+    "audio/pcmu": "g711_ulaw",
+    "audio/pcma": "g711_alaw",
+}
+
+
+@dataclass(frozen=True)
+class AudioOutput:
+    """How a session's answers are spoken, and with what the server can speak (`voices`; empty = text only)."""
+
+    voices: tuple[str, ...] = ()  # the server's loaded voices; the first is the default
+    voice: str = ""  # the voice that speaks (one of `voices`)
+    voice_label: str = ""  # the name the client chose, echoed back (an OpenAI voice name is an alias of `voice`)
+    speed: float = field(default=1.0, metadata=bounds(MIN_SPEED, MAX_SPEED))
+    format: OutputFormat = "pcm16"
+    pcm_rate_hz: int = field(default=OPENAI_RATE_HZ, metadata=bounds(MIN_RATE_HZ, MAX_RATE_HZ))  # for pcm16
+    first_clause_chars: int = field(default=0, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))  # `[voice]` policy
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @classmethod
+    def of_server(cls, voices: tuple[str, ...], **kw: Any) -> AudioOutput:
+        name = voices[0] if voices else ""
+        return cls(voices=voices, voice=name, voice_label=name, **kw)
+
+    @property
+    def rate_hz(self) -> int:
+        return self.pcm_rate_hz if self.format == "pcm16" else G711_RATE_HZ
 
 
 @dataclass(frozen=True)
@@ -30,6 +71,9 @@ class SessionSettings:
     max_output_tokens: int | None = None  # None = "inf" (generation config)
     temperature: float | None = field(default=None, metadata=bounds(0.0, 2.0))
     transcription: bool = False  # the client asked for input transcription (we send it whenever one exists)
+    wake_word: WakeWordSettings | None = None  # None = every turn is heard; else only after the wake word
+    output_audio: bool = False  # answers are spoken (audio + transcript) instead of text
+    audio_out: AudioOutput = field(default_factory=AudioOutput)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -57,6 +101,36 @@ def _parse_turn_detection(
     return dataclasses.replace(current or default, **changes)
 
 
+_WAKE_KEYS = [f.name for f in dataclasses.fields(WakeWordSettings)]
+
+
+def _parse_wake_word(
+    value: Any, current: WakeWordSettings | None, default: WakeWordSettings, param: str, eid: str | None
+) -> WakeWordSettings | None:
+    """`{"name": ..., "follow_up_ms": ...}` over the current (or the server's default) wake word; null or name ""
+    turns it off. A name that is not installed is refused with the list of installed ones."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        msg = f"{param} must be an object {{name, follow_up_ms}} or null, got {value!r}"
+        raise ProtocolError("invalid_event", msg, param, eid)
+    base = current or default
+    if value.get("name") is None and not base.name:
+        names = ", ".join(installed_wake_words())
+        msg = f"{param}.name is needed to turn the wake word on: one of {names} (null turns it off)"
+        raise ProtocolError("invalid_event", msg, f"{param}.name", eid)
+    changes = {
+        k: _field(WakeWordSettings, k, value[k], f"{param}.{k}", eid) for k in _WAKE_KEYS if value.get(k) is not None
+    }
+    try:
+        new = dataclasses.replace(base, **changes)
+    except SettingError as e:  # the name check
+        raise ProtocolError(
+            "invalid_event", f"{param}.name must be {e.expected}, got {e.got}", f"{param}.name", eid
+        ) from None
+    return new if new.name else None
+
+
 def _parse_rate(value: Any, param: str, eid: str | None) -> int:
     try:
         return coerce(param, SessionSettings, "input_rate_hz", value)
@@ -66,12 +140,18 @@ def _parse_rate(value: Any, param: str, eid: str | None) -> int:
 
 
 def apply_session_update(
-    cur: SessionSettings, s: dict[str, Any], eid: str | None = None, default_td: TurnDetection | None = None
+    cur: SessionSettings,
+    s: dict[str, Any],
+    eid: str | None = None,
+    default_td: TurnDetection | None = None,
+    default_wake: WakeWordSettings | None = None,
 ) -> tuple[SessionSettings, list[ProtocolError]]:
     """Validate a GA (nested) or beta (flat) `session` payload. Fatal problems raise ProtocolError and change
     nothing; requests we can only partly honour (audio output) come back as warnings and are otherwise applied.
-    `default_td` is what a session switching from push-to-talk back to server VAD starts from (the server's)."""
+    `default_td` is what a session switching from push-to-talk back to server VAD starts from (the server's), and
+    `default_wake` what a wake word turned on without `follow_up_ms` starts from (the server's `[wake_word]`)."""
     default_td = default_td or TurnDetection()
+    default_wake = default_wake or WakeWordSettings()
     warnings: list[ProtocolError] = []
     ch: dict[str, Any] = {}
     if isinstance(s.get("model"), str):
@@ -79,22 +159,25 @@ def apply_session_update(
     if "instructions" in s:
         ch["instructions"] = _field(SessionSettings, "instructions", s["instructions"], "session.instructions", eid)
     for key in ("output_modalities", "modalities"):
-        mods = s.get(key)
-        if mods is None:
-            continue
-        if not isinstance(mods, list) or not all(m in ("text", "audio") for m in mods):
-            raise ProtocolError("invalid_event", f"session.{key} must list 'text'/'audio'", f"session.{key}", eid)
-        if "audio" in mods:
-            msg = f"session.{key} asks for audio; this server answers in text only (output is text)"
-            warnings.append(ProtocolError("audio_output_unsupported", msg, f"session.{key}", eid))
+        if s.get(key) is not None:
+            audio = output_modality(s[key], f"session.{key}", eid)
+            if audio and not cur.audio_out.voices:
+                msg = f"session.{key} asks for audio; this server has no voice installed, answers are text"
+                warnings.append(ProtocolError("audio_output_unsupported", msg, f"session.{key}", eid))
+            else:
+                ch["output_audio"] = audio
     for key in ("max_output_tokens", "max_response_output_tokens"):
         if key in s:
             ch["max_output_tokens"] = max_tokens(s[key], f"session.{key}", eid)
     if s.get("temperature") is not None:
         ch["temperature"] = _field(SessionSettings, "temperature", s["temperature"], "session.temperature", eid)
-    if any(s.get(k) is not None for k in ("voice", "output_audio_format", "speed")):
-        msg = "voice/output audio settings are ignored: this server answers in text only"
-        warnings.append(ProtocolError("audio_output_unsupported", msg, "session.voice", eid))
+    keys = ("voice", "speed", "output_audio_format", "output_sample_rate")
+    beta_out = {k: s[k] for k in keys if s.get(k) is not None}
+    ga_out = s["audio"].get("output") if isinstance(s.get("audio"), dict) else None
+    if beta_out or ga_out:
+        out = _parse_audio_output(cur.audio_out, beta_out, ga_out, eid, warnings)
+        if out != cur.audio_out:
+            ch["audio_out"] = out
     # beta (flat)
     fmt = s.get("input_audio_format")
     if fmt is not None and fmt != "pcm16":
@@ -105,24 +188,28 @@ def apply_session_update(
         ch["turn_detection"] = _parse_turn_detection(s["turn_detection"], cur.turn_detection, default_td, param, eid)
     if s.get("input_audio_transcription") is not None:
         ch["transcription"] = True
+    if "wake_word" in s:
+        ch["wake_word"] = _parse_wake_word(s["wake_word"], cur.wake_word, default_wake, "session.wake_word", eid)
     # GA (nested)
     audio = s.get("audio")
     if audio is not None:
-        ch.update(_parse_ga_audio(audio, cur, default_td, eid, warnings))
+        ch.update(_parse_ga_audio(audio, cur, default_td, default_wake, eid, warnings))
     if "input_sample_rate" in s:  # our extension, wins over the format's rate
         ch["input_rate_hz"] = _parse_rate(s["input_sample_rate"], "session.input_sample_rate", eid)
     return dataclasses.replace(cur, **ch), warnings
 
 
 def _parse_ga_audio(
-    audio: Any, cur: SessionSettings, default_td: TurnDetection, eid: str | None, warnings: list[ProtocolError]
+    audio: Any,
+    cur: SessionSettings,
+    default_td: TurnDetection,
+    default_wake: WakeWordSettings,
+    eid: str | None,
+    warnings: list[ProtocolError],
 ) -> dict[str, Any]:
     if not isinstance(audio, dict):
         raise ProtocolError("invalid_event", "session.audio must be an object", "session.audio", eid)
     ch: dict[str, Any] = {}
-    if audio.get("output"):
-        msg = "session.audio.output is ignored: this server answers in text only"
-        warnings.append(ProtocolError("audio_output_unsupported", msg, "session.audio.output", eid))
     inp = audio.get("input")
     if inp is None:
         return ch
@@ -140,4 +227,61 @@ def _parse_ga_audio(
         ch["turn_detection"] = _parse_turn_detection(inp["turn_detection"], cur.turn_detection, default_td, param, eid)
     if inp.get("transcription") is not None:
         ch["transcription"] = True
+    if "wake_word" in inp:
+        param = "session.audio.input.wake_word"
+        ch["wake_word"] = _parse_wake_word(inp["wake_word"], cur.wake_word, default_wake, param, eid)
     return ch
+
+
+def _parse_audio_output(
+    cur: AudioOutput, beta: dict[str, Any], ga: Any, eid: str | None, warnings: list[ProtocolError]
+) -> AudioOutput:
+    """Beta `voice` / `speed` / `output_audio_format`, GA `audio.output {format, voice, speed}`, and our
+    `output_sample_rate` extension. Without a voice on the server they are ignored with one warning."""
+    if not cur.voices:
+        where = "session.audio.output" if ga is not None else f"session.{next(iter(beta))}"
+        msg = f"{where} is ignored: this server has no voice installed, answers are text"
+        warnings.append(ProtocolError("audio_output_unsupported", msg, where, eid))
+        return cur
+    if ga is not None and not isinstance(ga, dict):
+        raise ProtocolError("invalid_event", "session.audio.output must be an object", "session.audio.output", eid)
+    ga = ga or {}
+    ch: dict[str, Any] = {}
+    for param, value in (("session.voice", beta.get("voice")), ("session.audio.output.voice", ga.get("voice"))):
+        if value is not None:
+            ch["voice"], ch["voice_label"] = _voice(cur, value, param, eid)
+    for param, value in (("session.speed", beta.get("speed")), ("session.audio.output.speed", ga.get("speed"))):
+        if value is not None:
+            ch["speed"] = _field(AudioOutput, "speed", value, param, eid)
+    fmt = beta.get("output_audio_format")
+    if fmt is not None:
+        if fmt not in ("pcm16", "g711_ulaw", "g711_alaw"):
+            msg = f"session.output_audio_format must be 'pcm16', 'g711_ulaw' or 'g711_alaw', got {shown(fmt)}"
+            raise ProtocolError("unsupported_audio_format", msg, "session.output_audio_format", eid)
+        ch["format"] = fmt
+    gfmt = ga.get("format")
+    if gfmt is not None:
+        param = "session.audio.output.format"
+        kind = gfmt.get("type", "audio/pcm") if isinstance(gfmt, dict) else None
+        if not isinstance(kind, str) or kind not in GA_OUTPUT_FORMATS:
+            msg = f"{param} must be {{'type': 'audio/pcm' | 'audio/pcmu' | 'audio/pcma'}}, got {shown(gfmt)}"
+            raise ProtocolError("unsupported_audio_format", msg, param, eid)
+        ch["format"] = GA_OUTPUT_FORMATS[kind]
+        if gfmt.get("rate") is not None and ch["format"] == "pcm16":
+            ch["pcm_rate_hz"] = _parse_rate(gfmt["rate"], param + ".rate", eid)
+    if beta.get("output_sample_rate") is not None:  # our extension, wins over the format's rate
+        ch["pcm_rate_hz"] = _parse_rate(beta["output_sample_rate"], "session.output_sample_rate", eid)
+    return dataclasses.replace(cur, **ch)
+
+
+def _voice(cur: AudioOutput, value: Any, param: str, eid: str | None) -> tuple[str, str]:
+    """(the voice that speaks, the name echoed): an installed voice, or an OpenAI voice name as an alias."""
+    if isinstance(value, str) and value in cur.voices:
+        return value, value
+    if isinstance(value, str) and value in OPENAI_VOICES:
+        return cur.voices[0], value
+    msg = (
+        f"{param}: voice {shown(value)} is not installed here; installed: {', '.join(cur.voices)} "
+        f"(OpenAI's voice names {', '.join(sorted(OPENAI_VOICES))} are accepted and speak with {cur.voices[0]})"
+    )
+    raise ProtocolError("unknown_voice", msg, param, eid)

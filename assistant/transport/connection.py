@@ -15,11 +15,17 @@ through its `send` callback; it never sees the engine or the protocol's state:
 The receive calls are synchronous and return at once: every engine command the core returns is carried out here
 (turns and responses as tasks owned by this connection; their results are fed back into the core), so a client's
 next event (barge-in, response.cancel) is handled while the model works.
+
+Spoken answers: each `Speak` goes to the hub's shared voice pool (`hub.speech`, bounded, off the event loop); its
+result comes back into the core (`ClauseSpoken` / `SpeechFailed`), which puts clauses in order and sends the audio
+as `response.output_audio.delta` events through the same `send` (a transport that wants raw audio, e.g. an MQTT
+speech topic, decodes those). `CancelSpeech` cancels the clauses not synthesised yet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -35,6 +41,16 @@ from assistant.realtime.session import Output, Session
 
 log = logging.getLogger("assistant.session")
 
+FIRST_AUDIO_SECONDS = Histogram(
+    "assistant_server_commit_to_first_audio_seconds",
+    "Latency heard by the client: end of speech detected (server VAD) or response.create -> first answer audio sent",
+    buckets=(0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0),
+)
+SYNTHESIS_SECONDS = Histogram(
+    "assistant_voice_clause_seconds",
+    "Time one clause of a spoken answer spent in the voice pool (waiting and synthesising)",
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0),
+)
 FIRST_TEXT_SECONDS = Histogram(
     "assistant_server_commit_to_first_text_seconds",
     "Latency seen by the client: end of speech detected (server VAD) or response.create -> first answer text sent",
@@ -59,6 +75,7 @@ class Connection:
         self._close_transport = close
         self._tasks: set[asyncio.Task[None]] = set()  # turn preparations and response relays in flight
         self._relays: dict[str, asyncio.Task[None]] = {}  # response id -> relay task
+        self._speaking: dict[str, set[concurrent.futures.Future[Any]]] = {}  # response id -> clauses in the pool
         self.closed = False
         self._idle = asyncio.Event()  # set whenever the core has nothing queued or in flight
 
@@ -120,6 +137,8 @@ class Connection:
                 self._emit(out)
             elif isinstance(out, C.FirstText):
                 FIRST_TEXT_SECONDS.observe(out.latency_s)
+            elif isinstance(out, C.FirstAudio):
+                FIRST_AUDIO_SECONDS.observe(out.latency_s)
             else:
                 self._command(out)
         if self.session.idle:
@@ -161,6 +180,13 @@ class Connection:
             self._start_response(cmd)
         elif isinstance(cmd, C.CancelResponse):
             e.cancel(cmd.response_id, cmd.reason)
+        elif isinstance(cmd, C.TruncateReply):
+            e.truncate_reply(sid, cmd.response_id, cmd.text)
+        elif isinstance(cmd, C.Speak):
+            self._speak(cmd)
+        elif isinstance(cmd, C.CancelSpeech):
+            for fut in self._speaking.pop(cmd.response_id, ()):
+                fut.cancel()  # not started yet: never runs; the one running finishes and the core ignores it
 
     def _spawn(self, coro: Any, response_id: str | None = None) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"session-{self.id}")
@@ -192,6 +218,35 @@ class Connection:
             self._feed(C.ResponseRefused(cmd.response_id, err.code, str(err)))
             return
         self._spawn(self._relay(stream), cmd.response_id)
+
+    def _speak(self, cmd: C.Speak) -> None:
+        pool = self.hub.speech
+        if pool is None:  # the core asks only when the session has a voice; keep the answer going regardless
+            self._feed(C.SpeechFailed(cmd.response_id, cmd.index, "this server has no voice"))
+            return
+        fut = pool.submit(cmd.text, cmd.speed, cmd.rate_hz)
+        self._speaking.setdefault(cmd.response_id, set()).add(fut)
+        self._spawn(self._deliver_speech(cmd, fut, time.monotonic()))
+
+    async def _deliver_speech(self, cmd: C.Speak, fut: concurrent.futures.Future[Any], submitted_s: float) -> None:
+        try:
+            speech = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if fut.cancelled():  # CancelSpeech: the core no longer wants it
+                return
+            raise
+        except Exception as err:  # the voice failed on this text: the core sends its text and says why
+            log.warning("session %s: synthesis of clause %d failed: %s", self.id, cmd.index, err)
+            self._feed(C.SpeechFailed(cmd.response_id, cmd.index, f"{type(err).__name__}: {err}"))
+            return
+        finally:
+            pending = self._speaking.get(cmd.response_id)
+            if pending is not None:
+                pending.discard(fut)
+                if not pending:
+                    del self._speaking[cmd.response_id]
+        SYNTHESIS_SECONDS.observe(time.monotonic() - submitted_s)
+        self._feed(C.ClauseSpoken(cmd.response_id, cmd.index, speech.pcm.tobytes(), speech.synth_s * 1000.0))
 
     async def _relay(self, stream: Any) -> None:
         rid = stream.response_id

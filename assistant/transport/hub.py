@@ -1,13 +1,16 @@
 """`SessionHub`: the one owner of the open sessions of every transport: admission (capacity), ids, the idle sweep
 and graceful shutdown. Transports ask it for a `Connection` (`open`) and never keep sessions of their own.
 
-    hub = SessionHub(cfg, engine)
+    hub = SessionHub(cfg, engine, speech=pool)   # pool: the shared voice (`audio.voice.open_pool`), None = text only
     conn = hub.open("mqtt", send, close, dialect="ga", input_rate_hz=16000)   # raises SessionLimitReached
     await hub.shutdown(grace_s)                                                # refuse new, finish, close all
 
+Sessions start from the server's settings: `[vad]` turn detection and, when the server has a voice, spoken answers
+(`[voice]` speed and output rate; OpenAI's default output is audio, a client asks for `["text"]` to get text).
+
 Capacity and idle timeout are per transport (`TransportLimits`: WebSocket `server.max_sessions` /
-`server.idle_timeout_s`, MQTT `mqtt.max_devices` / `mqtt.device_idle_timeout_s`), so one transport can never lock
-another out. Idle sweep: a
+`server.idle_timeout_s`, MQTT `mqtt.max_devices` / `mqtt.device_idle_timeout_s`, Wyoming `wyoming.*`), so one
+transport can never lock another out. Idle sweep: a
 session with no client input for its transport's timeout and nothing in flight is ended by the hub
 (`Connection.end`, the transport's close code 1000 "idle timeout").
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -23,12 +27,14 @@ from typing import Any
 
 from prometheus_client import Gauge
 
+from assistant.audio.voice import SpeechPool
+from assistant.audio.wake_word import WakeWordSettings
 from assistant.config import Config
 from assistant.engine.api import new_id
 from assistant.realtime.events import EventFactory
 from assistant.realtime.protocol import Dialect, ProtocolError
 from assistant.realtime.session import Session, SessionLimits
-from assistant.realtime.settings import SessionSettings
+from assistant.realtime.settings import AudioOutput, SessionSettings
 from assistant.transport.connection import CloseFn, Connection, SendFn
 
 log = logging.getLogger("assistant.server")
@@ -52,18 +58,31 @@ class TransportLimits:
 
 
 def transport_limits(cfg: Config) -> dict[str, TransportLimits]:
-    s, m = cfg.server, cfg.mqtt
+    s, m, w = cfg.server, cfg.mqtt, cfg.wyoming
     return {
         "websocket": TransportLimits(s.max_sessions, s.idle_timeout_s, "server.max_sessions"),
         "mqtt": TransportLimits(m.max_devices, m.device_idle_timeout_s, "mqtt.max_devices"),
+        # Wyoming: connections (each transcription is a session of its connection), and conversations by id
+        "wyoming": TransportLimits(w.max_connections, w.idle_timeout_s, "wyoming.max_connections"),
+        "wyoming_conversation": TransportLimits(
+            w.max_conversations, w.conversation_idle_s, "wyoming.max_conversations"
+        ),
     }
 
 
+def transport_wake_word(cfg: Config, transport: str) -> WakeWordSettings | None:
+    """The wake word a new session of `transport` starts with (None = off): MQTT devices `mqtt.wake_word`, others
+    `wake_word.name`; `wake_word.follow_up_ms` for all."""
+    name = cfg.mqtt.wake_word if transport == "mqtt" else cfg.wake_word.name
+    return dataclasses.replace(cfg.wake_word, name=name) if name else None
+
+
 class SessionHub:
-    def __init__(self, cfg: Config, engine: Any, model_name: str = "local") -> None:
+    def __init__(self, cfg: Config, engine: Any, model_name: str = "local", speech: SpeechPool | None = None) -> None:
         self.cfg = cfg
         self.engine = engine
         self.model_name = model_name
+        self.speech = speech  # the shared voice pool; None: answers are text only
         self.sessions: dict[str, Connection] = {}  # id -> the connection of every transport
         self.closing = False
         s = cfg.server
@@ -83,13 +102,29 @@ class SessionHub:
                 f"{n} {transport} sessions open, the limit is {t.capacity_key}={t.capacity}; retry later"
             )
         rate = {} if input_rate_hz is None else {"input_rate_hz": input_rate_hz}  # None: the dialect's default
-        settings = SessionSettings(model=self.model_name, turn_detection=self.cfg.vad, **rate)
-        session = Session(new_id("sess"), settings, dialect, default_td=self.cfg.vad, limits=self.limits)
+        wake = transport_wake_word(self.cfg, transport)
+        settings = SessionSettings(
+            model=self.model_name, turn_detection=self.cfg.vad, wake_word=wake, **rate, **self._voice()
+        )
+        cfg = self.cfg
+        session = Session(
+            new_id("sess"), settings, dialect, default_td=cfg.vad, default_wake=cfg.wake_word, limits=self.limits
+        )
         conn = Connection(self, transport, session, send, close)
         self.sessions[conn.id] = conn
         self._count()
         self._ensure_sweeper()
         return conn
+
+    def _voice(self) -> dict[str, Any]:
+        """The spoken-answer settings every session starts with (none without a voice)."""
+        if self.speech is None:
+            return {}
+        v = self.cfg.voice
+        out = AudioOutput.of_server(
+            self.speech.voices, speed=v.speed, pcm_rate_hz=v.output_rate_hz, first_clause_chars=v.first_clause_chars
+        )
+        return {"output_audio": True, "audio_out": out}
 
     def busy_error(self, dialect: Dialect, message: str) -> dict[str, Any]:
         """The `error` event a transport sends before closing a connection refused by `open`."""

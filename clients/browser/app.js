@@ -1,12 +1,36 @@
-// Browser client: microphone -> AudioWorklet (16 kHz PCM16) -> WebSocket (binary frames, our protocol extension);
-// server events -> the page: VAD state, each user turn, each answer as it streams (elements with class "assistant"),
-// per-turn latency, errors in plain words. No build step: plain ES modules served by the assistant server at GET /.
+// Browser client: microphone (echo cancellation and noise suppression asked of the browser) -> AudioWorklet (16 kHz
+// PCM16) -> WebSocket (binary frames, our protocol extension); server events -> the page: what the assistant is
+// doing in plain words (listening, hearing you, thinking, speaking), a microphone level meter, each user turn, each
+// answer as it streams (elements with class "assistant"), spoken answers played as they stream (player.js), text a
+// voice cannot say shown with a note, errors in plain words, and the wake-word and speak-answers toggles.
+// Talking over a spoken answer (the server's speech_started while it plays) or "Stop speaking" (Esc) stops it at
+// once and tells the server how much was heard (conversation.item.truncate). Rates and timings are in the Details
+// disclosure only; window.voiceAssistant holds the same facts for tests. No build step: plain ES modules, GET /.
 import { MODEL_RATE_HZ } from "./downsample.js";
+import { Player, decodePcm16 } from "./player.js";
 
+const OPENAI_RATE_HZ = 24000; // the answer audio's rate when the session states none
+const LEVEL_INTERVAL_MS = 100;
 const $ = (id) => document.getElementById(id);
-const ui = { start: $("start"), stop: $("stop"), vad: $("vad"), connection: $("connection"), error: $("error"), log: $("log") };
+const ui = {
+  start: $("start"), stop: $("stop"), interrupt: $("interrupt"), vad: $("vad"), level: $("level"),
+  connection: $("connection"), audioStats: $("audio-stats"), timings: $("timings"), error: $("error"), log: $("log"),
+  wake: $("wake"), wakeName: $("wake-name"), speak: $("speak"), speakNote: $("speak-note"),
+};
+const AUDIO_DELTAS = ["response.output_audio.delta", "response.audio.delta"];
+const TEXT_DELTAS = [
+  "response.output_text.delta", "response.text.delta",
+  "response.output_audio_transcript.delta", "response.audio_transcript.delta",
+];
+const NOT_SPOKEN = {
+  no_voice_for_language: "shown as text: there is no voice for this language",
+  speech_failed: "shown as text: the voice could not say this",
+};
 
-let session = null; // the running capture + connection, or null
+// What the page did, for tests and curious people (the Details disclosure shows the same numbers).
+const debug = (window.voiceAssistant = { states: [], truncates: [], truncated: [], maxLevel: 0, audio: null });
+let wakeTouched = false; // the wake-word toggle changed before connecting: the first session.update says so
+let session = null; // the running capture, playback and connection, or null
 
 function showError(text) {
   ui.error.textContent = text;
@@ -15,6 +39,8 @@ function showError(text) {
 function setVad(state, label = state) {
   ui.vad.dataset.state = state;
   ui.vad.textContent = label;
+  if (debug.states[debug.states.length - 1] !== state) debug.states.push(state);
+  ui.interrupt.disabled = state !== "speaking";
 }
 
 function addTurn(cls, text) {
@@ -24,6 +50,30 @@ function addTurn(cls, text) {
   ui.log.append(el);
   el.scrollIntoView({ block: "end" });
   return el;
+}
+
+function wakeWordSetting() {
+  return ui.wake.checked ? { name: ui.wakeName.value } : null;
+}
+
+function listening() {
+  const phrase = ui.wake.checked ? ui.wakeName.options[ui.wakeName.selectedIndex].text : null;
+  setVad("listening", phrase ? `say “${phrase}”` : "listening");
+}
+
+function showWakeWord(sessionObj) {
+  // Both dialects: GA nests it under audio.input, beta has it at the top level.
+  const input = sessionObj && sessionObj.audio && sessionObj.audio.input;
+  const w = input ? input.wake_word : sessionObj && sessionObj.wake_word;
+  ui.wake.checked = Boolean(w);
+  ui.wake.dataset.server = w ? w.name : ""; // what the server has now
+  if (w) ui.wakeName.value = w.name;
+}
+
+function sendUpdate(update) {
+  if (session && session.ws.readyState === WebSocket.OPEN) {
+    session.ws.send(JSON.stringify({ type: "session.update", session: { type: "realtime", ...update } }));
+  }
 }
 
 function serverUrl() {
@@ -47,23 +97,41 @@ function microphoneError(err) {
   }
 }
 
-// One conversation: turn bookkeeping driven by server events (mirrors clients/common.py TurnView).
+// One conversation: turn bookkeeping driven by server events (mirrors clients/common.py TurnView), and the spoken
+// answers' playback (mirrors clients/playback.py SpokenAnswers).
 class Conversation {
-  constructor() {
+  constructor(send, player) {
+    this.send = send; // (event) => void
+    this.player = player;
     this.userEl = null; // element of the user turn being spoken / transcribed
     this.answerEl = null; // element of the answer streaming now
     this.answerText = null;
     this.turnEndMs = null; // performance.now() when the user's speech ended
     this.activeResponse = null;
+    this.outputRateHz = null; // the session's answer audio rate; null: the server has no voice
+    this.answers = 0;
+    player.onidle = () => {
+      this.showAudioStats();
+      this.listenUnlessBusy();
+    };
   }
 
   handle(ev) {
+    if (AUDIO_DELTAS.includes(ev.type)) return this.playAudio(ev);
+    if (TEXT_DELTAS.includes(ev.type)) return this.addText(ev);
     switch (ev.type) {
       case "session.created":
       case "session.updated":
-        setVad("listening");
+        showWakeWord(ev.session);
+        this.showVoice(ev.session);
+        this.listenUnlessBusy();
+        break;
+      case "input_audio_buffer.wake_word_detected":
+        setVad("wake", `heard “${ev.name}”`);
+        addTurn("wake", `heard “${ev.name}”`);
         break;
       case "input_audio_buffer.speech_started":
+        if (this.player.playing) this.cut(); // barge-in: the listener talks over the answer
         setVad("speech", "hearing you");
         this.userEl = addTurn("user pending", "…");
         break;
@@ -82,6 +150,13 @@ class Conversation {
         el.textContent = ev.transcript;
         break;
       }
+      case "input_audio_buffer.cleared":
+        this.userEl = null; // that turn will not be answered
+        this.listenUnlessBusy();
+        break;
+      case "conversation.item.truncated":
+        debug.truncated.push({ itemId: ev.item_id, audioEndMs: ev.audio_end_ms });
+        break;
       case "response.created":
         this.activeResponse = ev.response && ev.response.id;
         if (this.userEl) this.userEl.classList.remove("pending");
@@ -89,17 +164,6 @@ class Conversation {
         this.answerEl = addTurn("assistant", "");
         this.answerText = document.createElement("span");
         this.answerEl.append(this.answerText);
-        break;
-      case "response.output_text.delta":
-      case "response.text.delta":
-        if (!this.answerEl) break;
-        if (this.answerText.textContent === "" && this.turnEndMs !== null) {
-          const ms = Math.round(performance.now() - this.turnEndMs);
-          this.answerEl.dataset.latencyMs = String(ms);
-          this.latencyNote(`first words after ${ms} ms`);
-        }
-        setVad("answering");
-        this.answerText.textContent += ev.delta;
         break;
       case "response.done":
         this.finishAnswer(ev.response || {});
@@ -110,31 +174,113 @@ class Conversation {
     }
   }
 
-  latencyNote(text) {
-    let note = this.answerEl.querySelector(".latency");
-    if (!note) {
-      note = document.createElement("small");
-      note.className = "latency";
-      this.answerEl.append(note);
+  showVoice(sessionObj) {
+    const rate = sessionObj && sessionObj.output_sample_rate;
+    this.outputRateHz = Number.isInteger(rate) ? rate : null;
+    ui.speak.disabled = this.outputRateHz === null;
+    ui.speakNote.textContent = ui.speak.disabled ? " (this assistant has no voice: it answers in text)" : "";
+    const modalities = (sessionObj && (sessionObj.output_modalities || sessionObj.modalities)) || [];
+    ui.speak.checked = modalities.includes("audio");
+    ui.connection.textContent = session ? session.connectionNote(this.outputRateHz) : "not connected";
+  }
+
+  playAudio(ev) {
+    if (!this.answerEl) return;
+    this.firstWords();
+    this.player.play(ev.item_id, decodePcm16(ev.delta), this.outputRateHz || OPENAI_RATE_HZ);
+    this.answerEl.dataset.spoken = "true";
+    setVad("speaking");
+  }
+
+  addText(ev) {
+    if (!this.answerEl) return;
+    this.firstWords();
+    // A spoken clause's text comes just before its audio; text without audio (or a text answer) is the answer.
+    // Once the answer speaks it is "speaking" until it is done, also in a gap between two clauses.
+    if (!this.answerEl.dataset.spoken) setVad(ev.type.includes("audio") && !ev.no_audio ? "thinking" : "answering");
+    this.answerText.textContent += ev.delta;
+    const why = ev.no_audio && (NOT_SPOKEN[ev.no_audio.code] || "shown as text, not spoken");
+    if (why && !this.answerEl.querySelector(".note")) this.note(`(${why})`);
+  }
+
+  firstWords() {
+    if (this.answerEl.dataset.latencyMs || this.turnEndMs === null) return;
+    this.answerEl.dataset.latencyMs = String(Math.round(performance.now() - this.turnEndMs));
+  }
+
+  // Stop the answer now and tell the server how much of it was heard.
+  cut() {
+    for (const { itemId, heardMs } of this.player.stop()) {
+      const event = { type: "conversation.item.truncate", item_id: itemId, content_index: 0, audio_end_ms: heardMs };
+      debug.truncates.push({ itemId, audioEndMs: heardMs });
+      this.send(event);
     }
-    note.textContent = text;
+    this.showAudioStats();
+  }
+
+  // "Stop speaking" / Esc: stop generating (when it still is) and cut to what was heard.
+  interrupt() {
+    if (this.activeResponse) this.send({ type: "response.cancel" });
+    this.cut();
+    this.listenUnlessBusy();
+  }
+
+  showAudioStats() {
+    const s = this.player.stats;
+    debug.audio = { ...s };
+    ui.audioStats.textContent = `Answer audio: ${Math.round(s.receivedMs)} ms received, ${Math.round(s.playedMs)} ms played`;
   }
 
   finishAnswer(response) {
     this.activeResponse = null;
     if (this.answerEl) {
+      this.answers += 1;
       const parts = [];
       if (this.answerEl.dataset.latencyMs) parts.push(`first words after ${this.answerEl.dataset.latencyMs} ms`);
       const t = response.timings_ms || {};
+      if (t.first_audio !== undefined) parts.push(`first audio ${Math.round(t.first_audio)} ms after the start`);
       if (t.total !== undefined) parts.push(`server ${Math.round(t.total)} ms`);
-      if (response.status && response.status !== "completed") parts.push(response.status);
-      if (parts.length) this.latencyNote(parts.join(" · "));
+      parts.push(response.status || "completed");
+      const li = document.createElement("li");
+      li.textContent = `Answer ${this.answers}: ${parts.join(" · ")}`;
+      ui.timings.append(li);
       this.answerEl.dataset.status = response.status || "completed";
+      if (response.status === "cancelled") this.note("(interrupted)");
     }
     this.answerEl = null;
     this.turnEndMs = null;
-    setVad("listening");
+    this.showAudioStats();
+    this.listenUnlessBusy();
   }
+
+  // Back to "listening", unless an answer is still coming or playing, or the user is in the middle of a turn.
+  listenUnlessBusy() {
+    if (!this.activeResponse && !this.player.playing && !this.userEl) listening();
+  }
+
+  note(text) {
+    const note = document.createElement("small");
+    note.className = "note";
+    note.textContent = text;
+    this.answerEl.append(note);
+  }
+}
+
+function startLevelMeter(context, source) {
+  const analyser = context.createAnalyser();
+  analyser.fftSize = 1024;
+  source.connect(analyser);
+  const samples = new Float32Array(analyser.fftSize);
+  return setInterval(() => {
+    analyser.getFloatTimeDomainData(samples);
+    let sum = 0;
+    for (const x of samples) sum += x * x;
+    const db = 10 * Math.log10(sum / samples.length + 1e-10); // dBFS
+    const level = Math.min(1, Math.max(0, (db + 60) / 60)); // -60 dBFS (quiet room) .. 0 dBFS
+    ui.level.value = level;
+    ui.level.textContent = level > 0.15 ? "sound" : "silent";
+    debug.maxLevel = Math.max(debug.maxLevel, level);
+  }, LEVEL_INTERVAL_MS);
 }
 
 async function start() {
@@ -147,6 +293,7 @@ async function start() {
     return;
   }
   ui.start.disabled = true;
+  setVad("connecting", "starting…");
   let stream;
   try {
     stream = await navigator.mediaDevices.getUserMedia({
@@ -155,12 +302,13 @@ async function start() {
   } catch (err) {
     showError(microphoneError(err));
     ui.start.disabled = false;
+    setVad("idle", "press Start");
     return;
   }
   // The context runs at the device's own rate; the worklet downsamples to 16 kHz itself (Firefox refuses to
   // connect a microphone to a context at a different rate, so we do not ask the browser for 16 kHz).
   const context = new AudioContext();
-  let capture;
+  let capture, levelTimer;
   try {
     await context.audioWorklet.addModule(new URL("./capture-worklet.js", import.meta.url));
     const source = context.createMediaStreamSource(stream);
@@ -168,6 +316,7 @@ async function start() {
     const mute = context.createGain();
     mute.gain.value = 0; // the graph must reach the destination to be rendered; we do not want to hear ourselves
     source.connect(capture).connect(mute).connect(context.destination);
+    levelTimer = startLevelMeter(context, source);
   } catch (err) {
     stream.getTracks().forEach((t) => t.stop()); // release the microphone: nothing will read it
     context.close();
@@ -178,13 +327,21 @@ async function start() {
   const protocols = token ? ["realtime", `openai-insecure-api-key.${token}`] : undefined;
   const ws = new WebSocket(serverUrl(), protocols);
   ws.binaryType = "arraybuffer";
-  const conversation = new Conversation();
-  session = { stream, context, capture, ws, conversation, stopping: false };
-  ui.connection.textContent = "connecting…";
+  const send = (event) => {
+    if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(event));
+  };
+  const conversation = new Conversation(send, new Player(context));
+  const connectionNote = (rate) =>
+    `connected (${context.sampleRate} Hz mic → ${MODEL_RATE_HZ} Hz)` + (rate ? `; answers spoken at ${rate} Hz` : "; text answers");
+  session = { stream, context, capture, ws, conversation, levelTimer, connectionNote, stopping: false };
+  setVad("connecting", "connecting…");
 
   ws.onopen = () => {
-    ui.connection.textContent = `connected (${context.sampleRate} Hz mic → ${MODEL_RATE_HZ} Hz)`;
-    ws.send(JSON.stringify({ type: "session.update", session: { type: "realtime", output_modalities: ["text"], input_sample_rate: MODEL_RATE_HZ } }));
+    ui.connection.textContent = connectionNote(null);
+    const update = { type: "realtime", input_sample_rate: MODEL_RATE_HZ };
+    if (wakeTouched) update.audio = { input: { wake_word: wakeWordSetting() } }; // else: the server's default
+    if (!ui.speak.checked) update.output_modalities = ["text"]; // else: spoken when the server has a voice
+    ws.send(JSON.stringify({ type: "session.update", session: update }));
     capture.port.onmessage = (e) => {
       if (ws.readyState === WebSocket.OPEN) ws.send(e.data);
     };
@@ -206,7 +363,9 @@ async function start() {
 
 function teardown() {
   if (!session) return;
-  const { stream, context, capture } = session;
+  const { stream, context, capture, levelTimer, conversation } = session;
+  conversation.player.stop();
+  clearInterval(levelTimer);
   capture.port.postMessage("stop");
   capture.port.onmessage = null;
   stream.getTracks().forEach((t) => t.stop());
@@ -214,8 +373,14 @@ function teardown() {
   session = null;
   ui.start.disabled = false;
   ui.stop.disabled = true;
+  ui.level.value = 0;
+  if (ui.speak.disabled) {
+    ui.speak.disabled = false; // that server had no voice; the next one may
+    ui.speak.checked = true;
+    ui.speakNote.textContent = "";
+  }
   ui.connection.textContent = "not connected";
-  setVad("idle");
+  setVad("idle", "press Start");
 }
 
 function stop() {
@@ -223,13 +388,18 @@ function stop() {
   session.stopping = true;
   const { ws, conversation } = session;
   if (ws.readyState === WebSocket.OPEN) {
-    if (conversation.activeResponse) ws.send(JSON.stringify({ type: "response.cancel" }));
+    if (conversation.player.playing) conversation.interrupt();
+    else if (conversation.activeResponse) ws.send(JSON.stringify({ type: "response.cancel" }));
     ws.close(1000, "stopped by the user");
   } else {
     ws.onclose = null; // still connecting: nothing to report when it closes
     ws.close();
     teardown();
   }
+}
+
+function interrupt() {
+  if (session && session.conversation.player.playing) session.conversation.interrupt();
 }
 
 ui.start.addEventListener("click", () => {
@@ -240,3 +410,19 @@ ui.start.addEventListener("click", () => {
   });
 });
 ui.stop.addEventListener("click", stop);
+ui.interrupt.addEventListener("click", interrupt);
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape") interrupt();
+});
+ui.wake.addEventListener("change", () => {
+  wakeTouched = true;
+  sendUpdate({ audio: { input: { wake_word: wakeWordSetting() } } });
+});
+ui.wakeName.addEventListener("change", () => {
+  if (!ui.wake.checked) return;
+  wakeTouched = true;
+  sendUpdate({ audio: { input: { wake_word: wakeWordSetting() } } });
+});
+ui.speak.addEventListener("change", () => {
+  sendUpdate({ output_modalities: [ui.speak.checked ? "audio" : "text"] });
+});

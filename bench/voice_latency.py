@@ -1,0 +1,224 @@
+"""Voice-to-voice latency through the real server: `python -m bench.voice_latency [--questions N] [--repeats R]`.
+
+The end of the user's speech -> the first answer audio at the client, for the short spoken questions of
+`bench/spoken_set.py` (espeak-ng, 1.7-3.1 s), with the real server (`running_server`, port 0), the embedded default
+(Whisper base, then Qwen2.5-Coder-0.5B-Instruct, greedy, `ANSWER_TOKENS` at most) on the engine's worker thread and
+the real voice (Piper, joe) in the shared pool. Each session streams its question as binary 16 kHz frames and then
+silence paced in real time (20 ms every 20 ms), as a microphone would; server VAD ends the turn; the answer is
+spoken by default. Measured on the client's clock from the moment the last speech frame was sent:
+- `vad_ms`: `input_audio_buffer.committed` (the VAD hang-over: `silence_duration_ms` minus webrtcvad's own),
+- `asr_wait_ms`: the transcript after the commit (the recogniser's work not already done during the silence),
+- `first_audio_ms`: the first `response.output_audio.delta` (the headline number),
+and from the server's `response.done.timings_ms` (ms after the response started): `prefill`, `first_token`,
+`first_clause` (the first clause complete), `synthesis` (the first clause's synthesis), `first_audio`.
+
+Variants run alternately per question on one engine and share it (one worker thread, so one model load; its torch
+threads are set before each turn):
+- `default`: the shipped settings: `[voice] threads = 1`, `[engine] threads = 0` (automatic: the cores minus the
+  voice's threads, 1 on a 2-core machine);
+- `torch2`: the engine on 2 torch threads beside the voice's 1 (torch's default before the budget: every core);
+- `onnx2`: the voice on 2 onnxruntime threads (the engine's automatic budget is then 1);
+- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary.
+Three phases, each written to the result file when it ends (a long run killed midway keeps what it measured):
+`one` (`--variants`, one session at a time, every question), `budget` (`--budget-variants`, one session at a time,
+the first `--budget-questions` questions: the thread budget side by side), `four` (`--multi`, 4 sessions at once,
+4 different questions started together). p50/p90 per phase, variant and session count; every turn is in
+`bench/results/voice_latency-YYYYMMDD.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import websockets
+
+from assistant.audio.voice import SpeechPool, VoiceParams
+from assistant.config import load_config
+from assistant.engine.engine import Engine
+from assistant.transport.server import running_server
+from bench.results import Record
+from bench.spoken_set import ANSWER_TOKENS, QUESTIONS, correct, synthesize
+
+FRAME_MS = 20
+TAIL_SILENCE_MS = 1500
+TIMEOUT_S = 300.0
+VARIANTS = {  # name -> (engine torch threads or 0 = the automatic budget, onnxruntime threads, first_clause_chars)
+    "default": (0, 1, 0),
+    "torch2": (2, 1, 0),
+    "onnx2": (0, 2, 0),
+    "first_clause": (0, 1, 24),
+}
+SERVER_MS = ("prefill", "first_token", "first_clause", "synthesis", "first_audio")
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    return np.round(audio * 32768.0).clip(-32768, 32767).astype("<i2")
+
+
+async def one_turn(url: str, pcm: np.ndarray) -> dict:
+    """One fresh session asks one question; the client's marks in ms after its last speech frame."""
+    frame = 16000 * FRAME_MS // 1000
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}}))
+        await ws.recv()
+        for i in range(0, len(pcm), frame):
+            await ws.send(pcm[i : i + frame].tobytes())
+        t_end = time.monotonic()
+
+        async def pace_silence() -> None:
+            zero = np.zeros(frame, dtype=np.int16).tobytes()
+            for k in range(TAIL_SILENCE_MS // FRAME_MS):
+                await asyncio.sleep(max(0.0, t_end + (k + 1) * FRAME_MS / 1000 - time.monotonic()))
+                await ws.send(zero)
+
+        pacer = asyncio.create_task(pace_silence())
+        marks: dict = {}
+        while True:
+            ev = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT_S))
+            now_ms = round((time.monotonic() - t_end) * 1000, 1)
+            kind = ev["type"]
+            if kind == "input_audio_buffer.committed":
+                marks.setdefault("committed", now_ms)
+            elif kind == "conversation.item.input_audio_transcription.completed":
+                marks.setdefault("transcribed", now_ms)
+                marks["heard"] = ev["transcript"]
+            elif kind == "response.output_audio.delta":
+                marks.setdefault("first_audio_ms", now_ms)
+            elif kind == "response.done":
+                marks["done_ms"] = now_ms
+                resp = ev["response"]
+                marks["answer"] = resp["output"][0]["content"][0].get("transcript", "") if resp["output"] else ""
+                marks["server_ms"] = resp.get("timings_ms", {})
+                break
+        pacer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pacer
+    row = {
+        "vad_ms": marks.get("committed"),
+        "asr_wait_ms": round(marks["transcribed"] - marks["committed"], 1) if "transcribed" in marks else None,
+        "first_audio_ms": marks.get("first_audio_ms"),
+        "done_ms": marks.get("done_ms"),
+        "heard": marks.get("heard"),
+        "answer": marks.get("answer", ""),
+    }
+    row.update({f"server_{k}_ms": marks.get("server_ms", {}).get(k) for k in SERVER_MS})
+    return row
+
+
+def quantiles(values: list[float]) -> dict:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return {"p50": None, "p90": None, "n": 0}
+    p90 = vals[min(len(vals) - 1, int(round(0.9 * (len(vals) - 1))))]
+    return {"p50": round(statistics.median(vals), 1), "p90": round(p90, 1), "n": len(vals)}
+
+
+async def main(args: argparse.Namespace, save) -> dict:
+    from assistant.backends import load_backend
+
+    base = {"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": ANSWER_TOKENS}
+    cfg = load_config(overrides=base)
+    engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
+    await engine.start()
+    loaded_threads = await engine.call(lambda b: torch.get_num_threads())
+    variants = [v for v in args.variants.split(",") if v]
+    budget = [v for v in args.budget_variants.split(",") if v]
+    multi = [v for v in args.multi.split(",") if v]
+    every = list(dict.fromkeys(variants + budget + multi))
+    pools = {n: SpeechPool(VoiceParams(threads=n)) for n in {VARIANTS[v][1] for v in every}}
+    for pool in pools.values():
+        pool.load().result()
+    rows: dict[str, list[dict]] = {}
+    torch_threads: dict[str, int] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            questions = [
+                (q, kws, pcm16(synthesize(q, Path(tmp) / f"q{i}.wav")))
+                for i, (q, kws) in enumerate(QUESTIONS[: args.questions])
+            ]
+            async with contextlib.AsyncExitStack() as stack:
+                servers = {}
+                for name in every:
+                    threads, onnx, first = VARIANTS[name]
+                    over = {"engine.threads": threads, "voice.threads": onnx, "voice.first_clause_chars": first}
+                    vcfg = load_config(overrides={**base, **over})
+                    torch_threads[name] = vcfg.engine_threads(speaking=True)
+                    servers[name] = await stack.enter_async_context(
+                        running_server(vcfg, engine=engine, speech=pools[onnx])
+                    )
+
+                async def run(phase: str, name: str, sessions: int, i: int) -> None:
+                    threads = torch_threads[name]
+                    await engine.call(lambda b: torch.set_num_threads(threads))
+                    picked = [questions[(i + k) % len(questions)] for k in range(sessions)]
+                    got = await asyncio.gather(*(one_turn(servers[name].ws_url, pcm) for _, _, pcm in picked))
+                    for (q, kws, _), row in zip(picked, got, strict=True):
+                        row.update(variant=name, sessions=sessions, question=q, correct=correct(row["answer"], kws))
+                        rows.setdefault(f"{phase}:{name}@{sessions}", []).append(row)
+                        print(json.dumps(row), flush=True)
+
+                def result() -> dict:
+                    used = {n: {"torch_threads": torch_threads[n], "onnx_threads": VARIANTS[n][1],
+                                "first_clause_chars": VARIANTS[n][2]} for n in torch_threads}  # fmt: skip
+                    summary = {key: summarize(rs) for key, rs in rows.items()}
+                    return {"engine_torch_threads": loaded_threads, "variants": used, "summary": summary, "turns": rows}
+
+                await run("warmup", every[0], 1, 0)  # kernels, the system-prompt snapshot: not reported
+                rows.clear()
+                for i in range(len(questions)):
+                    for name in variants if i % 2 == 0 else variants[::-1]:  # alternate who goes first
+                        await run("one", name, 1, i)
+                if variants:
+                    save(result())
+                for i in range(min(args.budget_questions, len(questions))):
+                    for name in budget if i % 2 == 0 else budget[::-1]:
+                        await run("budget", name, 1, i)
+                if budget:
+                    save(result())
+                for i in range(0, len(questions), 4):
+                    for name in multi:
+                        await run("four", name, 4, i)
+                final = result()
+    finally:
+        await engine.call(lambda b: torch.set_num_threads(loaded_threads))
+        await engine.stop()
+        for pool in pools.values():
+            pool.close()
+    for key, s in final["summary"].items():
+        print("summary", key, json.dumps(s), flush=True)
+    return final
+
+
+def summarize(rs: list[dict]) -> dict:
+    s = {k: quantiles([r[k] for r in rs]) for k in ("first_audio_ms", "vad_ms", "asr_wait_ms", "done_ms")}
+    s.update({k: quantiles([r[f"server_{k}_ms"] for r in rs]) for k in SERVER_MS})
+    s["correct"] = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
+    return s
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--questions", type=int, default=len(QUESTIONS))
+    ap.add_argument("--variants", default="default,first_clause", help="phase one: one session at a time")
+    ap.add_argument("--budget-variants", default="default,torch2,onnx2", help="phase budget: thread budgets")
+    ap.add_argument("--budget-questions", type=int, default=6)
+    ap.add_argument("--multi", default="default,first_clause", help="phase four: 4 sessions at once")
+    ap.add_argument("--notes", default="", help="written into the result file")
+    ap.add_argument("--tag", default="", help="appended to the result file's name (phases run separately)")
+    args = ap.parse_args()
+    record = Record("voice_latency", vars(args), tag=args.tag)
+
+    def save(numbers: dict) -> None:
+        record.write(numbers, torch_threads=numbers["engine_torch_threads"], notes=args.notes)
+
+    save(asyncio.run(main(args, save)))
