@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="conversations per TTFT variant (median reported)")
     ap.add_argument("--skip-ttft", action="store_true", help="only the throughput table")
     ap.add_argument("--skip-hf", action="store_true", help="engine only (no transformers baseline)")
+    ap.add_argument("--skip-one-by-one", action="store_true", help="no generate() one session at a time")
     ap.add_argument("--quantization", default="auto", help="[embedded] quantization of the engine's LLM")
     ap.add_argument("--notes", default="", help="written into the result file (e.g. why the settings are short)")
     ap.add_argument("--tag", default="", help="appended to the result file's name (e.g. -int4)")
@@ -227,18 +228,25 @@ async def throughput_table(backend, cfg, hf, args, sessions: list[int]) -> list[
                     "engine_decode_tok_s": engine_decode_rate(dones),
                     "engine_wall_tok_s": sum(d.output_tokens for d in dones) / wall_s,
                 }
+                print(f"repeat {r + 1}, {n} sessions: engine {run['engine_decode_tok_s']:.2f} tok/s", flush=True)
                 if hf is not None:
                     lens = [max(2, d.output_tokens) for d in dones]  # same output lengths (2+: one decode step)
-                    single = [
-                        await engine.call(lambda b, d=d, k=k: timed_generate(hf, [d.prompt_ids], k, pad))
-                        for d, k in zip(dones, lens, strict=True)
-                    ]
+                    single = (
+                        []
+                        if args.skip_one_by_one
+                        else [
+                            await engine.call(lambda b, d=d, k=k: timed_generate(hf, [d.prompt_ids], k, pad))
+                            for d, k in zip(dones, lens, strict=True)
+                        ]
+                    )
                     prompts, k = [d.prompt_ids for d in dones], max(lens)
                     batch = await engine.call(lambda b, p=prompts, k=k: timed_generate(hf, p, k, pad))
-                    run["generate_one_by_one_decode_tok_s"] = sum(g.decode_steps for g in single) / sum(
-                        g.decode_s for g in single
-                    )
+                    if single:
+                        run["generate_one_by_one_decode_tok_s"] = sum(g.decode_steps for g in single) / sum(
+                            g.decode_s for g in single
+                        )
                     run["generate_padded_batch_decode_tok_s"] = n * batch.decode_steps / batch.decode_s
+                    print(f"  generate() padded {run['generate_padded_batch_decode_tok_s']:.2f} tok/s", flush=True)
                 runs[n].append(run)
     columns = [
         ("engine_decode_tok_s", "engine decode tok/s"),
