@@ -64,6 +64,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EmbeddedConfig:
     whisper: Literal["base", "tiny.en", "small"] = "base"
+    quantization: Literal["auto", "none", "int8", "int4"] = "auto"
     cache_dir: str = ""
     system_prompt: str = (
         "You are a helpful voice assistant. Answer in one or two short sentences, "

@@ -1,8 +1,10 @@
 """Engine benchmark on the embedded model (`python -m bench.engine_throughput`): drives the real `Engine`.
 
-The embedded LLM is Qwen2.5-Coder-0.5B-Instruct (AWQ, Q4_K_M GGUF, converted to bf16 by `prepare`). The engine loads
-it on its own worker thread (`Engine.loading`), and every transformers baseline runs on that same worker thread
-through `engine.call`, with the same weights and the same torch threads: one OpenMP thread team in the process.
+The embedded LLM is Qwen2.5-Coder-0.5B-Instruct (AWQ, Q4_K_M GGUF, converted to bf16 by `prepare`), its matmuls
+quantized as `--quantization` says (default: the config's "auto"); `generate()` runs the unquantized weights in the
+model dtype. The engine loads it on its own worker thread (`Engine.loading`), and every transformers baseline runs on
+that same worker thread through `engine.call`, with the same weights and the same torch threads: one OpenMP thread
+team in the process.
 
 1. Time to first token at turns 1..N of one conversation, through the engine with KV-cache reuse and without it
    (every turn prefills its whole prompt), and through transformers' `generate()` on the same prompt ids.
@@ -86,13 +88,21 @@ async def conversation(engine: Engine, session: str, turns: int, max_new_tokens:
         engine.close_session(session)
 
 
-async def concurrent(engine: Engine, tag: str, n_sessions: int, max_new_tokens: int) -> tuple[float, list]:
+async def concurrent(
+    engine: Engine,
+    tag: str,
+    n_sessions: int,
+    max_new_tokens: int,
+    questions: list[str] | None = None,
+    instructions: str | None = None,
+) -> tuple[float, list]:
+    """One question per session (LONG_QUESTIONS by default), all submitted at once; (wall seconds, the dones)."""
     ids = [f"{tag}-s{i}" for i in range(n_sessions)]
     for s in ids:
-        engine.open_session(s)
+        engine.open_session(s, instructions)
     try:
         t0 = time.monotonic()
-        questions = [LONG_QUESTIONS[i % len(LONG_QUESTIONS)] for i in range(n_sessions)]
+        questions = questions or [LONG_QUESTIONS[i % len(LONG_QUESTIONS)] for i in range(n_sessions)]
         dones = await asyncio.gather(
             *(_turn(engine, s, f"{s}-q", q, max_new_tokens) for s, q in zip(ids, questions, strict=True))
         )
@@ -118,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="conversations per TTFT variant (median reported)")
     ap.add_argument("--skip-ttft", action="store_true", help="only the throughput table")
     ap.add_argument("--skip-hf", action="store_true", help="engine only (no transformers baseline)")
+    ap.add_argument("--skip-one-by-one", action="store_true", help="no generate() one session at a time")
+    ap.add_argument("--quantization", default="auto", help="[embedded] quantization of the engine's LLM")
     ap.add_argument("--notes", default="", help="written into the result file (e.g. why the settings are short)")
+    ap.add_argument("--tag", default="", help="appended to the result file's name (e.g. -int4)")
     args = ap.parse_args(argv)
-    record = Record("engine_throughput", vars(args))
+    record = Record("engine_throughput", vars(args), tag=args.tag)
     torch.set_num_threads(args.threads)  # the worker threads started below take this setting
     numbers = asyncio.run(run(args))
     record.write(numbers, torch_threads=numbers.pop("worker_torch_threads"), notes=args.notes)
@@ -131,7 +144,7 @@ async def run(args) -> dict:
     from assistant.backends import load_backend
     from assistant.weights.cache import ensure_prepared
 
-    cfg = load_config(overrides={"generation.greedy": True})
+    cfg = load_config(overrides={"generation.greedy": True, "embedded.quantization": args.quantization})
     sessions = [int(s) for s in args.sessions.split(",")]
     t0 = time.monotonic()
     async with running_engine(cfg, max(sessions), load=lambda: load_backend(cfg)) as engine:
@@ -144,7 +157,11 @@ async def run(args) -> dict:
             hf = await engine.call(lambda b: load_qwen2(llm_dir, b.lm.dtype))
             await engine.call(lambda b: timed_generate(hf, [[151644, 872, 198, 9707]], 2, b.tokenizer.im_end_id))
         await conversation(engine, "warm-up", 1, 2)  # allocations, kernels
-    numbers: dict = {"worker_torch_threads": threads, "lm_dtype": str(backend.lm.dtype).removeprefix("torch.")}
+    numbers: dict = {
+        "worker_torch_threads": threads,
+        "lm_dtype": str(backend.lm.dtype).removeprefix("torch."),
+        "quantization": backend.lm.quantization,
+    }
     if not args.skip_ttft:
         numbers["ttft_by_turn"] = await ttft_table(backend, cfg, hf, args)
     numbers["decode_throughput"] = await throughput_table(backend, cfg, hf, args, sessions)
@@ -211,18 +228,25 @@ async def throughput_table(backend, cfg, hf, args, sessions: list[int]) -> list[
                     "engine_decode_tok_s": engine_decode_rate(dones),
                     "engine_wall_tok_s": sum(d.output_tokens for d in dones) / wall_s,
                 }
+                print(f"repeat {r + 1}, {n} sessions: engine {run['engine_decode_tok_s']:.2f} tok/s", flush=True)
                 if hf is not None:
                     lens = [max(2, d.output_tokens) for d in dones]  # same output lengths (2+: one decode step)
-                    single = [
-                        await engine.call(lambda b, d=d, k=k: timed_generate(hf, [d.prompt_ids], k, pad))
-                        for d, k in zip(dones, lens, strict=True)
-                    ]
+                    single = (
+                        []
+                        if args.skip_one_by_one
+                        else [
+                            await engine.call(lambda b, d=d, k=k: timed_generate(hf, [d.prompt_ids], k, pad))
+                            for d, k in zip(dones, lens, strict=True)
+                        ]
+                    )
                     prompts, k = [d.prompt_ids for d in dones], max(lens)
                     batch = await engine.call(lambda b, p=prompts, k=k: timed_generate(hf, p, k, pad))
-                    run["generate_one_by_one_decode_tok_s"] = sum(g.decode_steps for g in single) / sum(
-                        g.decode_s for g in single
-                    )
+                    if single:
+                        run["generate_one_by_one_decode_tok_s"] = sum(g.decode_steps for g in single) / sum(
+                            g.decode_s for g in single
+                        )
                     run["generate_padded_batch_decode_tok_s"] = n * batch.decode_steps / batch.decode_s
+                    print(f"  generate() padded {run['generate_padded_batch_decode_tok_s']:.2f} tok/s", flush=True)
                 runs[n].append(run)
     columns = [
         ("engine_decode_tok_s", "engine decode tok/s"),

@@ -88,12 +88,13 @@ class EmbeddedBackend:
 
         paths = ensure_prepared(cfg)
         t0 = time.perf_counter()
-        lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype)
+        lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype, cfg.embedded.quantization)
         transcriber = load_transcriber(paths.whisper_dir, lm.device)
         log.info(
-            "embedded backend loaded in %.1f s (LM %s on %s, Whisper %s)",
+            "embedded backend loaded in %.1f s (LM %s, quantization %s, on %s, Whisper %s)",
             time.perf_counter() - t0,
             str(lm.dtype).removeprefix("torch."),
+            lm.quantization,
             lm.device,
             cfg.embedded.whisper,
         )

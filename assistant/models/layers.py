@@ -1,6 +1,7 @@
 """Building blocks shared by the networks. The decoder LLMs (`qwen_lm.QWenLM` of Qwen-Audio, `qwen2_lm.Qwen2LM` of
 the embedded backend) share RMSNorm, rotate-half rotary, SwiGLU, the fused q|k|v split, attention over `KVCache`s
-(one prefill, one per-conversation batched decode step) and `CachedDecoder`, their forward passes. The
+(one prefill, one batched decode step over conversations of different lengths) and `CachedDecoder`, their forward
+passes. The
 Whisper-style encoders and decoder (`whisper.py`, `qwen_audio_encoder.py`) share `multi_head_attention`.
 
 Numerics stay each model's own: the functions compute in the dtype they are given (`rms_norm` alone always takes
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from assistant.models.kv_cache import KVCache
+from assistant.models.kv_cache import BatchedKV, KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -119,22 +120,32 @@ def prefill_attention(
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[KVCache], layer: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    caches: list[KVCache],
+    layer: int,
+    batch: BatchedKV | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One new position for each of B conversations: row i's k, v [Hkv, D] go into caches[i] at `layer`, its q
-    [H, D] attends over that cache alone; q [B, H, D], k and v [B, Hkv, D] -> [B, H * D].
+    """One new position for each of B conversations: row i's k, v [Hkv, D] go into caches[i] at `layer`, and its q
+    [H, D] attends over that conversation's keys alone; q [B, H, D], k and v [B, Hkv, D] -> [B, H * D].
 
-    Attention runs row by row straight from each cache: exact for caches of different lengths, and no pad-stacked
-    copy of all keys per layer and step (that copy costs B x context x width of memory traffic and dominated the
-    step at long contexts). The projections and the MLP, where the FLOPs are, stay batched in the caller."""
+    One conversation attends straight from its cache. A batch (B > 1) attends in one call over `batch`, the padded
+    copy of its caches (`BatchedKV`, which takes the new k, v too), with `mask` (`batch.attend_mask()`) hiding each
+    row's padding: exact for caches of different lengths. Grouped-query attention as in prefill: the `group` query
+    heads of a KV head are its query rows."""
     b, h, d = q.shape
     hkv = k.shape[1]
-    outs = []
     for i, c in enumerate(caches):
-        keys, values = c.write(layer, k[i, :, None], v[i, :, None])  # [Hkv, len_i + 1, D]
-        qi = q[i].view(hkv, h // hkv, d)  # the group's query heads share one KV head
-        outs.append(F.scaled_dot_product_attention(qi, keys, values))  # [Hkv, group, D]
-    return torch.stack(outs).reshape(b, h * d)
+        keys, values = c.write(layer, k[i, :, None], v[i, :, None])  # the session keeps them; [Hkv, len_i + 1, D]
+    if batch is None:
+        if b != 1:
+            raise ValueError(f"decode_attention: {b} rows need a BatchedKV")
+        return F.scaled_dot_product_attention(q[0].view(hkv, h // hkv, d), keys, values).reshape(1, h * d)
+    keys, values = batch.write(layer, k, v)  # [B, Hkv, longest + 1, D]
+    o = F.scaled_dot_product_attention(q.view(b, hkv, h // hkv, d), keys, values, attn_mask=mask)
+    return o.reshape(b, h * d)
 
 
 class CachedDecoder:
@@ -179,16 +190,26 @@ class CachedDecoder:
 
     def decode(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
         """One token per conversation: x [B, hidden] -> float32 logits [B, vocab]. Caches may differ in length and
-        rope alpha: each row uses its own position and alpha and attends over its own cache, so each row equals its
-        unbatched pass."""
+        rope alpha: each row uses its own position and alpha and attends over its own keys, so each row equals its
+        unbatched pass. A batch keeps its padded K/V copy (`BatchedKV`) from step to step while its caches are the
+        same; it is dropped when a single conversation decodes."""
         b = x.shape[0]
         if b != len(caches):
             raise ValueError(f"decode: expected one cache per row, got {b} rows and {len(caches)} caches")
         for c in caches:
             c.reserve(1)
+        batch = None
+        if b > 1:
+            batch = getattr(self, "_decode_batch", None)
+            if batch is None or not batch.serves(caches):
+                batch = BatchedKV(caches)
+        self._decode_batch = batch
+        mask = batch.attend_mask() if batch is not None else None
         positions = torch.tensor([c.length for c in caches], device=self.device)
         terms = self._rotary(positions, [float(c.rope_alpha) for c in caches])
-        h = self._blocks(x, terms, lambda li, q, k, v: decode_attention(q, k, v, caches, li))
+        h = self._blocks(x, terms, lambda li, q, k, v: decode_attention(q, k, v, caches, li, batch, mask))
         for c in caches:
             c.commit(1)
+        if batch is not None:
+            batch.advance()
         return self._logits(h)
