@@ -118,3 +118,65 @@ async def test_beta_typed_requests_call_the_right_tool_or_none(embedded_backend)
         assert "error" not in [e["type"] for e in log]
         assert done["response"]["output"][0]["type"] == "message"
         assert "paris" in done["response"]["output"][0]["content"][0]["text"].lower()
+
+
+async def test_created_and_deleted_items_reach_and_leave_the_next_prompt(server_tiny_backend):
+    """Typed items enter the engine's history; deleting a user item and an answer takes them out of it, and the
+    next answer's prompt (what the cache holds) lacks them while the kept ones stay."""
+    async with running_server(make_cfg(), backend=server_tiny_backend) as srv:
+        log: list = []
+        async with client(srv).realtime.connect(model="local") as conn:
+            created = await events_until(conn, "ga", "session.created", log)
+            sid = created["session"]["id"]
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            await events_until(conn, "ga", "session.updated", log)
+            ids = {}
+            for word in ("alpha", "bravo"):
+                await conn.conversation.item.create(item=user_text(f"remember {word} please"))
+                ids[word] = (await events_until(conn, "ga", "conversation.item.done", log))["item"]["id"]
+                await conn.response.create()
+                ids[word + "_answer"] = (await events_until(conn, "ga", "response.done", log))["response"]["output"][0]
+            conv = await worker_conversation(srv.engine, sid)
+            assert [ex.user.user_text for ex in conv.history] == ["remember alpha please", "remember bravo please"]
+            await conn.conversation.item.delete(item_id=ids["alpha"])
+            await events_until(conn, "ga", "conversation.item.deleted", log)
+            await conn.conversation.item.delete(item_id=ids["alpha_answer"]["id"])
+            await events_until(conn, "ga", "conversation.item.deleted", log)
+            conv = await worker_conversation(srv.engine, sid)
+            assert [ex.user.user_text for ex in conv.history] == ["remember bravo please"]
+            await conn.conversation.item.create(item=user_text("and charlie"))
+            await conn.response.create()
+            await events_until(conn, "ga", "response.done", log)
+            conv = await worker_conversation(srv.engine, sid)
+            cache_ids = conv.cache.token_ids[: conv.cache.length]
+            prompt = await srv.engine.call(lambda b: b.tokenizer.decode(cache_ids))
+    assert "error" not in [e["type"] for e in log]
+    assert "alpha" not in prompt and "remember bravo please" in prompt and "and charlie" in prompt
+    assert ids["bravo_answer"]["content"][0]["text"].strip() in prompt
+
+
+async def test_a_call_whose_arguments_are_not_json_fails_and_the_session_goes_on(server_tiny_backend):
+    """`tool_choice: required` on the tiny random model: the call's arguments are not a JSON object, so the answer
+    ends failed with the call item incomplete and an error saying why; the next answer works."""
+    async with running_server(make_cfg(), backend=server_tiny_backend) as srv:
+        log: list = []
+        async with client(srv).realtime.connect(model="local") as conn:
+            await events_until(conn, "ga", "session.created", log)
+            session = {"type": "realtime", "tools": [WEATHER], "tool_choice": "required",
+                       "audio": {"input": {"turn_detection": None}}}  # fmt: skip
+            await conn.session.update(session=session)
+            await events_until(conn, "ga", "session.updated", log)
+            await conn.conversation.item.create(item=user_text("weather in Oslo?"))
+            await conn.response.create()
+            done = await events_until(conn, "ga", "response.done", log)
+            assert done["response"]["status"] == "failed"
+            [item] = done["response"]["output"]
+            assert item["type"] == "function_call" and item["status"] == "incomplete" and item["name"] == "get_weather"
+            [err] = [e for e in log if e["type"] == "error"]
+            assert "no JSON object as the arguments of get_weather" in err["error"]["message"]
+            await conn.session.update(session={"type": "realtime", "tool_choice": "none"})
+            await events_until(conn, "ga", "session.updated", log)
+            await conn.conversation.item.create(item=user_text("hello"))
+            await conn.response.create()
+            done = await events_until(conn, "ga", "response.done", log)
+            assert done["response"]["status"] != "failed" and done["response"]["output"][0]["type"] == "message"
