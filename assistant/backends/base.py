@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
-from assistant.backends.tools import ToolCall, ToolOutput, call_text, outputs_text
+from assistant.backends.tools import AUTO, ToolCall, ToolChoice, ToolOutput, ToolSpec, call_text, outputs_text
 
 if TYPE_CHECKING:  # the server imports `Utterance` from here and must never import torch
     import torch
@@ -198,8 +198,10 @@ class ChatBackend(Protocol):
         max_window_tokens: int,
         params: SamplingParams,
         max_new_tokens: int,
+        tools: tuple[ToolSpec, ...] = (),
+        tool_choice: ToolChoice = AUTO,
     ) -> ChatRequest:
-        """The request answering `turn` after the newest `history` that fits `max_window_tokens`."""
+        """The request answering `turn` after the newest `history` that fits `max_window_tokens`, offering `tools`."""
         ...
 
     def stream(self, request: ChatRequest, sink: Any) -> Future:

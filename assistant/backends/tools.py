@@ -48,6 +48,9 @@ class ToolChoice:
         return {"type": "function", "function": {"name": self.name}} if self.mode == "function" else self.mode
 
 
+AUTO = ToolChoice()  # the default choice
+
+
 @dataclass(frozen=True)
 class ToolCall:
     call_id: str
