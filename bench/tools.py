@@ -107,7 +107,7 @@ async def _until(ws, etype: str, log: list[dict]) -> dict:
 async def run_request(url: str, text: str, audio: np.ndarray) -> dict[str, Any]:
     """One session: the spoken request, the answer (a call or words) and, after a call, the answer to its result."""
     log: list[dict] = []
-    async with websockets.connect(url, max_size=None) as ws:
+    async with websockets.connect(url, max_size=None, ping_interval=None) as ws:  # a loaded CPU answers late
         await _until(ws, "session.created", log)
         session = {"type": "realtime", "output_modalities": ["text"], "input_sample_rate": 16000, "tools": TOOLS,
                    "tool_choice": "auto", "audio": {"input": {"turn_detection": None}}}  # fmt: skip
