@@ -35,6 +35,10 @@ What the core owns:
   audio deltas in order) and ends only once its audio is sent; a cancel stops its audio at once. What the listener
   heard (the spoken transcript, cut by `conversation.item.truncate`) goes back to the engine's history
   (`TruncateReply`). `items.py` keeps the items a client may retrieve or truncate.
+- Conversation items: `conversation.item.create` (validated by `conversation.py`) queues a turn like a commit;
+  `conversation.item.delete` takes an item out of the store and the engine's history (`DeleteItem`).
+- Tools (`tools.py`): with `session.tools` an answer's message item opens with its first text, because the engine
+  may say (`ToolCallStarted`) that the answer is a function call; its item, argument deltas and end replace it.
 """
 
 from __future__ import annotations
