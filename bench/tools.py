@@ -9,7 +9,8 @@ espeak-ng (voices and speeds vary by request) as `input_audio_buffer.append` + `
   distinctive fact (`function_call_output` + `response.create`), whether the answer says that fact.
 - Requests that need none: a false call is any `function_call`.
 The result (`bench/results/tools-YYYYMMDD<tag>.json`, `bench/results.py` Record) has every request's transcript,
-call, arguments, answer and seconds, and the rates.
+call, arguments, answer and seconds, and the rates; it is rewritten after every request (`"complete": false` until
+the last), so a run cut short still leaves its rows. Requests alternate between needing a tool and not.
 """
 
 from __future__ import annotations
@@ -162,7 +163,14 @@ def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-async def main(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+def interleaved(requests: list) -> list[tuple[int, tuple]]:
+    """(index, request) alternating tool and no-tool requests, so a partial run is balanced."""
+    need = [(i, r) for i, r in enumerate(requests) if r[1] is not None]
+    none = [(i, r) for i, r in enumerate(requests) if r[1] is None]
+    return [x for pair in zip(need, none, strict=True) for x in pair]
+
+
+async def main(args: argparse.Namespace, overrides: dict[str, Any], record: Any) -> dict[str, Any]:
     import torch
 
     from assistant.backends import load_backend
@@ -178,7 +186,7 @@ async def main(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str,
     try:
         async with running_server(cfg, engine=engine) as srv:
             with tempfile.TemporaryDirectory() as tmp:
-                for i, (text, fn, expected) in enumerate(REQUESTS):
+                for i, (text, fn, expected) in interleaved(REQUESTS):
                     voice, wpm = VOICES[i % len(VOICES)], WPMS[i % len(WPMS)]
                     audio = synthesize("[[_:]] " + text, Path(tmp) / f"r{i}.wav", voice, wpm)
                     row = await run_request(srv.ws_url, text, audio)
@@ -189,10 +197,17 @@ async def main(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str,
                     row["arguments_ok"] = args_ok
                     print(json.dumps(row, ensure_ascii=False), flush=True)
                     rows.append(row)
+                    # written after every request (the same file), so a run cut short still leaves its rows
+                    partial = {**numbers(rows, threads, cfg, overrides), "complete": len(rows) == len(REQUESTS)}
+                    record.write(partial, torch_threads=threads, notes=args.notes)
     finally:
         await engine.stop()
+    print(json.dumps(score(rows)))
+    return {**numbers(rows, threads, cfg, overrides), "complete": len(rows) == len(REQUESTS)}
+
+
+def numbers(rows: list[dict[str, Any]], threads: int, cfg: Any, overrides: dict[str, Any]) -> dict[str, Any]:
     summary = score(rows)
-    print(json.dumps(summary))
     return {
         "worker_torch_threads": threads,
         "model.backend": cfg.model.backend,
@@ -220,5 +235,5 @@ if __name__ == "__main__":
     args = build_parser().parse_args()
     overrides = dict(args.config)
     record = Record("tools", {"config": overrides}, tag=f"-{args.tag}" if args.tag else "")
-    numbers = asyncio.run(main(args, overrides))
-    record.write(numbers, torch_threads=numbers["worker_torch_threads"], notes=args.notes)
+    result = asyncio.run(main(args, overrides, record))
+    record.write(result, torch_threads=result["worker_torch_threads"], notes=args.notes)

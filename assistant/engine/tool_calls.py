@@ -44,11 +44,15 @@ _TOOL_CONTEXT = 'A voice assistant can call the function {name}: {what}. A user 
 
 
 def _mean_logprob(backend: Backend, prefix: str, text: str) -> float:
+    """Mean log-probability per token of `text` after `prefix` (the prefix's own positions need no logits)."""
     tok, lm = backend.tokenizer, backend.lm
     p, r = tok.encode(prefix), tok.encode(text)
-    ids = torch.tensor(p + r, dtype=torch.long, device=lm.device)
-    logits = lm.prefill(lm.embed(ids), lm.new_cache(), all_logits=True).float()
-    logp = torch.log_softmax(logits[len(p) - 1 : -1], dim=-1)
+    cache = lm.new_cache()
+    first = lm.prefill(lm.embed(torch.tensor(p, dtype=torch.long, device=lm.device)), cache)
+    if len(r) > 1:
+        rest = lm.prefill(lm.embed(torch.tensor(r[:-1], dtype=torch.long, device=lm.device)), cache, all_logits=True)
+        first = torch.cat([first, rest])
+    logp = torch.log_softmax(first.float(), dim=-1)
     return float(logp.gather(1, torch.tensor(r, device=logp.device)[:, None]).mean())
 
 
