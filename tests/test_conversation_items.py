@@ -218,3 +218,13 @@ def test_random_items_never_raise_and_answer_with_an_item_or_one_error(item, pre
     assert types(events)[:1] in (["error"], ["conversation.item.added"]), events
     if events[0]["type"] == "error":
         assert len(events) == 1 and events[0]["error"]["message"]
+
+
+def test_a_created_item_follows_the_newest_item_and_may_name_it():
+    s, sim, _ = session()
+    send(s, sim, create(text_item("hi", id="u1")))
+    answer_id = send(s, sim, {"type": "response.create"})[-1]["response"]["output"][0]["id"]
+    events = send(s, sim, create(text_item("again", id="u2"), previous_item_id=answer_id))
+    assert events[0]["previous_item_id"] == answer_id and events[0]["item"]["id"] == "u2"
+    refused = send(s, sim, create(text_item("late"), previous_item_id="u1"))
+    assert refused[0]["error"]["param"] == "previous_item_id" and "u2" in refused[0]["error"]["message"]

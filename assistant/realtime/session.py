@@ -612,7 +612,7 @@ class Session:
         except P.ProtocolError as e:
             self._error(e)
             return
-        prev, self._last_item_id = self._last_item_id, new.item_id
+        prev, self._last_item_id = self._items.newest(), new.item_id  # the item it follows, as placed
         self._out.extend(self.events.item_added(new.item, prev))
         shape = None if new.part is not None else new.item
         part = dict(new.part) if new.part is not None else None
