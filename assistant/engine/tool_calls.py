@@ -32,6 +32,7 @@ __all__ = ["ToolCall", "ArgumentsEnd", "call_prompt", "choose", "finish_argument
 log = logging.getLogger("assistant.engine")
 
 GREEDY = SamplingParams(greedy=True)  # arguments are facts taken from the request, not prose
+MAX_ARGUMENT_TOKENS = 96  # a call's JSON arguments; a model that never closes the object stops here (then fails)
 TOOL_CALL_TAG = "<tool_call>"
 _TOOLS_SYSTEM = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "

@@ -329,9 +329,9 @@ class Worker:
         metrics.TOKENS.labels(kind="reused").inc(plan.reuse)
         metrics.TOKENS.labels(kind="prefilled").inc(len(prompt.ids) - plan.reuse)
         params = sampling_params(self.gen_cfg, job.options, getattr(self.backend, "default_sampling", None))
-        if job.call is not None:
-            params = tool_calls.GREEDY
         max_new = job.options.max_new_tokens or self.gen_cfg.max_new_tokens
+        if job.call is not None:
+            params, max_new = tool_calls.GREEDY, min(max_new, tool_calls.MAX_ARGUMENT_TOKENS)
         job.tokens = TokenStream(self.backend.tokenizer, params, max_new, prompt.ids)
         return self._take_token(job, logits[-1])
 
