@@ -10,9 +10,10 @@ The 0.5B model cannot be left to choose freely (MODELS.md, "Tool calling with th
    anyway, a named `tool_choice` calls that one. A turn that carries function results is answered in words under
    `auto` (the model already has what it asked for). Measured by `bench/tools.py`.
 2. Arguments (`call_prompt`): the chat prompt with Qwen2.5's `<tools>` system block and the assistant turn prefilled
-   up to `<tool_call>\n{"name": "<chosen>", "arguments": `, so the name is the chosen one by construction; the model
-   writes the JSON object, decoding greedily until its braces balance (`ArgumentsEnd`), then it must parse as a JSON
-   object (`finish_arguments`) or the answer fails with a message saying so.
+   up to `<tool_call>\n{"name": "<chosen>", "arguments": {`, so the name is the chosen one and the arguments are an
+   object by construction (left unopened, the model wrote `10}` for `set_timer`); the model writes the object's
+   keys, decoding greedily until its braces balance (`ArgumentsEnd`), then it must parse as a JSON object
+   (`finish_arguments`) or the answer fails with a message saying so.
 Cost on 2 CPU threads: the choice prefills (functions + 1) short texts; the call prompt differs from the plain one
 in its system message, so the session's cache is rebuilt for it and again for the next plain answer.
 """
@@ -96,7 +97,7 @@ def call_prompt(
     tok = backend.tokenizer
     tag = getattr(tok, "special_ids", {}).get(TOOL_CALL_TAG)
     head = [tag] + tok.encode("\n") if tag is not None else tok.encode(TOOL_CALL_TAG + "\n")
-    opened = json.dumps({"name": name, "arguments": None}, ensure_ascii=False).removesuffix("null}")
+    opened = json.dumps({"name": name, "arguments": None}, ensure_ascii=False).removesuffix("null}") + "{"
     return Prompt(prompt.ids + head + tok.encode(opened), prompt.audio, prompt.history_kept)
 
 
@@ -105,7 +106,8 @@ class ArgumentsEnd:
     or None while the object is still open. Braces inside strings do not count."""
 
     def __init__(self) -> None:
-        self.depth, self.in_string, self.escaped, self.started = 0, False, False, False
+        # the prompt already opened the object (`call_prompt`): the model writes its keys, never a bare value
+        self.depth, self.in_string, self.escaped, self.started = 1, False, False, True
 
     def feed(self, piece: str) -> int | None:
         for i, ch in enumerate(piece):

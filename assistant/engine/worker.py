@@ -304,7 +304,9 @@ class Worker:
             args = (self.backend, conv.system, conv.history, turn, opts.tools, tool.name, self.window_tokens)
             prompt = tool_calls.call_prompt(*args)
             job.call, job.call_end = tool_calls.ToolCall(new_id("call"), tool.name, ""), tool_calls.ArgumentsEnd()
+            job.call_text = "{"  # opened by the prompt
             job.stream.push(ToolCallStarted(job.call.call_id, tool.name))
+            job.stream.push(TextDelta("{"))
         else:
             prompt = self.backend.build_prompt(conv.system, conv.history, turn, self.window_tokens)
         conv.keep_window(prompt.history_kept)
