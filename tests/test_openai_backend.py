@@ -85,6 +85,49 @@ def test_spoken_turns_go_as_exact_wav_parts_and_count_by_duration(tokenizer):
     assert wav_base64(np.zeros(0, np.float32))  # an empty clip is still a valid WAV file
 
 
+def test_tool_calls_and_results_go_as_tool_messages_and_deleted_items_are_left_out(tokenizer):
+    from assistant.backends.tools import ToolCall, ToolChoice, ToolOutput, ToolSpec
+
+    pool = UpstreamPool(["http://127.0.0.1:9/v1"], MODEL, "", Timeouts(1, 1, 1, 1))
+    backend = OpenAIBackend(pool, tokenizer, None, "sys")
+    call = ToolCall("call_1", "get_weather", '{"city": "Oslo"}')
+    history = [
+        Exchange(PreparedTurn("k0", ""), "an answer whose question was deleted"),
+        Exchange(PreparedTurn("k1", "Weather in Oslo?"), "", "resp_1", (call,)),
+    ]
+    turn = PreparedTurn("k2", "", outputs=(ToolOutput("call_1", "get_weather", '{"sky": "grey"}'),))
+    spec = ToolSpec.of("get_weather", "Get the weather", {"type": "object", "properties": {}})
+    choice = ToolChoice("function", "get_weather")
+    request = backend.chat_request("", history, turn, 10_000, SamplingParams(greedy=True), 8, (spec,), choice)
+    msgs = request.body["messages"]
+    assert [m["role"] for m in msgs] == ["system", "assistant", "user", "assistant", "tool"]
+    assert msgs[3]["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    ]
+    assert msgs[4] == {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "grey"}'}
+    assert request.body["tools"] == [{"type": "function", "function": {"name": "get_weather",
+        "description": "Get the weather", "parameters": {"type": "object", "properties": {}}}}]  # fmt: skip
+    assert request.body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    plain = backend.chat_request("", [], PreparedTurn("k3", "hi"), 10_000, SamplingParams(greedy=True), 8)
+    assert "tools" not in plain.body and "tool_choice" not in plain.body
+
+
+def test_streamed_tool_call_pieces_are_read_and_malformed_ones_refused():
+    from assistant.backends.upstream import UpstreamFailure, _parse_chunk
+
+    first = {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                                    "function": {"name": "f", "arguments": ""}}]}}]}  # fmt: skip
+    more = {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]},
+                         "finish_reason": "tool_calls"}]}  # fmt: skip
+    assert _parse_chunk(first, "u")[3] == [("c1", "f", "")]
+    assert _parse_chunk(more, "u")[1:] == ("tool_calls", None, [(None, None, '{"a": 1}')])
+    second = {"choices": [{"delta": {"tool_calls": [{"index": 1, "id": "c2", "function": {"name": "g"}}]}}]}
+    assert _parse_chunk(second, "u")[3] == []  # parallel calls beyond the first are not used
+    for bad in ({"tool_calls": 5}, {"tool_calls": [{"index": 0}]}, {"tool_calls": [{"function": {"arguments": 3}}]}):
+        with pytest.raises(UpstreamFailure):
+            _parse_chunk({"choices": [{"delta": bad}]}, "u")
+
+
 def test_sampling_fields():
     greedy = sampling_fields(SamplingParams(greedy=True, seed=7), 16, extensions=True)
     assert greedy == {"max_tokens": 16, "temperature": 0.0, "repetition_penalty": 1.0, "seed": 7}

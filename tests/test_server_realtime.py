@@ -200,7 +200,8 @@ BAD_INPUTS = [
     (json.dumps({"type": "input_audio_buffer.commit", "event_id": "c3"}), "input_audio_buffer_commit_empty"),
     (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
     (json.dumps({"type": "output_audio_buffer.clear"}), "audio_output_unsupported"),
-    (json.dumps({"type": "conversation.item.delete", "item_id": "x"}), "unsupported_event"),
+    (json.dumps({"type": "conversation.item.delete", "item_id": "x"}), "item_not_found"),
+    (json.dumps({"type": "session.close"}), "unsupported_event"),
 ]
 
 

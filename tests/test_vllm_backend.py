@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import time
 
 import numpy as np
@@ -124,6 +125,44 @@ async def test_spoken_turns_are_answered_by_vllm_with_the_history_sent(served, q
     assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "user"]
     assert second["messages"][1]["content"] == heard and second["messages"][2]["content"] == first
     assert second["model"] == MODEL and second["stream"] is True and second["temperature"] == 0.0
+
+
+async def test_a_tool_call_through_vllm_and_the_answer_to_its_result(served):
+    """A named tool_choice: vLLM's tool_calls become the function_call item; its result goes back as a `tool`
+    message after the call and the answer uses it."""
+    srv, _, _, proxies = served
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+    ws = await session(srv)
+    choice = {"type": "function", "name": "get_weather"}
+    await send_json(ws, {"type": "session.update", "session": {"tools": [weather], "tool_choice": choice}})
+    await recv_until(ws, "session.updated")
+    await say(ws, "What is the weather in Oslo?")
+    log: list[dict] = []
+    done = await recv_until(ws, "response.done", log)
+    [call] = done["response"]["output"]
+    assert call["type"] == "function_call" and call["name"] == "get_weather", call
+    assert "oslo" in json.loads(call["arguments"])["city"].lower()
+    deltas = "".join(e["delta"] for e in log if e["type"] == "response.function_call_arguments.delta")
+    assert json.loads(deltas) == json.loads(call["arguments"])
+    await send_json(ws, {"type": "session.update", "session": {"tool_choice": "auto"}})
+    await recv_until(ws, "session.updated")
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": '{"sky": "grey", "temp_c": 7}'}
+    await send_json(ws, {"type": "conversation.item.create", "item": output})
+    await send_json(ws, {"type": "response.create"})
+    log = []
+    done = await recv_until(ws, "response.done", log)
+    await ws.close()
+    assert "error" not in [e["type"] for e in log] and done["response"]["output"][0]["type"] == "message"
+    answer = answer_of(done).lower()
+    assert "grey" in answer or "7" in answer, answer
+    last = max((b for p in proxies for b in p.chat_bodies), key=lambda b: len(b["messages"]))
+    assert [m["role"] for m in last["messages"]][-3:] == ["user", "assistant", "tool"]
+    assert last["messages"][-2]["tool_calls"][0]["id"] == call["call_id"] and last["tool_choice"] == "auto"
 
 
 async def test_concurrent_answers_are_spread_over_the_servers_by_load(served):

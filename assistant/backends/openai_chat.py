@@ -37,6 +37,7 @@ import numpy as np
 from assistant.audio import MODEL_RATE_HZ
 from assistant.backends.base import ChatRequest, Exchange, PreparedTurn, SamplingParams, Steps, Utterance
 from assistant.backends.embedded import DEFAULT_WINDOW_TOKENS, load_transcriber, transcribed_turns
+from assistant.backends.tools import AUTO, ToolChoice, ToolSpec
 from assistant.backends.upstream import ChatSink, Timeouts, UpstreamPool
 from assistant.models.tokenizer import QwenTokenizer
 from assistant.models.whisper import WhisperTranscriber
@@ -160,6 +161,31 @@ class OpenAIBackend:
     def _text_message(self, role: str, text: str) -> tuple[dict[str, Any], int]:
         return {"role": role, "content": text}, MESSAGE_OVERHEAD_TOKENS + len(self.tokenizer.encode(text))
 
+    def _turn_messages(self, turn: PreparedTurn) -> tuple[list[dict[str, Any]], int]:
+        """A user turn: a `tool` message per function result it carries, then its user message (if it has one)."""
+        messages, tokens = [], 0
+        for out in turn.outputs:
+            messages.append({"role": "tool", "tool_call_id": out.call_id, "content": out.output})
+            tokens += MESSAGE_OVERHEAD_TOKENS + len(self.tokenizer.encode(out.output))
+        if turn.user_text or turn.audio_wavs or not turn.outputs:
+            user, user_tokens = self._user_message(turn)
+            messages.append(user)
+            tokens += user_tokens
+        return messages, tokens
+
+    def _reply_messages(self, ex: Exchange) -> tuple[list[dict[str, Any]], int]:
+        """An answer: its text and the function calls it made (`tool_calls`); nothing for a deleted one."""
+        if not ex.reply.strip() and not ex.calls:
+            return [], 0
+        message, tokens = self._text_message("assistant", ex.reply.strip())
+        if ex.calls:
+            message["tool_calls"] = [
+                {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in ex.calls
+            ]
+            tokens += sum(len(self.tokenizer.encode(c.name + c.arguments)) for c in ex.calls)
+        return [message], tokens
+
     def chat_request(
         self,
         system: str,
@@ -168,23 +194,29 @@ class OpenAIBackend:
         max_window_tokens: int,
         params: SamplingParams,
         max_new_tokens: int,
+        tools: tuple[ToolSpec, ...] = (),
+        tool_choice: ToolChoice = AUTO,
     ) -> ChatRequest:
         """System, the newest history exchanges that fit the window with the turn (oldest dropped first; the system
-        message always stays), then the turn."""
+        message always stays), then the turn. Function calls and results go as `tool_calls` and `tool` messages;
+        `tools` (with `tool_choice`) as the Chat Completions fields (vLLM: `--enable-auto-tool-choice
+        --tool-call-parser hermes` for `auto`)."""
         head, used = self._text_message("system", system or self.default_system_prompt)
-        tail, turn_tokens = self._user_message(turn)
+        tail, turn_tokens = self._turn_messages(turn)
         used += turn_tokens
         kept: list[dict[str, Any]] = []
         n_kept = 0
         for ex in reversed(history):
-            user, user_tokens = self._user_message(ex.user)
-            reply, reply_tokens = self._text_message("assistant", ex.reply.strip())
+            user, user_tokens = self._turn_messages(ex.user) if ex.user.user_text or ex.user.outputs else ([], 0)
+            reply, reply_tokens = self._reply_messages(ex)
             if used + user_tokens + reply_tokens > max_window_tokens:
                 break
-            kept[:0] = [user, reply]
+            kept[:0] = [*user, *reply]
             used += user_tokens + reply_tokens
             n_kept += 1
-        body = {"messages": [head, *kept, tail], **sampling_fields(params, max_new_tokens, self.sampling_extensions)}
+        body = {"messages": [head, *kept, *tail], **sampling_fields(params, max_new_tokens, self.sampling_extensions)}
+        if tools:
+            body.update(tools=[t.openai() for t in tools], tool_choice=tool_choice.openai())
         return ChatRequest(body=body, history_kept=n_kept, input_tokens=used)
 
     def stream(self, request: ChatRequest, sink: ChatSink) -> Future:

@@ -148,7 +148,7 @@ class QwenAudioBackend:
         """Ids of a user message and its audio spans at absolute `offset` (audio tags parsed, nothing else)."""
         embeds = turn.audio_embeds
         ids, tags = self.tokenizer.encode_with_audio(
-            turn.user_text, lambda url: embeds[url].shape[0] if url in embeds else None
+            turn.chat_text, lambda url: embeds[url].shape[0] if url in embeds else None
         )
         return ids, [AudioSpan(offset + t.start, embeds[t.url], t.url) for t in tags]
 
@@ -170,7 +170,7 @@ class QwenAudioBackend:
         kept: list[tuple[list[int], list[AudioSpan]]] = []
         context_len = 0
         for ex in reversed(history):
-            ex_ids, ex_spans = self._exchange_ids(ex.user, ex.reply)
+            ex_ids, ex_spans = self._exchange_ids(ex.user, ex.reply_text)
             if len(ids) + context_len + len(ex_ids) >= max_window_tokens:
                 break
             kept.insert(0, (ex_ids, ex_spans))

@@ -67,6 +67,10 @@ class ChatSink(Protocol):
 
     def delta(self, text: str) -> None: ...
 
+    def tool_call(self, call_id: str | None, name: str | None, arguments: str) -> None:
+        """A piece of the answer's first function call (`tool_calls[0]`): id and name once, arguments in pieces."""
+        ...
+
     def finished(self, finish_reason: str, usage: dict[str, Any] | None) -> None: ...
 
     def failed(self, code: str, message: str) -> None: ...
@@ -274,10 +278,13 @@ async def _read_chunks(
                 raise UpstreamFailure(
                     "upstream_error", f"{url} sent an event that is not JSON: {sse.data[:200]!r}"
                 ) from None
-            text, reason, chunk_usage = _parse_chunk(chunk, url)
+            text, reason, chunk_usage, calls = _parse_chunk(chunk, url)
             if text:
                 streamed[0] = True
                 sink.delta(text)
+            for call_id, name, arguments in calls:
+                streamed[0] = True
+                sink.tool_call(call_id, name, arguments)
             finish = reason or finish
             usage = chunk_usage or usage
     except httpx2.SSEError as e:
@@ -287,8 +294,12 @@ async def _read_chunks(
     return finish, usage
 
 
-def _parse_chunk(chunk: Any, url: str) -> tuple[str, str | None, dict[str, Any] | None]:
-    """(text, finish reason, usage) of one chunk; an error object or a malformed chunk is an `upstream_error`."""
+ToolPiece = tuple[str | None, str | None, str]  # (call id, function name, arguments piece) of tool_calls[0]
+
+
+def _parse_chunk(chunk: Any, url: str) -> tuple[str, str | None, dict[str, Any] | None, list[ToolPiece]]:
+    """(text, finish reason, usage, pieces of the first tool call) of one chunk; an error object or a malformed
+    chunk is an `upstream_error`. Parallel calls beyond the first are not used (the session shows one call)."""
     if not isinstance(chunk, dict):
         raise UpstreamFailure("upstream_error", f"{url} sent {type(chunk).__name__}, expected a chunk object")
     if "error" in chunk or chunk.get("object") == "error":
@@ -299,7 +310,7 @@ def _parse_chunk(chunk: Any, url: str) -> tuple[str, str | None, dict[str, Any] 
     usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else None
     if not isinstance(choices, list):
         raise UpstreamFailure("upstream_error", f"{url} sent a chunk without a choices list: {str(chunk)[:200]}")
-    text, finish = "", None
+    text, finish, calls = "", None, []
     for choice in choices:
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if not isinstance(delta, dict):
@@ -309,4 +320,25 @@ def _parse_chunk(chunk: Any, url: str) -> tuple[str, str | None, dict[str, Any] 
             raise UpstreamFailure("upstream_error", f"{url} sent non-text content: {str(content)[:200]}")
         text += content or ""
         finish = choice.get("finish_reason") or finish
-    return text, finish, usage
+        calls += _tool_pieces(delta.get("tool_calls"), url)
+    return text, finish, usage, calls
+
+
+def _tool_pieces(tool_calls: Any, url: str) -> list[ToolPiece]:
+    if tool_calls is None:
+        return []
+    if not isinstance(tool_calls, list):
+        raise UpstreamFailure("upstream_error", f"{url} sent tool_calls that are not a list: {str(tool_calls)[:200]}")
+    pieces: list[ToolPiece] = []
+    for call in tool_calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise UpstreamFailure("upstream_error", f"{url} sent a tool call without a function: {str(call)[:200]}")
+        if call.get("index", 0) != 0:
+            continue
+        args = fn.get("arguments") or ""
+        call_id, name = call.get("id"), fn.get("name")
+        if not isinstance(args, str) or not isinstance(call_id, str | None) or not isinstance(name, str | None):
+            raise UpstreamFailure("upstream_error", f"{url} sent a malformed tool call: {str(call)[:200]}")
+        pieces.append((call_id, name, args))
+    return pieces

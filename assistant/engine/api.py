@@ -34,6 +34,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Literal
 
+from assistant.backends.tools import ToolCall, ToolChoice, ToolSpec
+
 
 def new_id(prefix: str) -> str:
     """The one id scheme (`resp_...`, `item_...`, `sess_...`, `event_...`): 80 random bits, unique per process and
@@ -85,6 +87,8 @@ class ResponseOptions:
     greedy: bool | None = None
     temperature: float | None = None
     seed: int | None = None
+    tools: tuple[ToolSpec, ...] = ()  # functions the answer may call (`engine/tool_calls.py`)
+    tool_choice: ToolChoice = ToolChoice()
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,14 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallStarted:
+    """The answer is a call of function `name` (not text): the `TextDelta`s that follow are its JSON arguments."""
+
+    call_id: str
+    name: str
+
+
+@dataclass(frozen=True)
 class ResponseDone:
     response_id: str
     status: Literal["completed", "cancelled", "failed", "incomplete"]
@@ -116,6 +128,7 @@ class ResponseDone:
     error: str | None = None  # status "failed": what went wrong
     cached_tokens: int = 0  # leading prompt tokens served from the session's KV cache (not prefilled again)
     error_code: str | None = None  # status "failed": the protocol code (None = "response_failed")
+    tool_calls: tuple[ToolCall, ...] = ()  # completed: the function calls the answer made (its text is then "")
 
     @classmethod
     def refused(cls, response_id: str, error: str, code: str | None = None) -> ResponseDone:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from assistant.backends.base import PreparedTurn, Prompt, Utterance
+from assistant.backends.tools import ToolCall
 from assistant.engine.api import ResponseDone, ResponseOptions
 from assistant.engine.conversation import Conversation
 from assistant.engine.decoding import TokenStream
@@ -56,6 +57,13 @@ class TruncateReplyCmd:
     session_id: str
     response_id: str
     text: str  # what the listener heard of that reply
+
+
+@dataclass(frozen=True)
+class DeleteItemCmd:
+    session_id: str
+    key: str | None  # a user turn (item id)
+    response_id: str | None  # or the reply of that response
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ Command = (
     | ResetSessionCmd
     | InstructionsCmd
     | TruncateReplyCmd
+    | DeleteItemCmd
     | PrepareCmd
     | SpeculateCmd
     | DiscardCmd
@@ -153,6 +162,9 @@ class Job:
     t: dict[str, float] = field(default_factory=dict)
     turns_before: int = 0  # `TurnQueue.mark()` at the respond: it waits for its session's turns queued before it
     reply: Any = None  # a remote backend's answer: the `remote.RemoteReply` it streams into (None: decoded here)
+    call: ToolCall | None = None  # the answer is this function call (`tool_calls.py`); arguments: `call_text`
+    call_end: Any = None  # `tool_calls.ArgumentsEnd` following the streamed arguments
+    call_text: str = ""
 
     @property
     def response_id(self) -> str:
@@ -195,4 +207,5 @@ class Job:
             timings_ms=timings,
             error=error,
             cached_tokens=self.cached_tokens,
+            tool_calls=(self.call,) if self.call is not None and status == "completed" else (),
         )

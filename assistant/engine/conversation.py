@@ -16,6 +16,8 @@ Decisions written down here because callers rely on them:
 - What was heard: a spoken answer cut short (barge-in, `conversation.item.truncate`) keeps in the history only the
   text the listener heard (`truncate_reply`, by the response id each exchange records); the cache follows by the
   prefix rule above.
+- Items a client deletes (`delete_item`): a user turn leaves the pending turns or its exchange (the others of a
+  merged message stay), a reply loses its text and calls; an exchange left empty goes.
 - Speculative turns (`speculative`): audio work done before the turn was committed, kept aside by key. They are not
   part of the conversation (no pending turn, no "Audio k" number taken, nothing in the cache) until confirmed, and
   a reset or close forgets them. At most `MAX_SPECULATIONS` are kept per session (oldest dropped).
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from assistant.backends.base import AudioSpan, Exchange, PreparedTurn, Prompt, Utterance
+from assistant.backends.tools import ToolCall
 from assistant.models.kv_cache import KVCache
 
 MAX_SPECULATIONS = 2  # per session: the server keeps one; a misbehaving caller cannot grow this without bound
@@ -63,12 +66,13 @@ def merge_turns(turns: list[PreparedTurn]) -> PreparedTurn:
     languages = [t.language for t in turns if t.language]
     return PreparedTurn(
         key=turns[-1].key,
-        user_text="\n".join(t.user_text for t in turns),
+        user_text="\n".join(t.user_text for t in turns if t.user_text or not t.outputs),
         transcript=" ".join(transcripts) if transcripts else None,
         language=languages[-1] if languages else None,
         audio_s=sum(t.audio_s for t in turns),
         audio_embeds=embeds,
         audio_wavs=tuple(w for t in turns for w in t.audio_wavs),
+        outputs=tuple(o for t in turns for o in t.outputs),
     )
 
 
@@ -174,8 +178,38 @@ class Conversation:
         if history_kept < len(self.history):
             del self.history[: len(self.history) - history_kept]
 
-    def record(self, turn: PreparedTurn, reply: str, response_id: str | None = None) -> None:
-        self.history.append(Exchange(user=turn, reply=reply, response_id=response_id))
+    def record(
+        self,
+        turns: PreparedTurn | list[PreparedTurn],
+        reply: str,
+        response_id: str | None = None,
+        calls: tuple[ToolCall, ...] = (),
+    ) -> None:
+        """An answer ended: its turns (merged into one user message) and its reply text and function calls."""
+        turns = [turns] if isinstance(turns, PreparedTurn) else list(turns)
+        self.history.append(Exchange(merge_turns(turns), reply, response_id, calls, turns))
+
+    def delete_item(self, key: str | None = None, response_id: str | None = None) -> bool:
+        """`conversation.item.delete`: the user turn `key` (pending or answered) or the reply of `response_id` (its
+        text and calls) leaves every later prompt. An exchange left with neither turns nor reply goes. False when
+        nothing matched (never entered, or already out of the window)."""
+        if key is not None:
+            for i, turn in enumerate(self.pending):
+                if turn.key == key:
+                    del self.pending[i]
+                    return True
+        for i, ex in enumerate(self.history):
+            if key is not None and any(t.key == key for t in ex.turns):
+                ex.turns = [t for t in ex.turns if t.key != key]
+                ex.user = merge_turns(ex.turns) if ex.turns else PreparedTurn(key=key, user_text="")
+            elif response_id is not None and ex.response_id == response_id:
+                ex.reply, ex.calls = "", ()
+            else:
+                continue
+            if not ex.turns and not ex.reply and not ex.calls:
+                del self.history[i]
+            return True
+        return False
 
     def truncate_reply(self, response_id: str, text: str) -> bool:
         """The listener heard only `text` of the reply of `response_id` (a spoken answer cut short): the history keeps
@@ -187,7 +221,7 @@ class Conversation:
                 continue
             if not text.strip() and i == len(self.history) - 1 and not self.busy:
                 del self.history[i]
-                self.pending.insert(0, ex.user)
+                self.pending[:0] = ex.turns or [ex.user]
             else:
                 ex.reply = text.strip()
             return True

@@ -31,6 +31,7 @@ from assistant.engine.commands import (
     CallCmd,
     CancelCmd,
     CloseSessionCmd,
+    DeleteItemCmd,
     DiscardCmd,
     InstructionsCmd,
     OpenSessionCmd,
@@ -138,6 +139,14 @@ class Engine:
             known = session_id in self._sessions
         if known:
             self._worker.commands.put(TruncateReplyCmd(session_id, response_id, text))
+
+    def delete_item(self, session_id: str, key: str | None = None, response_id: str | None = None) -> None:
+        """`conversation.item.delete`: the user turn `key` or the reply of `response_id` leaves later prompts (after
+        the session's turns queued before it). Sessions already closed are ignored."""
+        with self._lock:
+            known = session_id in self._sessions
+        if known:
+            self._worker.commands.put(DeleteItemCmd(session_id, key, response_id))
 
     def _open(self, session_id: str) -> str:
         with self._lock:

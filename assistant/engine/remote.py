@@ -16,6 +16,7 @@ back until more text follows, so the deltas concatenate exactly to the text that
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -24,11 +25,14 @@ from typing import Any
 import torch
 
 from assistant.backends.base import ChatBackend, PreparedTurn
+from assistant.backends.tools import ToolCall
 from assistant.config import GenerationConfig
-from assistant.engine.api import ResponseDone, TextDelta
+from assistant.engine.api import ResponseDone, TextDelta, ToolCallStarted
 from assistant.engine.commands import Job, RemoteDoneCmd
 from assistant.engine.sampling import sampling_params
 from assistant.models.kv_cache import KVCache
+
+log = logging.getLogger("assistant.engine")
 
 
 def is_remote(backend: Any) -> bool:
@@ -65,11 +69,32 @@ class RemoteReply:
                 piece = piece.lstrip()
             body = piece.rstrip()
             self._held = piece[len(body) :]
-            if body:
+            if body and self._job.call is None:  # text after a call is not shown (the answer is the call)
                 if not self._sent:
                     self._job.t["first_token"] = time.monotonic()
                 self._sent.append(body)
                 self._job.stream.push(TextDelta(body))
+
+    def tool_call(self, call_id: str | None, name: str | None, arguments: str) -> None:
+        """A piece of the server's first function call: its id and name come first, then its arguments in pieces.
+        The worker finishes it as a local call (`Job.call`, `Job.call_text`)."""
+        with self._lock:
+            if self._closed:
+                return
+            job = self._job
+            if job.call is None:
+                if self._sent or not call_id or not name:  # text came first, or a call without its id and name
+                    log.warning("response %s: ignored a function call after text or without an id", job.response_id)
+                    return
+                job.call = ToolCall(call_id, name, "")
+                job.t.setdefault("first_token", time.monotonic())
+                job.stream.push(ToolCallStarted(call_id, name))
+            elif call_id and call_id != job.call.call_id:
+                log.warning("response %s: ignored a second function call (%s)", job.response_id, name)
+                return
+            if arguments:
+                job.call_text += arguments
+                job.stream.push(TextDelta(arguments))
 
     def finished(self, finish_reason: str, usage: dict[str, Any] | None) -> None:
         with self._lock:
@@ -120,7 +145,9 @@ class RemoteResponses:
         conv = job.conv
         params = sampling_params(self.gen_cfg, job.options, None)
         max_new = job.options.max_new_tokens or self.gen_cfg.max_new_tokens
-        request = self.backend.chat_request(conv.system, conv.history, turn, window_tokens, params, max_new)
+        opts = job.options
+        args = (conv.system, conv.history, turn, window_tokens, params, max_new, opts.tools, opts.tool_choice)
+        request = self.backend.chat_request(*args)
         conv.keep_window(request.history_kept)
         job.reply = RemoteReply(job, self._post, request.input_tokens)
         job.reply.future = self.backend.stream(request, job.reply)

@@ -13,9 +13,9 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from assistant.engine.api import ResponseDone, TextDelta
+from assistant.engine.api import ResponseDone, TextDelta, ToolCallStarted
 
-Event = TextDelta | ResponseDone
+Event = TextDelta | ToolCallStarted | ResponseDone
 
 
 class ResponseStream:
@@ -50,7 +50,11 @@ class ResponseStream:
                 self._finished = True
                 self.done = event
                 self._items.append(event)
-            elif len(self._items) >= self._max_items and isinstance(self._items[-1], TextDelta):
+            elif (
+                isinstance(event, TextDelta)
+                and len(self._items) >= self._max_items
+                and isinstance(self._items[-1], TextDelta)
+            ):
                 self._items[-1] = TextDelta(self._items[-1].text + event.text)
             else:
                 self._items.append(event)

@@ -21,6 +21,7 @@ Worker thread only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -155,7 +156,8 @@ class TurnQueue:
 
     # ---- commands -----------------------------------------------------------------------------------------------
     def add(self, cmd: PrepareCmd | SpeculateCmd, conv: Conversation) -> None:
-        text = cmd.utterance.text or ""
+        output = cmd.utterance.output
+        text = (cmd.utterance.text or "") + (output.output if output is not None else "")
         if len(text) > self.max_turn_tokens * CHARS_PER_TOKEN:
             if isinstance(cmd, PrepareCmd) and not cmd.reply.done():
                 cmd.reply.set_exception(TurnTooLong.characters(len(text), self.max_turn_tokens, CHARS_PER_TOKEN))
@@ -333,6 +335,8 @@ class TurnQueue:
                     w.conv.audio_count -= 1  # its number is given back (a later one was rendered: it stays taken)
                 w.refuse(err)
                 continue
+            if w.cmd.utterance.output is not None:  # a client's function result: no audio, no text of its own
+                turn = dataclasses.replace(turn, outputs=(w.cmd.utterance.output,))
             w.conv.add_pending(turn, turn_encode_ms)
             timings = {"queue": ms_between(w.cmd.submitted_s, chunk.started_s), "encode": turn_encode_ms}
             info = TurnInfo(turn.key, turn.transcript, turn.language, turn.audio_s, timings, hit is not None)

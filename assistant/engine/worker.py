@@ -41,13 +41,14 @@ import torch
 
 from assistant.backends.base import Backend
 from assistant.config import EngineConfig, GenerationConfig
-from assistant.engine import metrics
-from assistant.engine.api import ResponseDone, TextDelta, UnknownSession
+from assistant.engine import metrics, tool_calls
+from assistant.engine.api import ResponseDone, TextDelta, ToolCallStarted, UnknownSession, new_id
 from assistant.engine.commands import (
     CallCmd,
     CancelCmd,
     CloseSessionCmd,
     Command,
+    DeleteItemCmd,
     DiscardCmd,
     InstructionsCmd,
     Job,
@@ -193,7 +194,8 @@ class Worker:
 
     # ---- sessions and user turns --------------------------------------------------------------------------------
     def _session(
-        self, cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd | TruncateReplyCmd
+        self,
+        cmd: OpenSessionCmd | CloseSessionCmd | ResetSessionCmd | InstructionsCmd | TruncateReplyCmd | DeleteItemCmd,
     ) -> None:
         if isinstance(cmd, OpenSessionCmd):
             cache = empty_cache() if self.remote else self.lm.new_cache()
@@ -209,6 +211,10 @@ class Worker:
             return
         if isinstance(cmd, TruncateReplyCmd):
             conv.truncate_reply(cmd.response_id, cmd.text)
+            return
+        if isinstance(cmd, DeleteItemCmd):  # after the session's turns queued before it (the turn may be one)
+            delete = lambda: conv.delete_item(cmd.key, cmd.response_id)  # noqa: E731
+            self.turns.in_order(delete, lambda: None, conv)
             return
         closing = isinstance(cmd, CloseSessionCmd)
         for job in self.waiting + self.active:
@@ -294,7 +300,17 @@ class Worker:
         turn = merge_turns(job.turns)
         if self.remote:
             return self.remote.start(job, turn, self.window_tokens)
-        prompt = self.backend.build_prompt(conv.system, conv.history, turn, self.window_tokens)
+        opts = job.options
+        tool = tool_calls.choose(self.backend, turn, opts.tools, opts.tool_choice) if opts.tools else None
+        if tool is not None:
+            args = (self.backend, conv.system, conv.history, turn, opts.tools, tool.name, self.window_tokens)
+            prompt = tool_calls.call_prompt(*args)
+            job.call, job.call_end = tool_calls.ToolCall(new_id("call"), tool.name, ""), tool_calls.ArgumentsEnd()
+            job.call_text = "{"  # opened by the prompt
+            job.stream.push(ToolCallStarted(job.call.call_id, tool.name))
+            job.stream.push(TextDelta("{"))
+        else:
+            prompt = self.backend.build_prompt(conv.system, conv.history, turn, self.window_tokens)
         conv.keep_window(prompt.history_kept)
         job.prompt = prompt
         cache = conv.cache
@@ -318,6 +334,8 @@ class Worker:
         metrics.TOKENS.labels(kind="prefilled").inc(len(prompt.ids) - plan.reuse)
         params = sampling_params(self.gen_cfg, job.options, getattr(self.backend, "default_sampling", None))
         max_new = job.options.max_new_tokens or self.gen_cfg.max_new_tokens
+        if job.call is not None:
+            params, max_new = tool_calls.GREEDY, min(max_new, tool_calls.MAX_ARGUMENT_TOKENS)
         job.tokens = TokenStream(self.backend.tokenizer, params, max_new, prompt.ids)
         return self._take_token(job, logits[-1])
 
@@ -332,7 +350,15 @@ class Worker:
             self._finish(job, "completed", None)
             return False
         delta = tokens.append(token_id)
-        if delta:
+        if job.call is not None and delta:
+            end = job.call_end.feed(delta)
+            delta = delta if end is None else delta[:end]
+            job.call_text += delta
+            job.stream.push(TextDelta(delta))
+            if end is not None:
+                self._finish(job, "completed", None)
+                return False
+        elif delta:
             job.stream.push(TextDelta(delta))
         if len(tokens.output_ids) >= tokens.max_new_tokens:
             self._finish(job, "incomplete", "max_output_tokens")
@@ -404,13 +430,23 @@ class Worker:
         text = tokens.text() if tokens else ""
         if job.reply is not None:
             text = job.reply.close()  # a remote answer: its stream stops here
+        if job.call is not None:
+            text = ""  # a call says nothing; an unfinished one leaves its turns pending (cancelled) or fails
+            if status in ("completed", "incomplete"):
+                try:
+                    job.call = tool_calls.ToolCall(job.call.call_id, job.call.name, tool_calls.finish_arguments(
+                        job.call.name, job.call_text))  # fmt: skip
+                    status, reason = "completed", None
+                except ValueError as e:
+                    status, reason, error = "failed", None, str(e)
         if status == "failed":
             conv.cache.reset()
         elif job.turns and not conv.closed:
             if status == "cancelled" and not text:
                 conv.restore_pending(job.turns, job.encode_ms)
             else:
-                conv.record(merge_turns(job.turns), text, job.response_id)
+                calls = (job.call,) if job.call is not None else ()
+                conv.record(job.turns, text, job.response_id, calls)
         done = job.done(status, reason, text, error)
         if job.reply is not None:
             done = job.reply.amend(done, self.backend.tokenizer)

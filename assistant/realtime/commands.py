@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from assistant.backends.base import Utterance
-from assistant.engine.api import ResponseDone, ResponseOptions, TurnInfo
+from assistant.engine.api import ResponseDone, ResponseOptions, ToolCallStarted, TurnInfo
 
 
 # ---- core -> engine ------------------------------------------------------------------------------------------------
@@ -80,6 +80,15 @@ class TruncateReply:
 
 
 @dataclass(frozen=True)
+class DeleteItem:
+    """`conversation.item.delete`: the user turn `key`, or the reply of `response_id`, leaves the engine's history
+    (and every later prompt)."""
+
+    key: str | None = None
+    response_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Speak:
     """Synthesise clause `index` of the answer `response_id` (in the shared voice pool); the result comes back as
     `ClauseSpoken` or `SpeechFailed` with the same ids. Clauses of one answer may finish in any order."""
@@ -110,6 +119,7 @@ EngineCommand = (
     | StartResponse
     | CancelResponse
     | TruncateReply
+    | DeleteItem
     | Speak
     | CancelSpeech
 )
@@ -181,6 +191,7 @@ EngineOutput = (
     | TurnFailed
     | ResponseRefused
     | ResponseDelta
+    | ToolCallStarted  # the answer is a function call: its ResponseDeltas are the arguments
     | ResponseFinished
     | ClauseSpoken
     | SpeechFailed

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from assistant.engine.api import new_id
 from assistant.realtime.protocol import ERROR_CODES, OPENAI_RATE_HZ, Dialect, ProtocolError
+from assistant.realtime.tools import echo_tools
 
 if TYPE_CHECKING:
     from assistant.engine.api import ResponseDone
@@ -93,7 +94,7 @@ class EventFactory:
                 out["output_sample_rate"] = ao.rate_hz
             if st.temperature is not None:
                 out["temperature"] = st.temperature
-            return out
+            return {**out, **echo_tools(st.tools, st.tool_choice)}
         # The SDK's GA format only admits rate 24000: other rates are stated by our `input_sample_rate` extension.
         fmt: dict[str, Any] = {"type": "audio/pcm"}
         if st.input_rate_hz == OPENAI_RATE_HZ:
@@ -112,6 +113,7 @@ class EventFactory:
             "input_sample_rate": st.input_rate_hz,
             **tracing,
             "truncation": given.truncation,
+            **echo_tools(st.tools, st.tool_choice),
         }
         if given.parallel_tool_calls is not None:
             session["parallel_tool_calls"] = given.parallel_tool_calls
@@ -278,7 +280,10 @@ class EventFactory:
 
     def user_item(self, item_id: str, previous_item_id: str | None, part: dict[str, Any]) -> list[dict[str, Any]]:
         """A user item entering the conversation: GA `conversation.item.added` + `.done`, beta `.created`."""
-        item = self.message_item(item_id, "user", "completed", [part])
+        return self.item_added(self.message_item(item_id, "user", "completed", [part]), previous_item_id)
+
+    def item_added(self, item: dict[str, Any], previous_item_id: str | None) -> list[dict[str, Any]]:
+        """An item entering the conversation: GA `conversation.item.added` + `.done`, beta `.created`."""
         if self.dialect == "beta":
             return [self.event("conversation.item.created", item=item, previous_item_id=previous_item_id)]
         return [

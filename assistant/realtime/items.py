@@ -34,6 +34,7 @@ class Item:
     response_id: str | None = None
     pieces: list[tuple[str, int]] = field(default_factory=list)  # spoken: (clause text as streamed, audio ms)
     audio_ms: int = 0  # spoken: audio length (after any truncation)
+    shape: dict[str, Any] | None = None  # a function_call / function_call_output item: shown as it is
 
     def truncate(self, audio_end_ms: int) -> bool:
         """Keep what `audio_end_ms` of the audio said; True when the text changed. Past the end: nothing is cut."""
@@ -57,6 +58,12 @@ class Items:
 
     def get(self, item_id: str) -> Item | None:
         return self._items.get(item_id)
+
+    def newest(self) -> str | None:
+        return next(reversed(self._items), None)
+
+    def remove(self, item_id: str) -> None:
+        self._items.pop(item_id, None)
 
     def clear(self) -> None:
         self._items.clear()
@@ -98,6 +105,8 @@ class Items:
     def render(self, item_id: str, event_id: str | None, events: EventFactory) -> dict[str, Any]:
         """The item as `conversation.item.retrieved` shows it (spoken answers: the transcript, not the audio)."""
         item = self.known(item_id, event_id)
+        if item.shape is not None:
+            return dict(item.shape)
         if item.role == "user":
             content = [dict(item.part or {})]
         elif item.status == "in_progress":

@@ -40,7 +40,18 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
         "a `session` setting of OpenAI's schema this server cannot honour (the message says why); nothing changed",
     ),
     "unknown_voice": ("invalid_request_error", "a voice that is not installed; the message lists the installed ones"),
-    "item_not_found": ("invalid_request_error", "conversation.item.truncate/retrieve names an item this session lacks"),
+    "item_not_found": (
+        "invalid_request_error",
+        "conversation.item.truncate/retrieve/delete (or create's previous_item_id) names an item this session lacks",
+    ),
+    "item_in_progress": (
+        "invalid_request_error",
+        "conversation.item.delete of the item a response is still generating (send response.cancel first)",
+    ),
+    "unknown_call_id": (
+        "invalid_request_error",
+        "a function_call_output whose call_id names no function_call of this session",
+    ),
     "item_not_truncatable": (
         "invalid_request_error",
         "conversation.item.truncate of an item without audio (a user item or a text answer)",
@@ -128,11 +139,27 @@ class ConversationReset:
 
 
 @dataclass(frozen=True)
-class TextMessage:
-    """`conversation.item.create` with a user message of `input_text`: a typed turn."""
+class ItemCreate:
+    """`conversation.item.create`: a user message (typed text and/or audio, a turn) or a `function_call_output`
+    (the client's result of a tool call, `call_id` + `output`)."""
 
     event_id: str | None
-    text: str
+    item_id: str | None  # the client's id for the new item (None: the server makes one)
+    previous_item_id: str | None  # None: append at the end; else the item it goes after
+    text: str | None = None  # user message: its input_text parts joined by newlines
+    pcm: bytes | None = None  # user message: its input_audio, PCM16 LE mono at the session's input rate
+    call_id: str | None = None  # function_call_output
+    output: str | None = None  # function_call_output
+
+    @property
+    def is_output(self) -> bool:
+        return self.call_id is not None
+
+
+@dataclass(frozen=True)
+class ItemDelete:
+    event_id: str | None
+    item_id: str
 
 
 @dataclass(frozen=True)
@@ -159,7 +186,8 @@ ClientEvent = (
     | ResponseCreate
     | ResponseCancel
     | ConversationReset
-    | TextMessage
+    | ItemCreate
+    | ItemDelete
     | ItemTruncate
     | ItemRetrieve
 )
@@ -167,7 +195,6 @@ ClientEvent = (
 # Well-formed OpenAI client events we do not implement: the WebRTC-only audio one gets the clearer code.
 _AUDIO_OUTPUT_EVENTS = {"output_audio_buffer.clear"}
 _UNSUPPORTED_EVENTS = {
-    "conversation.item.delete",
     "transcription_session.update",
     "session.close",
 }
@@ -275,6 +302,8 @@ def parse_client_event(raw: str | bytes | dict[str, Any]) -> ClientEvent:
         return ItemTruncate(eid, _item_id(obj, eid), _int_field(obj, "content_index", eid, 0), audio_end_ms)
     if etype == "conversation.item.retrieve":
         return ItemRetrieve(eid, _item_id(obj, eid))
+    if etype == "conversation.item.delete":
+        return ItemDelete(eid, _item_id(obj, eid))
     if etype in _AUDIO_OUTPUT_EVENTS:
         msg = (
             f"{etype} exists only over WebRTC; over WebSocket answers come as text or audio deltas: stop playback "
@@ -299,17 +328,62 @@ def _parse_response_create(obj: dict[str, Any], eid: str | None) -> ResponseCrea
     return ResponseCreate(eid, instr, max_tokens(resp.get(key), f"response.{key}", eid), audio)
 
 
-def _parse_item_create(obj: dict[str, Any], eid: str | None) -> TextMessage:
+ITEM_TYPES = ("message", "function_call_output")  # what a client may create (function_call items: the model's)
+_ID_MAX_CHARS = 64  # OpenAI's limit for client-chosen item ids
+
+
+def _optional_id(obj: dict[str, Any], key: str, param: str, eid: str | None) -> str | None:
+    value = obj.get(key)
+    if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= _ID_MAX_CHARS):
+        msg = f"{param} must be a string of 1..{_ID_MAX_CHARS} characters or absent, got {shown(value)}"
+        raise ProtocolError("invalid_event", msg, param, eid)
+    return value
+
+
+def _parse_item_create(obj: dict[str, Any], eid: str | None) -> ItemCreate:
     item = obj.get("item")
     if not isinstance(item, dict):
         raise ProtocolError("invalid_event", "conversation.item.create needs an object 'item'", "item", eid)
-    if item.get("type") != "message" or item.get("role") != "user":
-        raise ProtocolError("unsupported_event", "only user messages can be created", "item", eid)
+    where = (_optional_id(item, "id", "item.id", eid), _optional_id(obj, "previous_item_id", "previous_item_id", eid))
+    kind = item.get("type")
+    if kind == "function_call_output":
+        call_id, output = item.get("call_id"), item.get("output")
+        if not isinstance(call_id, str) or not call_id:
+            msg = f"a function_call_output item needs the string call_id of the function_call, got {shown(call_id)}"
+            raise ProtocolError("invalid_event", msg, "item.call_id", eid)
+        if not isinstance(output, str):
+            msg = f"a function_call_output item needs its output as a string (e.g. JSON text), got {shown(output)}"
+            raise ProtocolError("invalid_event", msg, "item.output", eid)
+        return ItemCreate(eid, *where, call_id=call_id, output=output)
+    if kind != "message":
+        msg = f"item.type must be one of {', '.join(ITEM_TYPES)}, got {shown(kind)}"
+        raise ProtocolError("invalid_event", msg, "item.type", eid)
+    if item.get("role") != "user":
+        msg = f"a message item a client creates must have role 'user', got {shown(item.get('role'))}"
+        raise ProtocolError("unsupported_event", msg, "item.role", eid)
     content = item.get("content")
-    if not isinstance(content, list):
-        msg = f"item.content must be a list of content parts, got {type(content).__name__}"
+    if not isinstance(content, list) or not content:
+        msg = f"item.content must be a non-empty list of content parts, got {shown(content)}"
         raise ProtocolError("invalid_event", msg, "item.content", eid)
-    texts = [c.get("text") for c in content if isinstance(c, dict) and c.get("type") == "input_text"]
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ProtocolError("unsupported_event", "only input_text content can be created", "item.content", eid)
-    return TextMessage(eid, "\n".join(texts))
+    texts, pcm = [], b""
+    for i, part in enumerate(content):
+        ptype = part.get("type") if isinstance(part, dict) else None
+        if ptype == "input_text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif ptype == "input_audio":
+            chunk = decode_audio_b64(part.get("audio"), eid)
+            if len(chunk) % 2:
+                msg = f"item.content[{i}].audio must be PCM16 (an even number of bytes), got {len(chunk)} bytes"
+                raise ProtocolError("invalid_audio", msg, f"item.content[{i}].audio", eid)
+            pcm += chunk
+        else:
+            msg = (
+                f"item.content[{i}] must be {{type: 'input_text', text: string}} or {{type: 'input_audio', audio: "
+                f"base64 PCM16}}, got {shown(part)}"
+            )
+            raise ProtocolError("invalid_event", msg, f"item.content[{i}]", eid)
+    text = "\n".join(texts) if texts else None
+    if text is None and not pcm:
+        msg = "item.content has only empty input_audio: send PCM16 audio (base64) or an input_text part"
+        raise ProtocolError("invalid_audio", msg, "item.content", eid)
+    return ItemCreate(eid, *where, text=text, pcm=pcm or None)

@@ -37,6 +37,10 @@ What the core owns:
   audio deltas in order) and ends only once its audio is sent; a cancel stops its audio at once. What the listener
   heard (the spoken transcript, cut by `conversation.item.truncate`) goes back to the engine's history
   (`TruncateReply`). `items.py` keeps the items a client may retrieve or truncate.
+- Conversation items: `conversation.item.create` (validated by `conversation.py`) queues a turn like a commit;
+  `conversation.item.delete` takes an item out of the store and the engine's history (`DeleteItem`).
+- Tools (`tools.py`): with `session.tools` an answer's message item opens with its first text, because the engine
+  may say (`ToolCallStarted`) that the answer is a function call; its item, argument deltas and end replace it.
 """
 
 from __future__ import annotations
@@ -53,9 +57,12 @@ from assistant.audio.semantic_vad import end_silence_ms
 from assistant.audio.vad import SpeechStarted, SpeechStopped, TentativeEnd, TentativeVoid
 from assistant.audio.wake_word import WakeWordSettings
 from assistant.backends.base import Utterance
-from assistant.engine.api import ResponseDone, ResponseOptions, new_id
+from assistant.backends.tools import ToolCall
+from assistant.engine.api import ResponseDone, ResponseOptions, ToolCallStarted, new_id
 from assistant.realtime import commands as C
+from assistant.realtime import conversation as conv
 from assistant.realtime import protocol as P
+from assistant.realtime import tools as T
 from assistant.realtime.audio_in import AudioIn, committed_ms
 from assistant.realtime.events import EventFactory
 from assistant.realtime.items import Item, Items
@@ -96,6 +103,8 @@ class _Response:
     cancel_reason: str | None = None
     speech: SpeechOut | None = None  # a spoken answer
     engine_done: ResponseDone | None = None  # the engine finished; a spoken answer may still be sending audio
+    unopened: list[dict[str, Any]] | None = None  # with tools: the message item's opening, sent with its first text
+    call: ToolCall | None = None  # the answer is this function call (arguments streamed so far)
 
 
 class Session:
@@ -134,6 +143,7 @@ class Session:
         self._item_id = new_id("item")  # the user item the audio being received will become
         self._last_item_id: str | None = None
         self._items = Items(self.limits.max_items)
+        self._calls = conv.Calls(self.limits.max_items)
 
     # ---- queries (for the driver and the hub) ------------------------------------------------------------------
     @property
@@ -228,8 +238,10 @@ class Session:
             self._cancel(ev)
         elif isinstance(ev, P.ConversationReset):
             self._reset_conversation()
-        elif isinstance(ev, P.TextMessage):
-            self._text_message(ev)
+        elif isinstance(ev, P.ItemCreate):
+            self._create_item(ev)
+        elif isinstance(ev, P.ItemDelete):
+            self._delete_item(ev)
         elif isinstance(ev, P.ItemTruncate):
             self._truncate(ev)
         elif isinstance(ev, P.ItemRetrieve):
@@ -357,10 +369,6 @@ class Session:
         self._discard_speculation()
         self._audio.clear()
 
-    def _text_message(self, ev: P.TextMessage) -> None:
-        item_id = self._new_user_item({"type": "input_text", "text": ev.text})
-        self._enqueue(_Job(Utterance(key=item_id, text=ev.text), respond=False, event_id=ev.event_id))
-
     def _reset_conversation(self) -> None:
         for job in self._jobs:
             if job.speculated and job.utterance is not None:
@@ -374,6 +382,7 @@ class Session:
         self._clear()
         self._last_item_id = None
         self._items.clear()
+        self._calls.clear()
         if self._response is not None and self._response.speech is not None:
             self._cancel_response("conversation_reset")  # its audio stops now, not when the reset reaches the engine
         self._out.append(C.ResetConversation())  # also cancels the answer in flight (it still gets response.done)
@@ -426,14 +435,20 @@ class Session:
                 self._start_response(job)
 
     def _start_response(self, job: _Job) -> None:
-        limit = job.max_output_tokens or self.settings.max_output_tokens
-        opts = ResponseOptions(max_new_tokens=limit, temperature=self.settings.temperature)
+        st, limit = self.settings, job.max_output_tokens or self.settings.max_output_tokens
+        tools = st.tools if st.tool_choice.mode != "none" else ()
+        opts = ResponseOptions(
+            max_new_tokens=limit, temperature=st.temperature, tools=tools, tool_choice=st.tool_choice
+        )
         r = self._response = _Response(new_id("resp"), new_id("item"))
         audio = self.settings.output_audio if job.output_audio is None else job.output_audio
         if audio:
             ao = self.settings.audio_out
             r.speech = SpeechOut(self.events, r.response_id, r.item_id, ao, self._now_s, self._committed_at_s)
-        self._out.extend(self.events.response_start(r.response_id, r.item_id, r.speech.out if r.speech else None))
+        start = self.events.response_start(r.response_id, r.item_id, r.speech.out if r.speech else None)
+        if tools:  # the answer may be a function call: its item is opened once the engine says which
+            start, r.unopened = start[:1], start[1:]
+        self._out.extend(start)
         self._items.add(Item(r.item_id, "assistant", "in_progress", audio=audio, response_id=r.response_id))
         self._out.append(C.StartResponse(r.response_id, opts))
         if self._cancel_on_start:
@@ -469,10 +484,16 @@ class Session:
             self._turn_done(out)
         elif isinstance(out, C.TurnHeard):
             self._heard(out)
+        elif isinstance(out, ToolCallStarted):
+            self._call_started(out)
         elif isinstance(out, C.ResponseDelta):
             r = self._response
             if r is not None and out.response_id == r.response_id and out.text:
-                if r.speech is not None:
+                self._open_message()
+                if r.call is not None:
+                    r.call = ToolCall(r.call.call_id, r.call.name, r.call.arguments + out.text)
+                    self._out.append(T.call_delta(self.events, r.response_id, r.item_id, r.call.call_id, out.text))
+                elif r.speech is not None:
                     self._out.extend(r.speech.on_text(out.text, now_s))
                 else:
                     if self._committed_at_s is not None:
@@ -568,7 +589,10 @@ class Session:
             done.output_tokens,
             timings,
         )
-        if speech is None:
+        self._open_message()
+        if r.call is not None:
+            self._out.extend(self._call_end(r, done))
+        elif speech is None:
             self._out.extend(self.events.response_end(r.response_id, r.item_id, done))
         else:
             transcript, extra = speech.transcript(), speech.timings_ms()
@@ -576,7 +600,8 @@ class Session:
         self._out.extend(after)
         self._out.append(self.events.rate_limits(self.limits.max_jobs, len(self._jobs)))
         self._audio.answer_finished()  # behind a wake word: the follow-up window opens
-        self._items.finish(r.item_id, done, speech)
+        if r.call is None:
+            self._items.finish(r.item_id, done, speech)
         self._response = None
         self._current = None
         self._response_requested = False
@@ -599,6 +624,69 @@ class Session:
         elif item.truncate(ev.audio_end_ms) and item.response_id is not None:
             self._out.append(C.TruncateReply(item.response_id, item.text))
         self._emit("conversation.item.truncated", item_id=item.id, content_index=0, audio_end_ms=ev.audio_end_ms)
+
+    def _create_item(self, ev: P.ItemCreate) -> None:
+        """`conversation.item.create`: a user message or a function result enters the conversation as a turn (the
+        engine prepares it in order with the others; `response.create` answers it)."""
+        try:
+            new = conv.created(ev, self._items, self._calls, self.settings.input_rate_hz)
+        except P.ProtocolError as e:
+            self._error(e)
+            return
+        prev, self._last_item_id = self._items.newest(), new.item_id  # the item it follows, as placed
+        self._out.extend(self.events.item_added(new.item, prev))
+        shape = None if new.part is not None else new.item
+        part = dict(new.part) if new.part is not None else None
+        self._items.add(Item(new.item_id, "user", "completed", part=part, shape=shape))
+        self._enqueue(_Job(new.utterance, respond=False, event_id=ev.event_id))
+
+    def _delete_item(self, ev: P.ItemDelete) -> None:
+        """`conversation.item.delete`: the item leaves the store and, through the engine, every later prompt."""
+        try:
+            item = self._items.known(ev.item_id, ev.event_id)
+            if self._response is not None and self._response.item_id == item.id:
+                msg = f"item {item.id} is the answer being generated: send response.cancel, then delete it"
+                raise P.ProtocolError("item_in_progress", msg, "item_id", ev.event_id)
+        except P.ProtocolError as e:
+            self._error(e)
+            return
+        self._items.remove(item.id)
+        if item.response_id is not None:
+            self._out.append(C.DeleteItem(response_id=item.response_id))
+        else:  # a turn not sent to the engine yet is simply dropped (an answer-bearing one still enters, then goes)
+            self._jobs = deque(j for j in self._jobs if j.respond or j.utterance is None or j.utterance.key != item.id)
+            self._out.append(C.DeleteItem(key=item.id))
+        self._emit("conversation.item.deleted", item_id=item.id)
+
+    def _open_message(self) -> None:
+        r = self._response
+        if r is not None and r.unopened:
+            self._out.extend(r.unopened)
+        if r is not None:
+            r.unopened = None
+
+    def _call_started(self, out: ToolCallStarted) -> None:
+        """The answer is a function call: its item replaces the message (and any speech) the answer would have."""
+        r = self._response
+        if r is None or r.unopened is None:
+            return
+        r.unopened, r.speech, r.call = None, None, ToolCall(out.call_id, out.name, "")
+        self._calls.add(out.call_id, out.name)
+        item = self._items.get(r.item_id)
+        if item is not None:
+            item.audio = False
+        self._out.append(T.call_start(self.events, r.response_id, r.item_id, r.call))
+
+    def _call_end(self, r: _Response, done: ResponseDone) -> list[Output]:
+        assert r.call is not None
+        call = done.tool_calls[0] if done.tool_calls else r.call
+        status = "completed" if done.tool_calls else "incomplete"
+        body = self.events.response_end(r.response_id, r.item_id, done)[-1]["response"]
+        ends = T.call_end(self.events, r.response_id, r.item_id, call, body, status)
+        item = self._items.get(r.item_id)
+        if item is not None:
+            item.status, item.shape = status, T.call_item(r.item_id, call, status)
+        return ends
 
     def _retrieve(self, ev: P.ItemRetrieve) -> None:
         try:

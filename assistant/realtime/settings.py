@@ -28,9 +28,11 @@ from assistant.audio.resample import MAX_RATE_HZ, MIN_RATE_HZ
 from assistant.audio.speech_text import MAX_FIRST_CLAUSE_CHARS, MAX_SPEED, MIN_SPEED, OPENAI_VOICES
 from assistant.audio.vad import TurnDetection
 from assistant.audio.wake_word import WakeWordSettings, installed_wake_words
+from assistant.backends.tools import ToolChoice, ToolSpec
 from assistant.realtime import session_keys as K
 from assistant.realtime.protocol import OPENAI_RATE_HZ, ProtocolError, max_tokens, output_modality
 from assistant.realtime.session_keys import AsGiven, NoiseReduction, Transcription
+from assistant.realtime.tools import tool_settings
 from assistant.schema import SettingError, bounds, check_fields, coerce, shown
 
 OutputFormat = Literal["pcm16", "g711_ulaw", "g711_alaw"]  # beta names; GA `audio/pcm`, `audio/pcmu`, `audio/pcma`
@@ -80,6 +82,8 @@ class SessionSettings:
     wake_word: WakeWordSettings | None = None  # None = every turn is heard; else only after the wake word
     output_audio: bool = False  # answers are spoken (audio + transcript) instead of text
     audio_out: AudioOutput = field(default_factory=AudioOutput)
+    tools: tuple[ToolSpec, ...] = ()  # functions the model may call (`tools.py`)
+    tool_choice: ToolChoice = ToolChoice()
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -219,6 +223,7 @@ def apply_session_update(
     audio = s.get("audio")
     if audio is not None:
         ch.update(_parse_ga_audio(audio, cur, default_td, default_wake, eid, warnings))
+    ch.update(tool_settings(s, cur.tools, cur.tool_choice, eid))
     if "input_sample_rate" in s:  # our extension, wins over the format's rate
         ch["input_rate_hz"] = _parse_rate(s["input_sample_rate"], "session.input_sample_rate", eid)
     return dataclasses.replace(cur, **ch), warnings

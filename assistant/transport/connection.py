@@ -34,7 +34,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from assistant.engine.api import ConversationBusy, ServerBusy, TextDelta, TurnInfo
+from assistant.engine.api import ConversationBusy, ServerBusy, TextDelta, ToolCallStarted, TurnInfo
 from assistant.realtime import commands as C
 from assistant.realtime.protocol import ERROR_CODES
 from assistant.realtime.session import Output, Session
@@ -187,6 +187,8 @@ class Connection:
             e.cancel(cmd.response_id, cmd.reason)
         elif isinstance(cmd, C.TruncateReply):
             e.truncate_reply(sid, cmd.response_id, cmd.text)
+        elif isinstance(cmd, C.DeleteItem):
+            e.delete_item(sid, cmd.key, cmd.response_id)
         elif isinstance(cmd, C.Speak):
             self._speak(cmd)
         elif isinstance(cmd, C.CancelSpeech):
@@ -262,5 +264,7 @@ class Connection:
         async for out in stream:
             if isinstance(out, TextDelta):
                 self._feed(C.ResponseDelta(rid, out.text))
+            elif isinstance(out, ToolCallStarted):
+                self._feed(out)
             else:
                 self._feed(C.ResponseFinished(out))
