@@ -78,13 +78,13 @@ def test_created_items_are_turns_and_show_as_items(dialect):
     assert [t.utterance.key for t in turns] == [first["item"]["id"], "mine"]
     assert turns[0].utterance.text == "hi" and abs(len(turns[1].utterance.audio) - 8000) <= 16  # 500 ms at 16 kHz
     events = send(s, sim, {"type": "response.create"}, dialect)
-    assert types(events)[-1] == "response.done" and "error" not in types(events)
+    assert types(events)[-2:] == ["response.done", "rate_limits.updated"] and "error" not in types(events)
 
 
 def test_delete_reaches_the_engine_and_forgets_the_item():
     s, sim, _ = session()
     user_id = send(s, sim, create(text_item("hi")))[0]["item"]["id"]
-    answer = send(s, sim, {"type": "response.create"})[-1]["response"]["output"][0]
+    answer = send(s, sim, {"type": "response.create"})[-2]["response"]["output"][0]
     for item_id in (user_id, answer["id"]):
         events = send(s, sim, {"type": "conversation.item.delete", "item_id": item_id})
         assert events == [{"type": "conversation.item.deleted", "event_id": events[0]["event_id"], "item_id": item_id}]
@@ -118,8 +118,9 @@ def test_an_answer_that_is_a_call_then_its_output_is_answered(dialect):
         "response.function_call_arguments.done",
         "response.output_item.done",
         "response.done",
+        "rate_limits.updated",
     ]
-    call = events[-1]["response"]["output"][0]
+    call = events[-2]["response"]["output"][0]
     assert call["type"] == "function_call" and call["call_id"] == "call_1" and call["arguments"] == '{"city": "Paris"}'
     assert "".join(e["delta"] for e in events[2:4]) == call["arguments"]
     out = {"type": "function_call_output", "call_id": "call_1", "output": '{"sky": "sunny"}'}
@@ -223,7 +224,7 @@ def test_random_items_never_raise_and_answer_with_an_item_or_one_error(item, pre
 def test_a_created_item_follows_the_newest_item_and_may_name_it():
     s, sim, _ = session()
     send(s, sim, create(text_item("hi", id="u1")))
-    answer_id = send(s, sim, {"type": "response.create"})[-1]["response"]["output"][0]["id"]
+    answer_id = send(s, sim, {"type": "response.create"})[-2]["response"]["output"][0]["id"]
     events = send(s, sim, create(text_item("again", id="u2"), previous_item_id=answer_id))
     assert events[0]["previous_item_id"] == answer_id and events[0]["item"]["id"] == "u2"
     refused = send(s, sim, create(text_item("late"), previous_item_id="u1"))
