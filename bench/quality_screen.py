@@ -93,7 +93,7 @@ def run_candidate(backend, cfg, items, heard) -> list[dict]:
     return rows
 
 
-def main(args) -> dict:
+def main(args, on_candidate=lambda numbers: None) -> dict:
     import torch
 
     from assistant.backends import load_backend
@@ -102,12 +102,13 @@ def main(args) -> dict:
 
     torch.set_num_threads(args.threads)
     items = select(load_set(), None if args.split == "all" else args.split, None, args.ids)
-    backend = load_backend(load_config())
+    backend = load_backend(load_config(overrides={"embedded.whisper": args.whisper}))
     heard = transcribe_all(backend, items, DEFAULT_CACHE)
     names = args.only or list(CANDIDATES)
     out = {}
     for name in names:
-        cfg = load_config(overrides=CANDIDATES[name])
+        cap = {} if args.max_new_tokens is None else {"generation.max_new_tokens": args.max_new_tokens}
+        cfg = load_config(overrides={**CANDIDATES[name], **cap})
         t0 = time.perf_counter()
         rows = run_candidate(backend, cfg, items, heard)
         for r in rows:  # totals() groups by path: the screen reports as "ask"
@@ -123,6 +124,7 @@ def main(args) -> dict:
             "totals": {k: v for k, v in summary.items() if "/" in k},
             "items": rows,
         }
+        on_candidate({"candidates": out})  # each candidate's result is kept as soon as it is known
     return {"candidates": out}
 
 
@@ -133,6 +135,8 @@ if __name__ == "__main__":
     ap.add_argument("--split", choices=[*SPLITS, "all"], default="tune")
     ap.add_argument("--only", type=lambda s: s.split(","), help=f"candidates, of {list(CANDIDATES)}")
     ap.add_argument("--ids", type=lambda s: s.split(","), metavar="s01,d02", help="exactly these items (a check)")
+    ap.add_argument("--whisper", default="base", help="[embedded] whisper of the transcripts: base or tiny.en")
+    ap.add_argument("--max-new-tokens", type=int, help="cap every candidate's answers (a faster screen)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--notes", default="")
@@ -141,5 +145,4 @@ if __name__ == "__main__":
     if unknown:
         raise SystemExit(f"--only: unknown {sorted(unknown)}; expected names of {list(CANDIDATES)}")
     record = Record("quality_screen", vars(args), tag=f"-{args.tag}" if args.tag else "")
-    numbers = main(args)
-    record.write(numbers, torch_threads=args.threads, notes=args.notes)
+    main(args, lambda numbers: record.write(numbers, torch_threads=args.threads, notes=args.notes))
