@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 from bench.quality import score, totals
 from bench.quality_set import SPLITS, clip_audio, clip_for, load_set, select
@@ -53,6 +54,26 @@ def transcribe_all(backend, items, cache_dir) -> dict[str, list]:
             [turn] = backend.prepare([Utterance(key=f"{item.id}.{k}", audio=audio)], [1])
             turns.append((clip, turn))
         out[item.id] = turns
+    return out
+
+
+def transcripts_from(path: str, items) -> dict[str, list]:
+    """`transcribe_all`'s answer taken from an earlier screen result (its first candidate's turns): the recogniser
+    does not depend on the candidates, so a second screen process need not run it again."""
+    import json
+
+    from assistant.backends.base import PreparedTurn
+
+    first = next(iter(json.loads(Path(path).read_text())["results"]["candidates"].values()))
+    rows = {r["id"]: r for r in first["items"]}
+    out = {}
+    for item in items:
+        clips = [clip_for(item.id, k, text) for k, text in enumerate(item.say)]
+        texts = [t["transcript"] for t in rows[item.id]["turns"]]
+        out[item.id] = [
+            (c, PreparedTurn(key=f"{item.id}.{k}", user_text=t, transcript=t))
+            for k, (c, t) in enumerate(zip(clips, texts, strict=True))
+        ]
     return out
 
 
@@ -103,7 +124,11 @@ def main(args, on_candidate=lambda numbers: None) -> dict:
     torch.set_num_threads(args.threads)
     items = select(load_set(), None if args.split == "all" else args.split, None, args.ids)
     backend = load_backend(load_config(overrides={"embedded.whisper": args.whisper}))
-    heard = transcribe_all(backend, items, DEFAULT_CACHE)
+    heard = (
+        transcribe_all(backend, items, DEFAULT_CACHE)
+        if args.transcripts is None
+        else transcripts_from(args.transcripts, items)
+    )
     names = args.only or list(CANDIDATES)
     out = {}
     for name in names:
@@ -135,6 +160,7 @@ if __name__ == "__main__":
     ap.add_argument("--split", choices=[*SPLITS, "all"], default="tune")
     ap.add_argument("--only", type=lambda s: s.split(","), help=f"candidates, of {list(CANDIDATES)}")
     ap.add_argument("--ids", type=lambda s: s.split(","), metavar="s01,d02", help="exactly these items (a check)")
+    ap.add_argument("--transcripts", help="an earlier quality_screen result: its transcripts, Whisper not run again")
     ap.add_argument("--whisper", default="base", help="[embedded] whisper of the transcripts: base or tiny.en")
     ap.add_argument("--max-new-tokens", type=int, help="cap every candidate's answers (a faster screen)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
