@@ -144,15 +144,16 @@ def main(args) -> dict:
             if (g := [r for r in rows if r["kind"] == kind and r["split"] == split])
         }
 
-    # speed, like for like: both through transformers on the same single-question prompts
+    # speed, like for like: both through transformers on the same single-question prompts (0 items: skipped)
+    from assistant.backends.embedded import qwen2_tokenizer
     from assistant.weights.cache import ensure_prepared
 
-    qwen, _ = load_qwen_transformers(ensure_prepared(load_config()).llm_dir)
-    from assistant.backends.embedded import qwen2_tokenizer
-
-    qtok = qwen2_tokenizer(ensure_prepared(load_config()).llm_dir)
     speed = {"smollm2-135m": [], "qwen2.5-0.5b": []}
-    for item in [r for r in screen["items"] if r["kind"] == "single"][: args.speed_items]:
+    speed_items = [r for r in screen["items"] if r["kind"] == "single"][: args.speed_items]
+    if speed_items:
+        llm_dir = ensure_prepared(load_config()).llm_dir
+        qwen, qtok = load_qwen_transformers(llm_dir)[0], qwen2_tokenizer(llm_dir)
+    for item in speed_items:
         q = item["turns"][0]["transcript"]
         new, pre_s, dec_s = greedy(model, chat_ids(tok, system, [], q), stops, args.max_new_tokens)
         speed["smollm2-135m"].append((len(new), pre_s, dec_s))
@@ -169,6 +170,7 @@ def main(args) -> dict:
             "tokens_mean": round(sum(n for n, _, _ in v) / len(v), 1),
         }
         for name, v in speed.items()
+        if v
     }
     result = {
         "smollm2_correct": tally("correct"),
