@@ -70,6 +70,8 @@ class EmbeddedConfig:
         "You are a helpful voice assistant. Answer in one or two short sentences, "
         "in the language the user speaks. Do not use lists or markdown."
     )
+    history: Literal["exchanges", "questions"] = "exchanges"
+    turn_instruction: str = ""
 
 
 @dataclass(frozen=True)

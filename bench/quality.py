@@ -141,29 +141,48 @@ def score(item: Item, path: str, turns: list[dict[str, Any]], clips) -> dict[str
     }
 
 
-async def run_items(items: list[Item], cfg, srv, paths=PATHS, cache_dir: Path = DEFAULT_CACHE, log=print) -> list[dict]:
+async def run_items(
+    items: list[Item],
+    cfg,
+    srv,
+    paths=PATHS,
+    cache_dir: Path = DEFAULT_CACHE,
+    log=print,
+    concurrency: int = 1,
+    on_row=lambda rows: None,
+) -> list[dict]:
     """Every item on every path (`ask` takes single questions only) through the running server `srv`
-    (`assistant.transport.server.running_server`); one scored row per (item, path), in order."""
-    rows = []
-    for item in items:
-        clips = [clip_for(item.id, k, text) for k, text in enumerate(item.say)]
-        audios = [await asyncio.to_thread(clip_audio, c, cache_dir) for c in clips]
-        for path in paths:
-            if path == "ask" and item.kind != "single":
-                continue
-            try:
-                turns = await (
-                    server_item(srv.ws_url, item, audios)
-                    if path == "server"
-                    else ask_item(srv.engine, cfg, item, audios[0])
-                )
-            except (OSError, TimeoutError, websockets.ConnectionClosed) as e:  # an outcome (wrong), not the run's end
-                turns = [{"transcript": "", "answer": "", "status": "failed", "errors": [repr(e)]} for _ in clips]
-            rows.append(score(item, path, turns, clips))
-            r = rows[-1]
-            heard = " | ".join(t["transcript"] for t in r["turns"])
-            log(f"{'ok ' if r['correct'] else 'BAD'} {path:6} {item.id} heard {heard!r} -> {r['answer']!r}")
-    return rows
+    (`assistant.transport.server.running_server`); one scored row per (item, path), in item order. With
+    `concurrency` > 1 that many items run at once (separate sessions: the engine batches their answers, as it would
+    for that many users); `on_row(rows so far)` is called after each row, so a long run keeps what it measured."""
+    gate = asyncio.Semaphore(concurrency)
+    done: dict[int, list[dict]] = {}
+
+    async def one(k: int, item: Item) -> None:
+        async with gate:
+            clips = [clip_for(item.id, n, text) for n, text in enumerate(item.say)]
+            audios = [await asyncio.to_thread(clip_audio, c, cache_dir) for c in clips]
+            out = []
+            for path in paths:
+                if path == "ask" and item.kind != "single":
+                    continue
+                try:
+                    turns = await (
+                        server_item(srv.ws_url, item, audios)
+                        if path == "server"
+                        else ask_item(srv.engine, cfg, item, audios[0])
+                    )
+                except (OSError, TimeoutError, websockets.ConnectionClosed) as e:  # an outcome (wrong), not the end
+                    turns = [{"transcript": "", "answer": "", "status": "failed", "errors": [repr(e)]} for _ in clips]
+                r = score(item, path, turns, clips)
+                out.append(r)
+                heard = " | ".join(t["transcript"] for t in r["turns"])
+                log(f"{'ok ' if r['correct'] else 'BAD'} {path:6} {item.id} heard {heard!r} -> {r['answer']!r}")
+            done[k] = out
+            on_row([r for j in sorted(done) for r in done[j]])
+
+    await asyncio.gather(*(one(k, item) for k, item in enumerate(items)))
+    return [r for k in sorted(done) for r in done[k]]
 
 
 def totals(rows: list[dict]) -> dict[str, Any]:
@@ -216,7 +235,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
-async def main(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+async def main(args: argparse.Namespace, overrides: dict[str, Any], on_partial=lambda numbers: None) -> dict[str, Any]:
     import torch
 
     from assistant.backends import load_backend
@@ -229,27 +248,40 @@ async def main(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str,
     engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
     await engine.start()
     threads = await engine.call(lambda b: torch.get_num_threads())
+
+    def numbers(rows: list[dict], complete: bool) -> dict[str, Any]:
+        return {
+            "worker_torch_threads": threads,
+            "config": {
+                "generation": dataclasses.asdict(cfg.generation),
+                "embedded": dataclasses.asdict(cfg.embedded),
+                "engine.max_window_tokens": cfg.engine.max_window_tokens,
+                "model.backend": cfg.model.backend,
+                "overrides": overrides,
+                "concurrency": args.concurrency,
+            },
+            "espeak_ng": espeak_version(),
+            "complete": complete,  # false: a partial file written while the run went on (it was stopped)
+            "totals": totals(rows),
+            "items": rows,
+        }
+
     try:
         async with running_server(cfg, engine=engine) as srv:
-            rows = await run_items(items, cfg, srv, args.paths, Path(args.cache_dir))
+            rows = await run_items(
+                items,
+                cfg,
+                srv,
+                args.paths,
+                Path(args.cache_dir),
+                concurrency=args.concurrency,
+                on_row=lambda rows: on_partial(numbers(rows, complete=False)),
+            )
     finally:
         await engine.stop()
-    summary = totals(rows)
-    for key, entry in summary.items():
+    for key, entry in totals(rows).items():
         print(key, json.dumps({s: entry[s] for s in (*SPLITS, "all") if s in entry} if "/" in key else entry))
-    return {
-        "worker_torch_threads": threads,
-        "config": {
-            "generation": dataclasses.asdict(cfg.generation),
-            "embedded": {"whisper": cfg.embedded.whisper, "system_prompt": cfg.embedded.system_prompt},
-            "engine.max_window_tokens": cfg.engine.max_window_tokens,
-            "model.backend": cfg.model.backend,
-            "overrides": overrides,
-        },
-        "espeak_ng": espeak_version(),
-        "totals": summary,
-        "items": rows,
-    }
+    return numbers(rows, complete=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=parse_override, action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
     ap.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS), help="server,ask (default both)")
+    ap.add_argument(
+        "--concurrency", type=int, default=1, metavar="N", help="items at once (sessions the engine batches)"
+    )
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="synthesised speech is kept here")
     ap.add_argument(
         "--tag", help="result file name suffix: quality-DATE-TAG.json (default: from split, mode and overrides)"
@@ -295,5 +330,9 @@ if __name__ == "__main__":
         overrides["generation.greedy"] = args.greedy
     tag = f"-{args.tag}" if args.tag else default_tag(args, overrides)
     record = Record("quality", {**vars(args), "config": overrides}, tag=tag)
-    numbers = asyncio.run(main(args, overrides))
-    record.write(numbers, torch_threads=numbers.pop("worker_torch_threads"), notes=args.notes)
+
+    def write(numbers: dict[str, Any]) -> None:
+        numbers = dict(numbers)
+        record.write(numbers, torch_threads=numbers.pop("worker_torch_threads"), notes=args.notes)
+
+    write(asyncio.run(main(args, overrides, on_partial=write)))

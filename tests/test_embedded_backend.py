@@ -113,6 +113,22 @@ def test_history_is_used_and_window_drops_oldest_first(embedded_backend):
     assert "alice" in answer_text(b, PreparedTurn(key="q", user_text="What is my name?"), named).lower()
 
 
+def test_history_rendering_and_turn_instruction(embedded_backend):
+    """[embedded] history = "questions" leaves the earlier answers out; the turn instruction follows the newest turn
+    only (never an earlier one), and an unknown rendering is refused at construction."""
+    from assistant.backends.embedded import EmbeddedBackend
+
+    b = embedded_backend
+    other = EmbeddedBackend(b.lm, b.tokenizer, None, "SYS", history="questions", turn_instruction=" Be brief. ")
+    history = [Exchange(PreparedTurn(key="h", user_text="I live in Oslo."), "Oslo is lovely.")]
+    text = b.tokenizer.decode(other.build_prompt("", history, PreparedTurn(key="t", user_text="Where?"), 10_000).ids)
+    expected = "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nI live in Oslo.<|im_end|>\n"
+    expected += "<|im_start|>user\nWhere?\nBe brief.<|im_end|>\n<|im_start|>assistant\n"
+    assert text == expected
+    with pytest.raises(ValueError, match="exchanges"):
+        EmbeddedBackend(b.lm, b.tokenizer, None, "SYS", history="answers")
+
+
 def test_ask_cli_answers_a_wav_without_model_flag(embedded_paths, embedded_questions, tmp_path):
     wav = tmp_path / "q.wav"
     synthesize(QUESTIONS[0][0], wav)

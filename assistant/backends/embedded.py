@@ -22,6 +22,9 @@ from assistant.models.whisper import WhisperTranscriber
 log = logging.getLogger("assistant.embedded")
 
 DEFAULT_WINDOW_TOKENS = 2048  # history budget: a 0.5B model answers best with a short, recent context
+# How earlier turns are rendered ([embedded] history): "exchanges" = each earlier user turn and the assistant's answer;
+# "questions" = the earlier user turns only (the model's own earlier answers, right or wrong, are left out).
+HISTORY_RENDERINGS = ("exchanges", "questions")
 
 
 def qwen2_tokenizer(llm_dir: Path) -> QwenTokenizer:
@@ -71,12 +74,17 @@ class EmbeddedBackend:
         transcriber: WhisperTranscriber | None,
         system_prompt: str,
         max_window_tokens: int = DEFAULT_WINDOW_TOKENS,
+        history: str = "exchanges",
+        turn_instruction: str = "",
     ):
         if lm.vocab_size < tokenizer.n_valid:
             raise ValueError(f"LM vocab {lm.vocab_size} is smaller than the tokenizer's {tokenizer.n_valid} ids")
         self.lm, self.tokenizer, self.transcriber = lm, tokenizer, transcriber
         self.default_system_prompt = system_prompt
         self.max_window_tokens = max_window_tokens
+        if history not in HISTORY_RENDERINGS:
+            raise ValueError(f"history rendering must be one of {HISTORY_RENDERINGS}, got {history!r}")
+        self.history, self.turn_instruction = history, turn_instruction.strip()
         # Utterances per prepare call (the engine's chunk). On CPU the 30 s window's encoder is most of the work and
         # costs the same per utterance in a batch (one window per step), while a batch answers every utterance only
         # after all are encoded: one per call gives each turn its transcript soonest. A GPU batches them.
@@ -98,7 +106,16 @@ class EmbeddedBackend:
             lm.device,
             cfg.embedded.whisper,
         )
-        return cls(lm, qwen2_tokenizer(paths.llm_dir), transcriber, cfg.embedded.system_prompt, DEFAULT_WINDOW_TOKENS)
+        e = cfg.embedded
+        return cls(
+            lm,
+            qwen2_tokenizer(paths.llm_dir),
+            transcriber,
+            e.system_prompt,
+            DEFAULT_WINDOW_TOKENS,
+            e.history,
+            e.turn_instruction,
+        )
 
     # ------------------------------------------------------------------ Backend
 
@@ -121,11 +138,12 @@ class EmbeddedBackend:
         """`<|im_start|>system\\n..<|im_end|>\\n` + kept history + `<|im_start|>user\\n{turn}<|im_end|>\\n` +
         `<|im_start|>assistant\\n`. History is added newest first while system + history + turn fit the window."""
         head = self._message("system", system or self.default_system_prompt)
-        tail = self._message("user", turn.chat_text) + self._message("assistant", "", close=False)
+        newest = "\n".join(s for s in (turn.chat_text, self.turn_instruction) if s)
+        tail = self._message("user", newest) + self._message("assistant", "", close=False)
         kept: list[list[int]] = []
         used = len(head) + len(tail)
         for ex in reversed(history):
-            user, reply = ex.user.chat_text, ex.reply_text
+            user, reply = ex.user.chat_text, ex.reply_text if self.history == "exchanges" else ""
             ex_ids = (self._message("user", user) if user else []) + (
                 self._message("assistant", reply) if reply else []
             )
