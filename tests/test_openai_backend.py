@@ -83,6 +83,12 @@ def test_spoken_turns_go_as_exact_wav_parts_and_count_by_duration(tokenizer):
     text_only = backend.chat_request("", [], PreparedTurn("k2", "Who speaks?"), 10_000, SamplingParams(), 8)
     assert request.input_tokens - text_only.input_tokens >= 2 * AUDIO_TOKENS_PER_S
     assert wav_base64(np.zeros(0, np.float32))  # an empty clip is still a valid WAV file
+    # an audio-only turn in the history stays a user message (it has no text, but it is not a deleted turn)
+    [spoken] = backend.prepare([Utterance("k0", audio=pcm.astype(np.float32) / 32768.0)], [1])
+    later = backend.chat_request("", [Exchange(spoken, "Someone.")], turn, 10_000, SamplingParams(), 8)
+    roles = [m["role"] for m in later.body["messages"]]
+    assert roles == ["system", "user", "assistant", "user"] and later.history_kept == 1
+    assert later.body["messages"][1]["content"][0]["type"] == "input_audio"
 
 
 def test_tool_calls_and_results_go_as_tool_messages_and_deleted_items_are_left_out(tokenizer):

@@ -207,7 +207,8 @@ class OpenAIBackend:
         kept: list[dict[str, Any]] = []
         n_kept = 0
         for ex in reversed(history):
-            user, user_tokens = self._turn_messages(ex.user) if ex.user.user_text or ex.user.outputs else ([], 0)
+            u = ex.user  # a deleted turn has no text, audio or results left: no message
+            user, user_tokens = self._turn_messages(u) if u.user_text or u.audio_wavs or u.outputs else ([], 0)
             reply, reply_tokens = self._reply_messages(ex)
             if used + user_tokens + reply_tokens > max_window_tokens:
                 break
