@@ -208,17 +208,7 @@ def apply_session_update(
     if fmt is not None and fmt != "pcm16":
         msg = f"session.input_audio_format must be 'pcm16', got {fmt!r}"
         raise ProtocolError("unsupported_audio_format", msg, "session.input_audio_format", eid)
-    if "turn_detection" in s:
-        param = "session.turn_detection"
-        ch["turn_detection"] = _parse_turn_detection(s["turn_detection"], cur.turn_detection, default_td, param, eid)
-    if "input_audio_transcription" in s:
-        param = "session.input_audio_transcription"
-        ch["transcription"] = K.parse_transcription(s["input_audio_transcription"], param, eid)
-    if "input_audio_noise_reduction" in s:
-        param = "session.input_audio_noise_reduction"
-        ch["noise_reduction"] = K.parse_noise_reduction(s["input_audio_noise_reduction"], param, eid)
-    if "wake_word" in s:
-        ch["wake_word"] = _parse_wake_word(s["wake_word"], cur.wake_word, default_wake, "session.wake_word", eid)
+    ch.update(_parse_input(s, "session", BETA_INPUT_KEYS, cur, default_td, default_wake, eid))
     # GA (nested)
     audio = s.get("audio")
     if audio is not None:
@@ -227,6 +217,39 @@ def apply_session_update(
     if "input_sample_rate" in s:  # our extension, wins over the format's rate
         ch["input_rate_hz"] = _parse_rate(s["input_sample_rate"], "session.input_sample_rate", eid)
     return dataclasses.replace(cur, **ch), warnings
+
+
+# The input settings and where each dialect keeps them (beta: flat on the session; GA: in session.audio.input).
+BETA_INPUT_KEYS = {
+    "turn_detection": "turn_detection",
+    "transcription": "input_audio_transcription",
+    "noise_reduction": "input_audio_noise_reduction",
+    "wake_word": "wake_word",
+}
+GA_INPUT_KEYS = {name: name for name in BETA_INPUT_KEYS}
+
+
+def _parse_input(
+    src: dict[str, Any],
+    prefix: str,
+    keys: dict[str, str],
+    cur: SessionSettings,
+    default_td: TurnDetection,
+    default_wake: WakeWordSettings,
+    eid: str | None,
+) -> dict[str, Any]:
+    """The input settings present in `src` (`keys`: setting -> its key there; `prefix` names it in errors)."""
+    ch: dict[str, Any] = {}
+    parsers = {
+        "turn_detection": lambda v, param: _parse_turn_detection(v, cur.turn_detection, default_td, param, eid),
+        "transcription": lambda v, param: K.parse_transcription(v, param, eid),
+        "noise_reduction": lambda v, param: K.parse_noise_reduction(v, param, eid),
+        "wake_word": lambda v, param: _parse_wake_word(v, cur.wake_word, default_wake, param, eid),
+    }
+    for setting, key in keys.items():
+        if key in src:
+            ch[setting] = parsers[setting](src[key], f"{prefix}.{key}")
+    return ch
 
 
 def _parse_ga_audio(
@@ -256,18 +279,7 @@ def _parse_ga_audio(
             raise ProtocolError("unsupported_audio_format", msg, "session.audio.input.format", eid)
         if fmt.get("rate") is not None:
             ch["input_rate_hz"] = _parse_rate(fmt["rate"], "session.audio.input.format.rate", eid)
-    if "turn_detection" in inp:
-        param = "session.audio.input.turn_detection"
-        ch["turn_detection"] = _parse_turn_detection(inp["turn_detection"], cur.turn_detection, default_td, param, eid)
-    if "transcription" in inp:
-        param = "session.audio.input.transcription"
-        ch["transcription"] = K.parse_transcription(inp["transcription"], param, eid)
-    if "noise_reduction" in inp:
-        param = "session.audio.input.noise_reduction"
-        ch["noise_reduction"] = K.parse_noise_reduction(inp["noise_reduction"], param, eid)
-    if "wake_word" in inp:
-        param = "session.audio.input.wake_word"
-        ch["wake_word"] = _parse_wake_word(inp["wake_word"], cur.wake_word, default_wake, param, eid)
+    ch.update(_parse_input(inp, "session.audio.input", GA_INPUT_KEYS, cur, default_td, default_wake, eid))
     return ch
 
 
