@@ -155,11 +155,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 threads")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     ap.add_argument("--notes", default="")
+    ap.add_argument("--tag", default="", help="result file name suffix: asr_peers-DATE-TAG.json")
     args = ap.parse_args()
     names = args.systems.split(",")
     if unknown := sorted(set(names) - set(SYSTEMS)):
         ap.error(f"unknown systems {unknown}; expected some of {', '.join(SYSTEMS)}")
-    record = Record("asr_peers", {**vars(args), "voices": VOICES, "leads_s": LEADS_S})
+    record = Record("asr_peers", {**vars(args), "voices": VOICES, "leads_s": LEADS_S}, tag=args.tag)
 
     import torch
 
