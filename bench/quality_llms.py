@@ -56,30 +56,6 @@ def load_smollm(gguf: Path):
     return model.float().eval(), tok
 
 
-def load_qwen_transformers(llm_dir: Path):
-    """The embedded Qwen2.5 weights (the prepared cache: HF tensor names) in transformers' Qwen2, float32."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    d = json.loads((llm_dir / "config.json").read_text())
-    cfg = Qwen2Config(
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["n_layers"],
-        num_attention_heads=d["n_heads"],
-        num_key_value_heads=d["n_kv_heads"],
-        rope_theta=d["rope_theta"],
-        rms_norm_eps=d["rms_norm_eps"],
-        tie_word_embeddings=d["tied_embeddings"],
-    )
-    model = Qwen2ForCausalLM(cfg)
-    weights = {k: v.float() for k, v in load_file(str(llm_dir / "model.safetensors")).items()}
-    model.load_state_dict(weights, strict=not cfg.tie_word_embeddings)
-    return model.float().eval(), torch
-
-
 def chat_ids(tok, system: str, turns: list[tuple[str, str]], question: str) -> list[int]:
     msgs = [{"role": "system", "content": system}]
     for q, a in turns:
@@ -145,14 +121,17 @@ def main(args) -> dict:
         }
 
     # speed, like for like: both through transformers on the same single-question prompts (0 items: skipped)
+    import torch
+
     from assistant.backends.embedded import qwen2_tokenizer
     from assistant.weights.cache import ensure_prepared
+    from bench.hf_baseline import load_qwen2
 
     speed = {"smollm2-135m": [], "qwen2.5-0.5b": []}
     speed_items = [r for r in screen["items"] if r["kind"] == "single"][: args.speed_items]
     if speed_items:
         llm_dir = ensure_prepared(load_config()).llm_dir
-        qwen, qtok = load_qwen_transformers(llm_dir)[0], qwen2_tokenizer(llm_dir)
+        qwen, qtok = load_qwen2(llm_dir, torch.float32).eval(), qwen2_tokenizer(llm_dir)
     for item in speed_items:
         q = item["turns"][0]["transcript"]
         new, pre_s, dec_s = greedy(model, chat_ids(tok, system, [], q), stops, args.max_new_tokens)
