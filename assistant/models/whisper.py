@@ -290,11 +290,11 @@ class WhisperTranscriber:
             prompt = torch.tensor([[self.sot, lang, self.transcribe, self.no_timestamps] for _, lang, _ in rows])
         else:
             prompt = torch.tensor([[self.sot, self.no_timestamps]] * len(rows))
-        row_cross = [(k[[i for i, _, _ in rows]], v[[i for i, _, _ in rows]]) for k, v in cross]
+        clip_of = [i for i, _, _ in rows]
+        # Rows beyond one per clip (unsure languages) need their clip's cross K/V repeated; otherwise it is as is.
+        row_cross = cross if len(rows) == b else [(k[clip_of], v[clip_of]) for k, v in cross]
         # A cap on tokens per second of speech stops a runaway loop that the repetition check would miss.
-        limits = [
-            min(m.dims.max_target_positions - 8, 16 + int(6 * len(speech[i]) / MODEL_RATE_HZ)) for i, _, _ in rows
-        ]
+        limits = [min(m.dims.max_target_positions - 8, 16 + int(6 * len(speech[i]) / MODEL_RATE_HZ)) for i in clip_of]
         if max_tokens is not None:
             limits = [min(x, max_tokens) for x in limits]
         out, logprob, looped = self._greedy(prompt, row_cross, limits)
