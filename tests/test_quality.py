@@ -96,8 +96,9 @@ FLOOR = {"server/single": 5, "ask/single": 5, "server/followup": 1}
 async def test_quick_subset_stays_above_its_measured_floor(embedded_backend, tmp_path):
     from assistant.config import load_config
     from assistant.transport.server import running_server
+    from tests.server_util import VOICE_SEED
 
-    cfg = load_config(overrides={"server.port": 0, "generation.greedy": True})
+    cfg = load_config(overrides={"server.port": 0, "generation.greedy": True, "voice.seed": VOICE_SEED})
     async with running_server(cfg, backend=embedded_backend) as srv:
         rows = await run_items(select(load_set(), ids=list(QUICK)), cfg, srv, cache_dir=tmp_path)
     got = {key: entry["all"]["correct"] for key, entry in totals(rows).items() if "/" in key}

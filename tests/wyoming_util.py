@@ -12,12 +12,12 @@ from wyoming.client import AsyncTcpClient
 from wyoming.event import Event
 
 from assistant.config import Config, load_config
-from tests.server_util import TIMEOUT_S
+from tests.server_util import TIMEOUT_S, VOICE_SEED
 
 
 def wy_cfg(**overrides: Any) -> Config:
     """A server on port 0 with Wyoming on port 0, greedy answers of up to 32 tokens."""
-    base = {"server.port": 0, "wyoming.uri": "tcp://127.0.0.1:0", "generation.greedy": True}
+    base = {"server.port": 0, "wyoming.uri": "tcp://127.0.0.1:0", "generation.greedy": True, "voice.seed": VOICE_SEED}
     return load_config(overrides={**base, "generation.max_new_tokens": 32, **overrides})
 
 
