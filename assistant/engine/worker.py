@@ -101,6 +101,8 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self.steps = 0  # batched decode steps run (tests, bench)
         self.max_batch = 0  # largest decode batch so far
+        # rows decoded and seconds spent in decode steps, prefills excluded (the decode speed: `Engine.decode_totals`)
+        self.decoded_rows, self.decode_s = 0, 0.0
 
     def _attach(self, backend: Backend) -> None:
         self.backend = backend
@@ -372,10 +374,16 @@ class Worker:
             return
         metrics.BATCH_SIZE.observe(len(jobs))
         self.max_batch = max(self.max_batch, len(jobs))
+        t0 = time.perf_counter()
         try:
             logits = self._decode(jobs)
         except Exception:
             logits = None
+        else:
+            dt = time.perf_counter() - t0
+            self.decoded_rows, self.decode_s = self.decoded_rows + len(jobs), self.decode_s + dt
+            metrics.DECODE_SECONDS.inc(dt)
+            metrics.TOKENS.labels(kind="decoded").inc(len(jobs))
         if logits is None:  # isolate the failing response(s); the rest go on
             for job in jobs:
                 try:
