@@ -109,6 +109,7 @@ class EngineConfig:
     delta_queue_size: int = field(default=256, metadata=bounds(1, None))
     max_turn_tokens: int = field(default=1024, metadata=bounds(16, None))
     threads: int = field(default=0, metadata=bounds(0, 1024))  # 0 = automatic, see `Config.engine_threads`
+    speculative_prefill: bool = True
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ threads are set before each turn):
   voice's threads, 1 on a 2-core machine);
 - `torch2`: the engine on 2 torch threads beside the voice's 1 (torch's default before the budget: every core);
 - `onnx2`: the voice on 2 onnxruntime threads (the engine's automatic budget is then 1);
-- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary.
+- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary;
+- `no_spec_prefill`: `[engine] speculative_prefill = false`: the answer prefills its turn after the commit (the
+  default prefills it as soon as the speculative transcript is ready; switched on the worker between turns).
 Three phases, each written to the result file when it ends (a long run killed midway keeps what it measured):
 `one` (`--variants`, one session at a time, every question), `budget` (`--budget-variants`, one session at a time,
 the first `--budget-questions` questions: the thread budget side by side), `four` (`--multi`, 4 sessions at once,
@@ -51,11 +53,13 @@ from bench.spoken_set import ANSWER_TOKENS, QUESTIONS, correct, synthesize
 FRAME_MS = 20
 TAIL_SILENCE_MS = 1500
 TIMEOUT_S = 300.0
-VARIANTS = {  # name -> (engine torch threads or 0 = the automatic budget, onnxruntime threads, first_clause_chars)
-    "default": (0, 1, 0),
-    "torch2": (2, 1, 0),
-    "onnx2": (0, 2, 0),
-    "first_clause": (0, 1, 24),
+VARIANTS = {  # name -> (engine torch threads or 0 = the automatic budget, onnxruntime threads, first_clause_chars,
+    # [engine] speculative_prefill)
+    "default": (0, 1, 0, True),
+    "torch2": (2, 1, 0, True),
+    "onnx2": (0, 2, 0, True),
+    "first_clause": (0, 1, 24, True),
+    "no_spec_prefill": (0, 1, 0, False),
 }
 SERVER_MS = ("prefill", "first_token", "first_clause", "synthesis", "first_audio")
 
@@ -149,7 +153,7 @@ async def main(args: argparse.Namespace, save) -> dict:
             async with contextlib.AsyncExitStack() as stack:
                 servers = {}
                 for name in every:
-                    threads, onnx, first = VARIANTS[name]
+                    threads, onnx, first, _ = VARIANTS[name]
                     over = {"engine.threads": threads, "voice.threads": onnx, "voice.first_clause_chars": first}
                     vcfg = load_config(overrides={**base, **over})
                     torch_threads[name] = vcfg.engine_threads(speaking=True)
@@ -158,8 +162,13 @@ async def main(args: argparse.Namespace, save) -> dict:
                     )
 
                 async def run(phase: str, name: str, sessions: int, i: int) -> None:
-                    threads = torch_threads[name]
-                    await engine.call(lambda b: torch.set_num_threads(threads))
+                    threads, spec_prefill = torch_threads[name], VARIANTS[name][3]
+
+                    def setup(b) -> None:  # on the worker thread, between turns: the one engine serves every variant
+                        torch.set_num_threads(threads)
+                        engine._worker.speculative_prefill = spec_prefill
+
+                    await engine.call(setup)
                     picked = [questions[(i + k) % len(questions)] for k in range(sessions)]
                     got = await asyncio.gather(*(one_turn(servers[name].ws_url, pcm) for _, _, pcm in picked))
                     for (q, kws, _), row in zip(picked, got, strict=True):
@@ -169,7 +178,8 @@ async def main(args: argparse.Namespace, save) -> dict:
 
                 def result() -> dict:
                     used = {n: {"torch_threads": torch_threads[n], "onnx_threads": VARIANTS[n][1],
-                                "first_clause_chars": VARIANTS[n][2]} for n in torch_threads}  # fmt: skip
+                                "first_clause_chars": VARIANTS[n][2], "speculative_prefill": VARIANTS[n][3]}
+                            for n in torch_threads}  # fmt: skip
                     summary = {key: summarize(rs) for key, rs in rows.items()}
                     return {"engine_torch_threads": loaded_threads, "variants": used, "summary": summary, "turns": rows}
 

@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from assistant.backends.base import Backend
+from assistant.backends.base import Backend, PreparedTurn
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine import metrics, tool_calls
 from assistant.engine.api import ResponseDone, TextDelta, ToolCallStarted, UnknownSession, new_id
@@ -111,7 +111,9 @@ class Worker:
         self.lm = None if self.remote else backend.lm
         self.window_tokens = self.cfg.max_window_tokens or backend.max_window_tokens
         self.prefixes = PrefixSnapshots(backend, self.window_tokens)  # shared system-prompt K/V
-        self.turns = TurnQueue(backend, self.cfg.max_turn_tokens)
+        self.turns = TurnQueue(backend, self.cfg.max_turn_tokens, None if self.remote else self._prefill_speculation)
+        self.speculative_prefill = self.cfg.speculative_prefill  # worker thread only (a bench compares on and off)
+        self.speculative_prefills = 0  # prompts prefilled ahead of their commit (tests, bench)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -316,18 +318,11 @@ class Worker:
         conv.keep_window(prompt.history_kept)
         job.prompt = prompt
         cache = conv.cache
-        if not self.reuse_cache:
-            cache.reset()
-        rope_alpha = self.lm.rope_alpha_for(len(prompt.ids))
-        plan = plan_cache(cache, prompt, rope_alpha)
-        if self.reuse_cache and plan.reuse == 0:
-            restored = self.prefixes.restore(conv.system, prompt, rope_alpha, cache)
-            metrics.PREFIX_SNAPSHOTS.labels(outcome="hit" if restored else "miss").inc()
-            if restored:
-                plan = CachePlan(restored, True, "system_prefix")
+        plan = self._cached_prompt(conv, prompt)
         metrics.CACHE_EVENTS.labels(event=plan.reason).inc()
         job.cached_tokens = plan.reuse
         logits = prefill_prompt(self.lm, cache, prompt, plan.reuse)
+        rope_alpha = self.lm.rope_alpha_for(len(prompt.ids))
         if self.reuse_cache and plan.reuse == 0 and self.prefixes.store(conv.system, prompt, rope_alpha, cache):
             metrics.PREFIX_SNAPSHOTS.labels(outcome="stored").inc()
         job.t["prefilled"] = time.monotonic()
@@ -340,6 +335,36 @@ class Worker:
             params, max_new = tool_calls.GREEDY, min(max_new, tool_calls.MAX_ARGUMENT_TOKENS)
         job.tokens = TokenStream(self.backend.tokenizer, params, max_new, prompt.ids)
         return self._take_token(job, logits[-1])
+
+    def _cached_prompt(self, conv: Conversation, prompt) -> CachePlan:
+        """Make `conv.cache` hold the longest usable prefix of `prompt` (its own, else the shared system-prompt
+        snapshot); the plan says how much that is."""
+        cache = conv.cache
+        if not self.reuse_cache:
+            cache.reset()
+        rope_alpha = self.lm.rope_alpha_for(len(prompt.ids))
+        plan = plan_cache(cache, prompt, rope_alpha)
+        if self.reuse_cache and plan.reuse == 0:
+            restored = self.prefixes.restore(conv.system, prompt, rope_alpha, cache)
+            metrics.PREFIX_SNAPSHOTS.labels(outcome="hit" if restored else "miss").inc()
+            if restored:
+                plan = CachePlan(restored, True, "system_prefix")
+        return plan
+
+    def _prefill_speculation(self, conv: Conversation, turn: PreparedTurn) -> None:
+        """A speculative turn is ready before its commit: prefill the prompt its answer would have (the pending
+        turns and this one, as `_start` builds it) into the session's cache now, in the VAD's remaining silence, so
+        the answer's own prefill finds it cached (`plan_cache` keeps only an identical prefix, so a turn that ends
+        differently costs nothing but this work). Skipped while the session answers (its cache is in use)."""
+        if not self.speculative_prefill or conv.busy or conv.closed or not self.reuse_cache:
+            return
+        prompt = self.backend.build_prompt(
+            conv.system, conv.history, merge_turns([*conv.pending, turn]), self.window_tokens
+        )
+        plan = self._cached_prompt(conv, prompt)
+        if plan.reuse < len(prompt.ids) - 1:
+            prefill_prompt(self.lm, conv.cache, prompt, plan.reuse)
+            self.speculative_prefills += 1
 
     def _take_token(self, job: Job, logits_row: torch.Tensor) -> bool:
         """Pick the next token from `logits_row`, stream its text; False when the response ended."""
