@@ -77,7 +77,7 @@ VARIANTS = {
     "tiny_en": Variant(whisper="tiny.en"),
     "tiny_en_first_clause": Variant(whisper="tiny.en", first_clause_chars=24),
 }
-SERVER_MS = ("prefill", "first_token", "first_clause", "synthesis", "first_audio")
+SERVER_MS = ("encode", "prefill", "first_token", "first_clause", "synthesis", "first_audio")
 
 
 def pcm16(audio: np.ndarray) -> np.ndarray:

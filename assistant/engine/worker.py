@@ -317,14 +317,9 @@ class Worker:
             prompt = self.backend.build_prompt(conv.system, conv.history, turn, self.window_tokens)
         conv.keep_window(prompt.history_kept)
         job.prompt = prompt
-        cache = conv.cache
-        plan = self._cached_prompt(conv, prompt)
+        plan, logits = self._prefill(conv, prompt)
         metrics.CACHE_EVENTS.labels(event=plan.reason).inc()
         job.cached_tokens = plan.reuse
-        logits = prefill_prompt(self.lm, cache, prompt, plan.reuse)
-        rope_alpha = self.lm.rope_alpha_for(len(prompt.ids))
-        if self.reuse_cache and plan.reuse == 0 and self.prefixes.store(conv.system, prompt, rope_alpha, cache):
-            metrics.PREFIX_SNAPSHOTS.labels(outcome="stored").inc()
         job.t["prefilled"] = time.monotonic()
         metrics.TOKENS.labels(kind="prompt").inc(len(prompt.ids))
         metrics.TOKENS.labels(kind="reused").inc(plan.reuse)
@@ -336,9 +331,10 @@ class Worker:
         job.tokens = TokenStream(self.backend.tokenizer, params, max_new, prompt.ids)
         return self._take_token(job, logits[-1])
 
-    def _cached_prompt(self, conv: Conversation, prompt) -> CachePlan:
-        """Make `conv.cache` hold the longest usable prefix of `prompt` (its own, else the shared system-prompt
-        snapshot); the plan says how much that is."""
+    def _prefill(self, conv: Conversation, prompt) -> tuple[CachePlan, torch.Tensor]:
+        """Prefill what `conv.cache` lacks of `prompt`: its own longest usable prefix is kept, else the shared
+        system-prompt snapshot is copied in, and a full prefill leaves a snapshot for the next new session. The plan
+        (how much was reused) and the last position's logits."""
         cache = conv.cache
         if not self.reuse_cache:
             cache.reset()
@@ -349,7 +345,10 @@ class Worker:
             metrics.PREFIX_SNAPSHOTS.labels(outcome="hit" if restored else "miss").inc()
             if restored:
                 plan = CachePlan(restored, True, "system_prefix")
-        return plan
+        logits = prefill_prompt(self.lm, cache, prompt, plan.reuse)
+        if self.reuse_cache and plan.reuse == 0 and self.prefixes.store(conv.system, prompt, rope_alpha, cache):
+            metrics.PREFIX_SNAPSHOTS.labels(outcome="stored").inc()
+        return plan, logits
 
     def _prefill_speculation(self, conv: Conversation, turn: PreparedTurn) -> None:
         """A speculative turn is ready before its commit: prefill the prompt its answer would have (the pending
@@ -361,10 +360,8 @@ class Worker:
         prompt = self.backend.build_prompt(
             conv.system, conv.history, merge_turns([*conv.pending, turn]), self.window_tokens
         )
-        plan = self._cached_prompt(conv, prompt)
-        if plan.reuse < len(prompt.ids) - 1:
-            prefill_prompt(self.lm, conv.cache, prompt, plan.reuse)
-            self.speculative_prefills += 1
+        self._prefill(conv, prompt)
+        self.speculative_prefills += 1
 
     def _take_token(self, job: Job, logits_row: torch.Tensor) -> bool:
         """Pick the next token from `logits_row`, stream its text; False when the response ended."""
