@@ -15,11 +15,11 @@ and from the server's `response.done.timings_ms` (ms after the response started)
 Variants (`VARIANTS`) run alternately per question; those with the same Whisper model share one engine (one worker
 thread, so one model load; its torch threads and speculative prefill are set before each turn), a variant with
 another Whisper model has an engine of its own:
-- `default`: the shipped settings: `[voice] threads = 1`, `[engine] threads = 0` (automatic: the cores minus the
-  voice's threads, 1 on a 2-core machine);
+- `default`: the shipped settings (`[voice] threads = 1`, `[engine] threads = 0`: automatic);
 - `torch2`: the engine on 2 torch threads beside the voice's 1 (torch's default before the budget: every core);
 - `onnx2`: the voice on 2 onnxruntime threads (the engine's automatic budget is then 1);
-- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary;
+- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary (the shipped
+  default since these runs); `whole_first_clause`: 0, the first clause ends at punctuation only;
 - `no_spec_prefill`: `[engine] speculative_prefill = false`: the answer prefills its turn after the commit (the
   default prefills it as soon as the speculative transcript is ready; switched on the worker between turns);
 - `tiny_en`, `tiny_en_first_clause`: `[embedded] whisper = "tiny.en"` (English only), the second with
@@ -63,7 +63,7 @@ TIMEOUT_S = 300.0
 class Variant:
     engine_threads: int = 0  # torch threads of the engine; 0 = the automatic budget
     onnx_threads: int = 1  # the voice's onnxruntime threads
-    first_clause_chars: int = 0  # [voice] first_clause_chars
+    first_clause_chars: int | None = None  # [voice] first_clause_chars; None = the shipped default
     speculative_prefill: bool = True  # [engine] speculative_prefill
     whisper: str = "base"  # [embedded] whisper (each model gets its own engine: one worker thread each)
 
@@ -73,6 +73,7 @@ VARIANTS = {
     "torch2": Variant(engine_threads=2),
     "onnx2": Variant(onnx_threads=2),
     "first_clause": Variant(first_clause_chars=24),
+    "whole_first_clause": Variant(first_clause_chars=0),
     "no_spec_prefill": Variant(speculative_prefill=False),
     "tiny_en": Variant(whisper="tiny.en"),
     "tiny_en_first_clause": Variant(whisper="tiny.en", first_clause_chars=24),
@@ -176,7 +177,7 @@ async def main(args: argparse.Namespace, save) -> dict:
                     over = {
                         "engine.threads": v.engine_threads,
                         "voice.threads": v.onnx_threads,
-                        "voice.first_clause_chars": v.first_clause_chars,
+                        "voice.first_clause_chars": v.first_clause_chars,  # None: not overridden
                         "embedded.whisper": v.whisper,
                     }
                     vcfg = load_config(overrides={**base, **over})
