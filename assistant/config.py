@@ -179,7 +179,7 @@ class Config:
 
         The voice synthesises in bursts (a clause in a fraction of its speaking time) while the engine works through
         every turn (the recogniser's 30 s window, prefill, decode). On a quiet 2-core machine the engine on both
-        cores beside the voice's thread gave the first answer audio 0.74x as late as on one core (p50, one session;
+        cores beside the voice's thread gave the first answer audio 0.76x as late as on one core (p50, one session;
         0.60x with four at once; bench/results/voice_latency-20261203-quiet-threads.json): a core set aside for
         the voice idles most of the time. On a machine whose cores other work keeps busy, a torch thread team larger
         than the free cores stalls at every step (voice_latency-20261203-budget-four.json): set `[engine] threads`."""
