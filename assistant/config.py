@@ -146,7 +146,7 @@ class VoiceConfig:
     output_rate_hz: int = field(default=24000, metadata=bounds(MIN_RATE_HZ, MAX_RATE_HZ))
     threads: int = field(default=1, metadata=bounds(1, 64))
     max_concurrent: int = field(default=1, metadata=bounds(1, 64))
-    first_clause_chars: int = field(default=24, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))
+    first_clause_chars: int = field(default=0, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))
     seed: int = field(default=-1, metadata=bounds(-1, 2**31 - 1))
 
     def params(self) -> VoiceParams:

@@ -18,8 +18,8 @@ another Whisper model has an engine of its own:
 - `default`: the shipped settings (`[voice] threads = 1`, `[engine] threads = 0`: automatic);
 - `torch2`: the engine on 2 torch threads beside the voice's 1 (torch's default before the budget: every core);
 - `onnx2`: the voice on 2 onnxruntime threads (the engine's automatic budget is then 1);
-- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary (the shipped
-  default since these runs); `whole_first_clause`: 0, the first clause ends at punctuation only;
+- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary;
+  `whole_first_clause`: 0, the first clause ends at punctuation only (the shipped default);
 - `no_spec_prefill`: `[engine] speculative_prefill = false`: the answer prefills its turn after the commit (the
   default prefills it as soon as the speculative transcript is ready; switched on the worker between turns);
 - `tiny_en`, `tiny_en_first_clause`: `[embedded] whisper = "tiny.en"` (English only), the second with

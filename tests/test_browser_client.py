@@ -340,6 +340,9 @@ async def test_spoken_answer_plays_on_the_page_and_barge_in_truncates_it(
                 timeout=TIMEOUT_MS,
             )
             await page.wait_for_timeout(1500)  # let some of it play (the story lasts far longer)
+            # talk over audio that is playing, not into a gap between two clauses (then nothing is left unheard
+            # to truncate): at least 1.5 s of it still to come when the user starts
+            await page.wait_for_function("() => window.voiceAssistant.aheadMs() > 1500", timeout=TIMEOUT_MS)
             now = await page.evaluate(
                 """() => ({ state: document.getElementById('vad').dataset.state, states: window.voiceAssistant.states,
                             turns: [...document.querySelectorAll('.turn')].map(e => e.className + ': ' + e.textContent),

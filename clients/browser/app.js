@@ -103,6 +103,7 @@ class Conversation {
   constructor(send, player) {
     this.send = send; // (event) => void
     this.player = player;
+    debug.aheadMs = () => player.aheadMs(); // answer audio scheduled but not heard yet (tests)
     this.userEl = null; // element of the user turn being spoken / transcribed
     this.answerEl = null; // element of the answer streaming now
     this.answerText = null;
@@ -131,7 +132,9 @@ class Conversation {
         addTurn("wake", `heard “${ev.name}”`);
         break;
       case "input_audio_buffer.speech_started":
-        if (this.player.playing) this.cut(); // barge-in: the listener talks over the answer
+        // barge-in: the listener talks over the answer, also in a gap between two of its clauses (nothing unheard
+        // to truncate then, but audio still in flight for it must not play)
+        if (this.player.playing || this.activeResponse) this.cut();
         setVad("speech", "hearing you");
         this.userEl = addTurn("user pending", "…");
         break;

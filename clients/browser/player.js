@@ -50,6 +50,11 @@ export class Player {
     };
   }
 
+  // Milliseconds of answer audio scheduled but not yet heard (0 in a gap between two clauses).
+  aheadMs() {
+    return Math.max(0, Math.round((this.nextTime - this.outputTime()) * 1000));
+  }
+
   // Milliseconds of the answer `itemId` the listener has heard so far.
   heardMs(itemId) {
     const t = this.outputTime();
