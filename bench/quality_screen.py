@@ -25,6 +25,11 @@ SPOKEN_PROMPT = (
     "asked for. Earlier turns of the conversation tell you names, places and numbers, and what words like it, that "
     "or and what about refer to: use them. Answer in the language the user speaks. No lists, no markdown."
 )
+BRIEF_PROMPT = (
+    "You are a voice assistant. Reply with one short sentence that gives the fact asked for. A short question "
+    "continues the conversation: answer it about the person, place or thing of the earlier turns. "
+    "No lists, no markdown."
+)
 # name -> config overrides on top of the defaults (the first is the current default, the reference)
 CANDIDATES: dict[str, dict] = {
     "default": {},
@@ -37,6 +42,18 @@ CANDIDATES: dict[str, dict] = {
     "greedy-turn-instruction": {
         "generation.greedy": True,
         "embedded.turn_instruction": "Answer in one short sentence.",
+    },
+    "greedy-prompt-brief": {"generation.greedy": True, "embedded.system_prompt": BRIEF_PROMPT},
+    "t0.3-prompt-spoken": {"generation.temperature": 0.3, "embedded.system_prompt": SPOKEN_PROMPT},
+    "greedy-prompt-spoken-rep1.0": {
+        "generation.greedy": True,
+        "generation.repetition_penalty": 1.0,
+        "embedded.system_prompt": SPOKEN_PROMPT,
+    },
+    "greedy-prompt-spoken-questions": {
+        "generation.greedy": True,
+        "embedded.system_prompt": SPOKEN_PROMPT,
+        "embedded.history": "questions",
     },
 }
 
