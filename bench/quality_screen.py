@@ -50,6 +50,14 @@ CANDIDATES: dict[str, dict] = {
         "generation.repetition_penalty": 1.0,
         "embedded.system_prompt": SPOKEN_PROMPT,
     },
+    "greedy-rep1.0-questions": {
+        "generation.greedy": True,
+        "generation.repetition_penalty": 1.0,
+        "embedded.history": "questions",
+    },
+    # the default again with fixed seeds: how far one sampled draw of the reference moves
+    "default-seed1": {"generation.seed": 1},
+    "default-seed2": {"generation.seed": 2},
     "greedy-prompt-spoken-questions": {
         "generation.greedy": True,
         "embedded.system_prompt": SPOKEN_PROMPT,
