@@ -33,6 +33,7 @@ BRIEF_PROMPT = (
 # name -> config overrides on top of the defaults (the first is the current default, the reference)
 CANDIDATES: dict[str, dict] = {
     "default": {},
+    "t0.7": {"generation.temperature": 0.7},  # the default before issue 20 part 2 (sampled)
     "greedy": {"generation.greedy": True},
     "t0.3": {"generation.temperature": 0.3},
     "greedy-rep1.0": {"generation.greedy": True, "generation.repetition_penalty": 1.0},
@@ -55,9 +56,9 @@ CANDIDATES: dict[str, dict] = {
         "generation.repetition_penalty": 1.0,
         "embedded.history": "questions",
     },
-    # the default again with fixed seeds: how far one sampled draw of the reference moves
-    "default-seed1": {"generation.seed": 1},
-    "default-seed2": {"generation.seed": 2},
+    # the sampled default of round 2 with fixed seeds: how far one sampled draw of the reference moves
+    "t0.7-seed1": {"generation.temperature": 0.7, "generation.seed": 1},
+    "t0.7-seed2": {"generation.temperature": 0.7, "generation.seed": 2},
     "greedy-prompt-spoken-questions": {
         "generation.greedy": True,
         "embedded.system_prompt": SPOKEN_PROMPT,
