@@ -27,6 +27,9 @@ from assistant.audio.wake_word import WakeWordSettings, check_wake_word_name
 from assistant.schema import SettingError, bounds, coerce_type
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.toml"
+# the automatic thread budget sets the voice's threads aside only when the engine keeps this share of the cores
+# (4 cores and more with one voice thread; see `Config.engine_threads`)
+ENGINE_MIN_CORE_SHARE = 0.75
 
 
 class ConfigError(ValueError):
@@ -111,6 +114,7 @@ class EngineConfig:
     delta_queue_size: int = field(default=256, metadata=bounds(1, None))
     max_turn_tokens: int = field(default=1024, metadata=bounds(16, None))
     threads: int = field(default=0, metadata=bounds(0, 1024))  # 0 = automatic, see `Config.engine_threads`
+    speculative_prefill: bool = True
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,7 @@ class VoiceConfig:
     output_rate_hz: int = field(default=24000, metadata=bounds(MIN_RATE_HZ, MAX_RATE_HZ))
     threads: int = field(default=1, metadata=bounds(1, 64))
     max_concurrent: int = field(default=1, metadata=bounds(1, 64))
-    first_clause_chars: int = field(default=0, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))
+    first_clause_chars: int = field(default=24, metadata=bounds(0, MAX_FIRST_CLAUSE_CHARS))
     seed: int = field(default=-1, metadata=bounds(-1, 2**31 - 1))
 
     def params(self) -> VoiceParams:
@@ -172,11 +176,20 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
 
     def engine_threads(self, speaking: bool) -> int:
-        """The engine's torch threads: `[engine] threads`, or the CPU's cores minus the voice's onnxruntime threads
-        when answers are spoken (at least 1), so the two never ask for more threads than there are cores."""
+        """The engine's torch threads: `[engine] threads`, else every core, less the voice's onnxruntime threads when
+        answers are spoken and that still leaves the engine `ENGINE_MIN_CORE_SHARE` of the cores.
+
+        The voice synthesises in bursts (a clause in a fraction of its speaking time) while the engine works through
+        every turn (the recogniser's 30 s window, prefill, decode). On a quiet 2-core machine the engine on both
+        cores beside the voice's thread gave the first answer audio 0.76x as late as on one core (p50, one session;
+        0.60x with four at once; bench/results/voice_latency-20261203-quiet-threads.json): a core set aside for
+        the voice idles most of the time. On a machine whose cores other work keeps busy, a torch thread team larger
+        than the free cores stalls at every step (voice_latency-20261203-budget-four.json): set `[engine] threads`."""
         if self.engine.threads:
             return self.engine.threads
-        return max(1, (os.cpu_count() or 1) - (self.voice.threads if speaking else 0))
+        cores = os.cpu_count() or 1
+        rest = cores - (self.voice.threads if speaking else 0)
+        return rest if rest >= ENGINE_MIN_CORE_SHARE * cores else cores
 
     def replace(self, **overrides: Any) -> Config:
         """Dotted overrides, e.g. `cfg.replace(**{"server.port": 0})`; validated like file values, and the result

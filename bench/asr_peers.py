@@ -38,6 +38,8 @@ SYSTEMS = (
     "faster-whisper-tiny.en-int8",
     "faster-whisper-tiny.en-float32",
     "own-base-previous",
+    "own-base-window10",
+    "own-base-window15",
 )
 
 
@@ -103,6 +105,27 @@ def previous_transcriber(model_dir: Path) -> Callable[[np.ndarray], tuple]:
     return run
 
 
+def window_transcriber(model_dir: Path, window_s: int) -> Callable[[np.ndarray], tuple]:
+    """The project's path with a shorter window: the speech trimmed as always, then only the first `window_s` of the
+    30 s window encoded (the speech always starts at its beginning, so the words still cannot depend on the
+    silence around it); a clip longer than the window gets the full 30 s."""
+    from assistant.audio.frontend import HOP, log_mel
+    from assistant.models.whisper import WhisperTranscriber
+
+    tr = WhisperTranscriber.load(model_dir)
+    frames = window_s * 100  # mel frames (10 ms each)
+
+    def run(audio: np.ndarray) -> tuple[str, str]:
+        speech = tr.speech(audio)
+        mel = log_mel(speech)
+        if len(speech) // HOP + 50 <= frames:
+            mel = mel[:, :frames]
+        [r] = tr.decode_features(tr.model.encode(mel[None]), [speech])
+        return r.text, r.language
+
+    return run
+
+
 def load_systems(names: list[str], threads: int, scratch: Path) -> dict[str, Callable[[np.ndarray], tuple]]:
     from assistant.config import load_config
     from assistant.weights.cache import default_cache_dir, prepare_source
@@ -114,7 +137,10 @@ def load_systems(names: list[str], threads: int, scratch: Path) -> dict[str, Cal
         model = "tiny.en" if "tiny.en" in name else "base"
         if name.startswith("own"):
             model_dir = prepare_source(WHISPER_SOURCES[model], cache)
-            out[name] = (previous_transcriber if name.endswith("previous") else own_transcriber)(model_dir)
+            if "-window" in name:
+                out[name] = window_transcriber(model_dir, int(name.rsplit("window", 1)[1]))
+            else:
+                out[name] = (previous_transcriber if name.endswith("previous") else own_transcriber)(model_dir)
         else:
             out[name] = faster_whisper_transcriber(faster_whisper_dir(model, scratch), name.split("-")[-1], threads)
     return out

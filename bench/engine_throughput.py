@@ -11,8 +11,10 @@ team in the process.
 2. Aggregate decode tokens/s at 1, 2, 4, 8 concurrent sessions through the engine (continuous batching), and the
    same prompts and output lengths through `generate()`: one call per session in turn, and one left-padded batch.
    Decode speeds exclude the prefill on both sides: the engine's are tokens after each response's first / the
-   longest first-token -> done span (`timings_ms["decode"]`); `generate()`'s are timed with a streamer from its
-   first token to its last.
+   longest first-token -> done span (`timings_ms["decode"]`), which still holds the later sessions' prefills (the
+   engine admits them while the first ones decode), and, without those, rows decoded / seconds in decode steps
+   (`Engine.decode_totals`); `generate()`'s are timed with a streamer from its first token to its last (one padded
+   prefill first).
 
 Text turns are used (no Whisper) so the numbers are about the LLM. Greedy decoding throughout. Only one engine
 (one worker thread) is alive at a time. The result goes to `bench/results/engine_throughput-YYYYMMDD.json`.
@@ -222,13 +224,20 @@ async def throughput_table(backend, cfg, hf, args, sessions: list[int]) -> list[
     async with running_engine(cfg, max(sessions), backend=backend) as engine:
         for r in range(args.repeats):
             for n in sessions:
+                rows0, decode0_s = engine.decode_totals()
                 wall_s, dones = await concurrent(engine, f"r{r}n{n}", n, args.decode_tokens)
+                rows1, decode1_s = engine.decode_totals()
                 run = {
                     "output_tokens": [d.output_tokens for d in dones],
                     "engine_decode_tok_s": engine_decode_rate(dones),
+                    "engine_step_tok_s": (rows1 - rows0) / max(1e-9, decode1_s - decode0_s),
                     "engine_wall_tok_s": sum(d.output_tokens for d in dones) / wall_s,
                 }
-                print(f"repeat {r + 1}, {n} sessions: engine {run['engine_decode_tok_s']:.2f} tok/s", flush=True)
+                print(
+                    f"repeat {r + 1}, {n} sessions: engine {run['engine_decode_tok_s']:.2f} tok/s, "
+                    f"{run['engine_step_tok_s']:.2f} in decode steps",
+                    flush=True,
+                )
                 if hf is not None:
                     lens = [max(2, d.output_tokens) for d in dones]  # same output lengths (2+: one decode step)
                     single = (
@@ -250,6 +259,7 @@ async def throughput_table(backend, cfg, hf, args, sessions: list[int]) -> list[
                 runs[n].append(run)
     columns = [
         ("engine_decode_tok_s", "engine decode tok/s"),
+        ("engine_step_tok_s", "engine tok/s in decode steps (other sessions' prefills excluded)"),
         ("engine_wall_tok_s", "engine tok/s (wall, prefill included)"),
         ("generate_one_by_one_decode_tok_s", "generate() one by one, decode tok/s"),
         ("generate_padded_batch_decode_tok_s", "generate() padded batch, decode tok/s"),
@@ -263,9 +273,8 @@ async def throughput_table(backend, cfg, hf, args, sessions: list[int]) -> list[
         for key, _ in columns:
             row[key] = round(statistics.median(run[key] for run in runs[n]), 2)
             row[key + "_runs"] = [round(run[key], 2) for run in runs[n]]
-        row["engine_decode_speedup_vs_first"] = (
-            round(row["engine_decode_tok_s"] / rows[0]["engine_decode_tok_s"], 2) if rows else 1.0
-        )
+        for key in ("engine_decode_tok_s", "engine_step_tok_s"):
+            row[key.removesuffix("_tok_s") + "_speedup_vs_first"] = round(row[key] / rows[0][key], 2) if rows else 1.0
         rows.append(row)
         print(f"| {n} | " + " | ".join(f"{row[k]:.1f}" for k, _ in columns) + " |", flush=True)
     return rows

@@ -10,7 +10,8 @@ streams); llama-cpp-python on the GGUF itself (`bench/llama_peer.py`: its own ve
 1. Speed, one interleaved run: each round runs every runtime at 1 and at 4 streams, the same prompt (the same chat
    prompt ids everywhere), greedy, `--tokens` new tokens, `--threads` threads; medians over `--repeats` rounds.
    Per runtime and stream count: time to first token (prefill included; the mean over streams) and decode tok/s
-   excluding the prefill (tokens after each stream's first / first token -> last; aggregate over streams). The
+   excluding the prefill (peers: tokens after each stream's first / first token -> last; the engine: rows / time in
+   its decode steps, see `engine_speed`; aggregate over streams). The
    engine runs its real worker (`Engine`, one session per stream, text turns) and stops at a stop id; the peers make
    exactly `--tokens` (token counts are in the result).
 2. Answers (unless `--skip-spoken`): the spoken question set (`bench/spoken_set.py`) transcribed once by Whisper
@@ -153,10 +154,12 @@ async def run(args, record: Record) -> None:
             llama.close()
 
 
-def note(runs: dict, name: str, n: int, r: int, first_token_s: float, decode_s: float, tokens: list[int]) -> None:
-    """One measurement of `name` at `n` streams in round `r`: decode tok/s = tokens after each stream's first /
-    the first -> last token span (aggregate over the streams)."""
-    after_first = sum(max(0, t - 1) for t in tokens)
+def note(
+    runs: dict, name: str, n: int, r: int, first_token_s: float, decode_s: float, tokens: list[int], rows: int = 0
+) -> None:
+    """One measurement of `name` at `n` streams in round `r`: decode tok/s = `rows` decoded (default: the tokens
+    after each stream's first) / `decode_s`, aggregate over the streams."""
+    after_first = rows or sum(max(0, t - 1) for t in tokens)
     x = {"first_token_s": first_token_s, "decode_tok_s": after_first / decode_s if decode_s > 0 else 0.0}
     x["output_tokens"] = tokens
     runs.setdefault((name, n), []).append(x)
@@ -167,12 +170,16 @@ def note(runs: dict, name: str, n: int, r: int, first_token_s: float, decode_s: 
 
 
 async def engine_speed(engine, args, q: str, r: int, runs: dict) -> None:
-    """The engine at each stream count: one session per stream, the same question, all submitted at once."""
+    """The engine at each stream count: one session per stream, the same question, all submitted at once. Its
+    decode speed is rows decoded / seconds in decode steps (`Engine.decode_totals`): the engine prefills the later
+    streams between the first ones' decode steps, and those prefills are not decoding (the peers prefill every
+    stream before their first decode step, outside their decode span)."""
     for n in args.stream_counts:
+        rows0, s0 = engine.decode_totals()
         _, dones = await concurrent(engine, f"r{r}{q}{n}", n, args.tokens, [PEER_QUESTION] * n, PEER_SYSTEM)
-        longest = max(d.timings_ms.get("decode", 0.0) for d in dones) / 1000.0
+        rows1, s1 = engine.decode_totals()
         first = statistics.mean(d.timings_ms["first_token"] for d in dones) / 1000.0
-        note(runs, f"engine {q}", n, r, first, longest, [d.output_tokens for d in dones])
+        note(runs, f"engine {q}", n, r, first, s1 - s0, [d.output_tokens for d in dones], rows1 - rows0)
 
 
 async def hf_phase(engine, args, r: int, runs: dict) -> None:

@@ -2,7 +2,9 @@
 
 Every file holds what is needed to judge the numbers: when, which commit (and any uncommitted change to bench/ or
 assistant/ when the run started), the machine (CPU model, cores, torch version and threads), the load
-(`os.getloadavg()` when the run started and when it ended), the parameters the script ran with and the numbers.
+(`os.getloadavg()` when the run started and when it ended, and the share of CPU time the hypervisor gave to other
+machines during the run: `steal`, from /proc/stat; this shared machine's speed moves with it), the parameters the
+script ran with and the numbers.
 
     record = Record("engine_throughput", vars(args))   # at the start: takes the load before
     ...
@@ -42,6 +44,22 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat's first line: user nice system idle iowait irq softirq steal)."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of the CPU time between two readings that the hypervisor gave to other machines."""
+    if before is None or after is None:
+        return None
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    return round(delta[7] / sum(delta), 3) if sum(delta) > 0 else None
+
+
 class Record:
     def __init__(self, name: str, params: dict[str, Any], tag: str = ""):
         self.name = name
@@ -49,6 +67,7 @@ class Record:
         self.params = dict(params)
         self.started = dt.datetime.now(dt.UTC)
         self.load_before = load_average()
+        self.cpu_before = cpu_times()
         self.commit = _git("rev-parse", "HEAD")
         # only the code that runs counts (tests or README edited meanwhile do not change the numbers)
         self.dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "bench", "assistant")
@@ -69,7 +88,11 @@ class Record:
                 "torch_threads": torch_threads,
                 "python": platform.python_version(),
             },
-            "load": {"before": self.load_before, "after": load_average()},
+            "load": {
+                "before": self.load_before,
+                "after": load_average(),
+                "steal": steal_share(self.cpu_before, cpu_times()),
+            },
             "params": self.params,
             "notes": notes,
             "results": numbers,

@@ -12,13 +12,18 @@ spoken by default. Measured on the client's clock from the moment the last speec
 and from the server's `response.done.timings_ms` (ms after the response started): `prefill`, `first_token`,
 `first_clause` (the first clause complete), `synthesis` (the first clause's synthesis), `first_audio`.
 
-Variants run alternately per question on one engine and share it (one worker thread, so one model load; its torch
-threads are set before each turn):
-- `default`: the shipped settings: `[voice] threads = 1`, `[engine] threads = 0` (automatic: the cores minus the
-  voice's threads, 1 on a 2-core machine);
+Variants (`VARIANTS`) run alternately per question; those with the same Whisper model share one engine (one worker
+thread, so one model load; its torch threads and speculative prefill are set before each turn), a variant with
+another Whisper model has an engine of its own:
+- `default`: the shipped settings (`[voice] threads = 1`, `[engine] threads = 0`: automatic);
 - `torch2`: the engine on 2 torch threads beside the voice's 1 (torch's default before the budget: every core);
 - `onnx2`: the voice on 2 onnxruntime threads (the engine's automatic budget is then 1);
-- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary.
+- `first_clause`: `[voice] first_clause_chars = 24`: the first clause may end at a word boundary (the shipped
+  default since these runs); `whole_first_clause`: 0, the first clause ends at punctuation only;
+- `no_spec_prefill`: `[engine] speculative_prefill = false`: the answer prefills its turn after the commit (the
+  default prefills it as soon as the speculative transcript is ready; switched on the worker between turns);
+- `tiny_en`, `tiny_en_first_clause`: `[embedded] whisper = "tiny.en"` (English only), the second with
+  `first_clause_chars = 24`.
 Three phases, each written to the result file when it ends (a long run killed midway keeps what it measured):
 `one` (`--variants`, one session at a time, every question), `budget` (`--budget-variants`, one session at a time,
 the first `--budget-questions` questions: the thread budget side by side), `four` (`--multi`, 4 sessions at once,
@@ -35,6 +40,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +57,28 @@ from bench.spoken_set import ANSWER_TOKENS, QUESTIONS, correct, synthesize
 FRAME_MS = 20
 TAIL_SILENCE_MS = 1500
 TIMEOUT_S = 300.0
-VARIANTS = {  # name -> (engine torch threads or 0 = the automatic budget, onnxruntime threads, first_clause_chars)
-    "default": (0, 1, 0),
-    "torch2": (2, 1, 0),
-    "onnx2": (0, 2, 0),
-    "first_clause": (0, 1, 24),
+
+
+@dataclass(frozen=True)
+class Variant:
+    engine_threads: int = 0  # torch threads of the engine; 0 = the automatic budget
+    onnx_threads: int = 1  # the voice's onnxruntime threads
+    first_clause_chars: int | None = None  # [voice] first_clause_chars; None = the shipped default
+    speculative_prefill: bool = True  # [engine] speculative_prefill
+    whisper: str = "base"  # [embedded] whisper (each model gets its own engine: one worker thread each)
+
+
+VARIANTS = {
+    "default": Variant(),
+    "torch2": Variant(engine_threads=2),
+    "onnx2": Variant(onnx_threads=2),
+    "first_clause": Variant(first_clause_chars=24),
+    "whole_first_clause": Variant(first_clause_chars=0),
+    "no_spec_prefill": Variant(speculative_prefill=False),
+    "tiny_en": Variant(whisper="tiny.en"),
+    "tiny_en_first_clause": Variant(whisper="tiny.en", first_clause_chars=24),
 }
-SERVER_MS = ("prefill", "first_token", "first_clause", "synthesis", "first_audio")
+SERVER_MS = ("encode", "prefill", "first_token", "first_clause", "synthesis", "first_audio")
 
 
 def pcm16(audio: np.ndarray) -> np.ndarray:
@@ -128,14 +149,17 @@ async def main(args: argparse.Namespace, save) -> dict:
 
     base = {"server.port": 0, "generation.greedy": True, "generation.max_new_tokens": ANSWER_TOKENS}
     cfg = load_config(overrides=base)
-    engine = Engine.loading(lambda: load_backend(cfg), cfg.engine, cfg.generation)
-    await engine.start()
-    loaded_threads = await engine.call(lambda b: torch.get_num_threads())
     variants = [v for v in args.variants.split(",") if v]
     budget = [v for v in args.budget_variants.split(",") if v]
     multi = [v for v in args.multi.split(",") if v]
     every = list(dict.fromkeys(variants + budget + multi))
-    pools = {n: SpeechPool(VoiceParams(threads=n)) for n in {VARIANTS[v][1] for v in every}}
+    engines: dict[str, Engine] = {}
+    for whisper in dict.fromkeys(VARIANTS[v].whisper for v in every):
+        wcfg = cfg.replace(**{"embedded.whisper": whisper})
+        engines[whisper] = Engine.loading(lambda c=wcfg: load_backend(c), wcfg.engine, wcfg.generation)
+        await engines[whisper].start()
+    loaded_threads = await next(iter(engines.values())).call(lambda b: torch.get_num_threads())
+    pools = {n: SpeechPool(VoiceParams(threads=n)) for n in {VARIANTS[v].onnx_threads for v in every}}
     for pool in pools.values():
         pool.load().result()
     rows: dict[str, list[dict]] = {}
@@ -149,17 +173,28 @@ async def main(args: argparse.Namespace, save) -> dict:
             async with contextlib.AsyncExitStack() as stack:
                 servers = {}
                 for name in every:
-                    threads, onnx, first = VARIANTS[name]
-                    over = {"engine.threads": threads, "voice.threads": onnx, "voice.first_clause_chars": first}
+                    v = VARIANTS[name]
+                    over = {
+                        "engine.threads": v.engine_threads,
+                        "voice.threads": v.onnx_threads,
+                        "voice.first_clause_chars": v.first_clause_chars,  # None: not overridden
+                        "embedded.whisper": v.whisper,
+                    }
                     vcfg = load_config(overrides={**base, **over})
                     torch_threads[name] = vcfg.engine_threads(speaking=True)
                     servers[name] = await stack.enter_async_context(
-                        running_server(vcfg, engine=engine, speech=pools[onnx])
+                        running_server(vcfg, engine=engines[v.whisper], speech=pools[v.onnx_threads])
                     )
 
                 async def run(phase: str, name: str, sessions: int, i: int) -> None:
-                    threads = torch_threads[name]
-                    await engine.call(lambda b: torch.set_num_threads(threads))
+                    threads, spec_prefill = torch_threads[name], VARIANTS[name].speculative_prefill
+                    engine = engines[VARIANTS[name].whisper]
+
+                    def setup(b) -> None:  # on the worker thread, between turns: one engine serves several variants
+                        torch.set_num_threads(threads)
+                        engine._worker.speculative_prefill = spec_prefill
+
+                    await engine.call(setup)
                     picked = [questions[(i + k) % len(questions)] for k in range(sessions)]
                     got = await asyncio.gather(*(one_turn(servers[name].ws_url, pcm) for _, _, pcm in picked))
                     for (q, kws, _), row in zip(picked, got, strict=True):
@@ -168,12 +203,12 @@ async def main(args: argparse.Namespace, save) -> dict:
                         print(json.dumps(row), flush=True)
 
                 def result() -> dict:
-                    used = {n: {"torch_threads": torch_threads[n], "onnx_threads": VARIANTS[n][1],
-                                "first_clause_chars": VARIANTS[n][2]} for n in torch_threads}  # fmt: skip
+                    used = {n: {"torch_threads": torch_threads[n], **asdict(VARIANTS[n])} for n in torch_threads}
                     summary = {key: summarize(rs) for key, rs in rows.items()}
                     return {"engine_torch_threads": loaded_threads, "variants": used, "summary": summary, "turns": rows}
 
-                await run("warmup", every[0], 1, 0)  # kernels, the system-prompt snapshot: not reported
+                for whisper in engines:  # kernels, the system-prompt snapshot: not reported
+                    await run("warmup", next(n for n in every if VARIANTS[n].whisper == whisper), 1, 0)
                 rows.clear()
                 for i in range(len(questions)):
                     for name in variants if i % 2 == 0 else variants[::-1]:  # alternate who goes first
@@ -190,8 +225,9 @@ async def main(args: argparse.Namespace, save) -> dict:
                         await run("four", name, 4, i)
                 final = result()
     finally:
-        await engine.call(lambda b: torch.set_num_threads(loaded_threads))
-        await engine.stop()
+        for engine in engines.values():
+            await engine.call(lambda b: torch.set_num_threads(loaded_threads))
+            await engine.stop()
         for pool in pools.values():
             pool.close()
     for key, s in final["summary"].items():

@@ -66,12 +66,24 @@ def test_missing_file_says_so(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
-def test_the_thread_budget_leaves_the_voice_its_threads():
+@pytest.mark.parametrize(
+    ("cores", "voice_threads", "speaking", "expected"),
+    [
+        (2, 1, False, 2),
+        (2, 1, True, 2),  # one core of two set aside would idle most of the time (measured)
+        (1, 1, True, 1),
+        (4, 1, True, 3),
+        (8, 2, True, 6),
+        (8, 4, True, 8),  # the voice's share is too large to set aside
+        (8, 64, True, 8),  # never zero threads
+    ],
+)
+def test_the_thread_budget_sets_the_voice_threads_aside_on_larger_machines(
+    monkeypatch, cores, voice_threads, speaking, expected
+):
     import os
 
-    cfg = load_config()
-    cores = os.cpu_count() or 1
-    assert cfg.engine_threads(speaking=False) == cores
-    assert cfg.engine_threads(speaking=True) == max(1, cores - cfg.voice.threads)
-    assert cfg.replace(**{"engine.threads": 3}).engine_threads(speaking=True) == 3
-    assert cfg.replace(**{"voice.threads": 64}).engine_threads(speaking=True) == 1  # never below one
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    cfg = load_config(overrides={"voice.threads": voice_threads})
+    assert cfg.engine_threads(speaking=speaking) == expected
+    assert cfg.replace(**{"engine.threads": 3}).engine_threads(speaking=speaking) == 3

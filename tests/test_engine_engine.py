@@ -117,9 +117,13 @@ async def test_batched_greedy_equals_unbatched_reference(qwen_backend):
         await asyncio.gather(*turns)
         dones = await asyncio.wait_for(asyncio.gather(*(s.wait_done() for s in streams)), WAIT_S)
         steps = engine._worker.steps
+        decoded_rows, decode_s = engine.decode_totals()
     finally:
         await engine.stop()
     assert engine._worker.max_batch == 4  # all four decoded together
+    # every output token after each answer's first came from one decode-step row (the first comes from the prefill)
+    assert decoded_rows == sum(max(0, d.output_tokens - 1) for d in dones) + sum(d.status == "completed" for d in dones)
+    assert decode_s > 0
     for done in dones:
         assert done.status in ("completed", "incomplete")
         assert done.output_ids == _reference_ids(qwen_backend, Prompt(ids=done.prompt_ids), 10)

@@ -84,6 +84,25 @@ async def test_confirmed_speculation_runs_prepare_once_and_answers_the_same(rec_
     _same(second, base[1])
     assert "Audio 2:" in rec.tokenizer.decode_bytes(second.prompt_ids).decode(errors="replace")
     assert not conv.speculative
+    # the speculation's prompt was prefilled before the commit: the answer recomputed only its last position
+    assert second.cached_tokens == len(second.prompt_ids) - 1
+
+
+async def test_speculative_prefill_is_skipped_when_switched_off(server_tiny_backend, clips):
+    rec = RecordingBackend(server_tiny_backend)
+    engine = Engine(rec, EngineConfig(speculative_prefill=False), GEN)
+    await engine.start()
+    try:
+        engine.open_session("s")
+        await engine.add_user_turn("s", Utterance("a1", audio=clips[0]))
+        await _answer(engine, "s")
+        await _speculated(rec, engine, "s", Utterance("a2", audio=clips[1]))
+        await engine.confirm_user_turn("s", Utterance("a2", audio=clips[1]))
+        second = await _answer(engine, "s")
+    finally:
+        await engine.stop()
+    assert engine._worker.speculative_prefills == 0
+    assert second.cached_tokens < len(second.prompt_ids) - 1  # the new turn was prefilled at the answer
 
 
 async def test_changed_audio_discards_the_speculation_and_does_the_work_again(rec_engine, clips):
@@ -97,7 +116,7 @@ async def test_changed_audio_discards_the_speculation_and_does_the_work_again(re
     done = await _answer(engine, "s")
     assert not info.speculative and info.audio_s == pytest.approx(len(full) / 16000)
     assert rec.runs("x")[-2:] == [len(clips[0]), len(full)]
-    _same(done, base)
+    _same(done, base)  # the speculative prefill of the shorter turn left no trace in the answer
     assert not (await worker_conversation(engine, "s")).speculative
 
 

@@ -100,6 +100,11 @@ class Engine:
         """The loaded backend (read-only use on the loop: its name, tokenizer facts)."""
         return self._worker.loaded.result(timeout=0)
 
+    def decode_totals(self) -> tuple[int, float]:
+        """(rows decoded, seconds in decode steps) since start, prefills excluded: the difference of two readings
+        gives the batch's decode speed (benchmarks; /metrics has the same as counters)."""
+        return self._worker.decoded_rows, self._worker.decode_s
+
     async def call(self, fn: Callable[[Backend], T]) -> T:
         """Run `fn(backend)` on the worker between two decode steps, after every user turn queued before it
         (benchmarks' baselines, tests)."""

@@ -18,7 +18,9 @@ PHASE_SECONDS = Histogram(
 )
 RESPONSES = Counter("assistant_engine_responses_total", "Responses finished, by final status", ["status"])
 TOKENS = Counter(
-    "assistant_engine_tokens_total", "Tokens processed, by kind (prompt, prefilled, reused, output)", ["kind"]
+    "assistant_engine_tokens_total",
+    "Tokens processed, by kind (prompt, prefilled, reused, output, decoded = rows of decode steps)",
+    ["kind"],
 )
 ADMISSION_REJECTED = Counter("assistant_engine_rejected_total", "Responses refused by admission control (server_busy)")
 CACHE_EVENTS = Counter(
@@ -37,6 +39,10 @@ PREFIX_SNAPSHOTS = Counter(
     "Shared system-prompt KV snapshots for empty session caches by outcome (hit = copied instead of prefilled, "
     "miss, stored = harvested after a full prefill, dropped = cache budget)",
     ["outcome"],
+)
+DECODE_SECONDS = Counter(
+    "assistant_engine_decode_seconds_total",
+    "Time in batched decode steps (prefills excluded); tokens/kind=decoded over it is the decode speed",
 )
 BATCH_SIZE = Histogram(
     "assistant_engine_decode_batch_size", "Responses per batched decode step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)

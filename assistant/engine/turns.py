@@ -125,9 +125,15 @@ def _whole(backend: Backend, utterances: list[Utterance], audio_numbers: list[in
 class TurnQueue:
     """The worker's queue of user-turn work (see the module docstring)."""
 
-    def __init__(self, backend: Backend, max_turn_tokens: int):
+    def __init__(
+        self,
+        backend: Backend,
+        max_turn_tokens: int,
+        on_speculation: Callable[[Conversation, PreparedTurn], None] | None = None,
+    ):
         self.backend = backend
         self.max_turn_tokens = max_turn_tokens
+        self.on_speculation = on_speculation  # called when a speculation is ready (the worker's speculative prefill)
         self.batch = max(1, int(getattr(backend, "prepare_batch", PREPARE_BATCH)))
         self.items: deque[TurnWork | Ordered] = deque()
         self.running: Chunk | None = None
@@ -328,6 +334,8 @@ class TurnQueue:
                 w.conv.add_speculation(Speculation(w.cmd.utterance, number, turn, encode_ms))
                 w.heard(TurnInfo(turn.key, turn.transcript, turn.language, turn.audio_s, {"encode": encode_ms}))
                 metrics.SPECULATIONS.labels(outcome="prepared").inc()
+                if self.on_speculation is not None:
+                    self.on_speculation(w.conv, turn)
                 continue
             turn, turn_encode_ms = (hit.turn, hit.encode_ms) if hit else (turns[id(w)], encode_ms)
             if turn.transcript and (err := self._too_long(turn.transcript, w.cmd.utterance.text or "")):

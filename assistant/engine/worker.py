@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from assistant.backends.base import Backend
+from assistant.backends.base import Backend, PreparedTurn
 from assistant.config import EngineConfig, GenerationConfig
 from assistant.engine import metrics, tool_calls
 from assistant.engine.api import ResponseDone, TextDelta, ToolCallStarted, UnknownSession, new_id
@@ -101,6 +101,8 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self.steps = 0  # batched decode steps run (tests, bench)
         self.max_batch = 0  # largest decode batch so far
+        # rows decoded and seconds spent in decode steps, prefills excluded (the decode speed: `Engine.decode_totals`)
+        self.decoded_rows, self.decode_s = 0, 0.0
 
     def _attach(self, backend: Backend) -> None:
         self.backend = backend
@@ -109,7 +111,9 @@ class Worker:
         self.lm = None if self.remote else backend.lm
         self.window_tokens = self.cfg.max_window_tokens or backend.max_window_tokens
         self.prefixes = PrefixSnapshots(backend, self.window_tokens)  # shared system-prompt K/V
-        self.turns = TurnQueue(backend, self.cfg.max_turn_tokens)
+        self.turns = TurnQueue(backend, self.cfg.max_turn_tokens, None if self.remote else self._prefill_speculation)
+        self.speculative_prefill = self.cfg.speculative_prefill  # worker thread only (a bench compares on and off)
+        self.speculative_prefills = 0  # prompts prefilled ahead of their commit (tests, bench)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -313,21 +317,9 @@ class Worker:
             prompt = self.backend.build_prompt(conv.system, conv.history, turn, self.window_tokens)
         conv.keep_window(prompt.history_kept)
         job.prompt = prompt
-        cache = conv.cache
-        if not self.reuse_cache:
-            cache.reset()
-        rope_alpha = self.lm.rope_alpha_for(len(prompt.ids))
-        plan = plan_cache(cache, prompt, rope_alpha)
-        if self.reuse_cache and plan.reuse == 0:
-            restored = self.prefixes.restore(conv.system, prompt, rope_alpha, cache)
-            metrics.PREFIX_SNAPSHOTS.labels(outcome="hit" if restored else "miss").inc()
-            if restored:
-                plan = CachePlan(restored, True, "system_prefix")
+        plan, logits = self._prefill(conv, prompt)
         metrics.CACHE_EVENTS.labels(event=plan.reason).inc()
         job.cached_tokens = plan.reuse
-        logits = prefill_prompt(self.lm, cache, prompt, plan.reuse)
-        if self.reuse_cache and plan.reuse == 0 and self.prefixes.store(conv.system, prompt, rope_alpha, cache):
-            metrics.PREFIX_SNAPSHOTS.labels(outcome="stored").inc()
         job.t["prefilled"] = time.monotonic()
         metrics.TOKENS.labels(kind="prompt").inc(len(prompt.ids))
         metrics.TOKENS.labels(kind="reused").inc(plan.reuse)
@@ -338,6 +330,38 @@ class Worker:
             params, max_new = tool_calls.GREEDY, min(max_new, tool_calls.MAX_ARGUMENT_TOKENS)
         job.tokens = TokenStream(self.backend.tokenizer, params, max_new, prompt.ids)
         return self._take_token(job, logits[-1])
+
+    def _prefill(self, conv: Conversation, prompt) -> tuple[CachePlan, torch.Tensor]:
+        """Prefill what `conv.cache` lacks of `prompt`: its own longest usable prefix is kept, else the shared
+        system-prompt snapshot is copied in, and a full prefill leaves a snapshot for the next new session. The plan
+        (how much was reused) and the last position's logits."""
+        cache = conv.cache
+        if not self.reuse_cache:
+            cache.reset()
+        rope_alpha = self.lm.rope_alpha_for(len(prompt.ids))
+        plan = plan_cache(cache, prompt, rope_alpha)
+        if self.reuse_cache and plan.reuse == 0:
+            restored = self.prefixes.restore(conv.system, prompt, rope_alpha, cache)
+            metrics.PREFIX_SNAPSHOTS.labels(outcome="hit" if restored else "miss").inc()
+            if restored:
+                plan = CachePlan(restored, True, "system_prefix")
+        logits = prefill_prompt(self.lm, cache, prompt, plan.reuse)
+        if self.reuse_cache and plan.reuse == 0 and self.prefixes.store(conv.system, prompt, rope_alpha, cache):
+            metrics.PREFIX_SNAPSHOTS.labels(outcome="stored").inc()
+        return plan, logits
+
+    def _prefill_speculation(self, conv: Conversation, turn: PreparedTurn) -> None:
+        """A speculative turn is ready before its commit: prefill the prompt its answer would have (the pending
+        turns and this one, as `_start` builds it) into the session's cache now, in the VAD's remaining silence, so
+        the answer's own prefill finds it cached (`plan_cache` keeps only an identical prefix, so a turn that ends
+        differently costs nothing but this work). Skipped while the session answers (its cache is in use)."""
+        if not self.speculative_prefill or conv.busy or conv.closed or not self.reuse_cache:
+            return
+        prompt = self.backend.build_prompt(
+            conv.system, conv.history, merge_turns([*conv.pending, turn]), self.window_tokens
+        )
+        self._prefill(conv, prompt)
+        self.speculative_prefills += 1
 
     def _take_token(self, job: Job, logits_row: torch.Tensor) -> bool:
         """Pick the next token from `logits_row`, stream its text; False when the response ended."""
@@ -372,10 +396,16 @@ class Worker:
             return
         metrics.BATCH_SIZE.observe(len(jobs))
         self.max_batch = max(self.max_batch, len(jobs))
+        t0 = time.perf_counter()
         try:
             logits = self._decode(jobs)
         except Exception:
             logits = None
+        else:
+            dt = time.perf_counter() - t0
+            self.decoded_rows, self.decode_s = self.decoded_rows + len(jobs), self.decode_s + dt
+            metrics.DECODE_SECONDS.inc(dt)
+            metrics.TOKENS.labels(kind="decoded").inc(len(jobs))
         if logits is None:  # isolate the failing response(s); the rest go on
             for job in jobs:
                 try:
