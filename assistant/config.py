@@ -95,7 +95,9 @@ class OpenAIConfig:
 @dataclass(frozen=True)
 class GenerationConfig:
     greedy: bool = False
-    temperature: float = field(default=0.7, metadata=bounds(0.0, 10.0))
+    # 0 = greedy: measured better for short spoken answers (issue 20, README "Answer quality"); a session's
+    # `temperature` above 0 still samples, with top_p and top_k
+    temperature: float = field(default=0.0, metadata=bounds(0.0, 10.0))
     top_p: float = field(default=0.8, metadata=bounds(0.0, 1.0))
     top_k: int = field(default=20, metadata=bounds(0, None))
     repetition_penalty: float = field(default=1.05, metadata=bounds(0.5, 5.0))

@@ -291,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ids", type=lambda s: s.split(","), metavar="s01,d02", help="exactly these items")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--greedy", dest="greedy", action="store_true", default=None, help="generation.greedy = true")
-    mode.add_argument("--sampled", dest="greedy", action="store_false", help="generation.greedy = false")
+    mode.add_argument(
+        "--sampled",
+        dest="greedy",
+        action="store_false",
+        help="generation.greedy = false, with --config generation.temperature=T above 0 (the default 0 is greedy)",
+    )
     ap.add_argument(
         "--config", type=parse_override, action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
@@ -326,6 +331,11 @@ if __name__ == "__main__":
     if bad:
         raise SystemExit(f"--paths: unknown {sorted(bad)}; expected a comma list of {PATHS}")
     overrides = dict(args.config)
+    if args.greedy is False and not overrides.get("generation.temperature"):
+        raise SystemExit(
+            "--sampled: expected --config generation.temperature=T above 0 (the default temperature, 0, is greedy); "
+            "e.g. --sampled --config generation.temperature=0.7 (the default before issue 20's tuning)"
+        )
     if args.greedy is not None:
         overrides["generation.greedy"] = args.greedy
     tag = f"-{args.tag}" if args.tag else default_tag(args, overrides)

@@ -25,9 +25,15 @@ SPOKEN_PROMPT = (
     "asked for. Earlier turns of the conversation tell you names, places and numbers, and what words like it, that "
     "or and what about refer to: use them. Answer in the language the user speaks. No lists, no markdown."
 )
+BRIEF_PROMPT = (
+    "You are a voice assistant. Reply with one short sentence that gives the fact asked for. A short question "
+    "continues the conversation: answer it about the person, place or thing of the earlier turns. "
+    "No lists, no markdown."
+)
 # name -> config overrides on top of the defaults (the first is the current default, the reference)
 CANDIDATES: dict[str, dict] = {
     "default": {},
+    "t0.7": {"generation.temperature": 0.7},  # the default before issue 20 part 2 (sampled)
     "greedy": {"generation.greedy": True},
     "t0.3": {"generation.temperature": 0.3},
     "greedy-rep1.0": {"generation.greedy": True, "generation.repetition_penalty": 1.0},
@@ -37,6 +43,26 @@ CANDIDATES: dict[str, dict] = {
     "greedy-turn-instruction": {
         "generation.greedy": True,
         "embedded.turn_instruction": "Answer in one short sentence.",
+    },
+    "greedy-prompt-brief": {"generation.greedy": True, "embedded.system_prompt": BRIEF_PROMPT},
+    "t0.3-prompt-spoken": {"generation.temperature": 0.3, "embedded.system_prompt": SPOKEN_PROMPT},
+    "greedy-prompt-spoken-rep1.0": {
+        "generation.greedy": True,
+        "generation.repetition_penalty": 1.0,
+        "embedded.system_prompt": SPOKEN_PROMPT,
+    },
+    "greedy-rep1.0-questions": {
+        "generation.greedy": True,
+        "generation.repetition_penalty": 1.0,
+        "embedded.history": "questions",
+    },
+    # the sampled default of round 2 with fixed seeds: how far one sampled draw of the reference moves
+    "t0.7-seed1": {"generation.temperature": 0.7, "generation.seed": 1},
+    "t0.7-seed2": {"generation.temperature": 0.7, "generation.seed": 2},
+    "greedy-prompt-spoken-questions": {
+        "generation.greedy": True,
+        "embedded.system_prompt": SPOKEN_PROMPT,
+        "embedded.history": "questions",
     },
 }
 

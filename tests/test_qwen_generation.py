@@ -70,7 +70,7 @@ def test_params_default_to_the_checkpoint_chat_config():
     assert chat == SamplingParams(greedy=False, temperature=1.0, top_p=0.5, top_k=0, repetition_penalty=1.0)
     assert params_for(GenerationConfig(), chat).top_p == 0.5
     mine = GenerationConfig(top_p=0.9, greedy=True, seed=3)
-    assert params_for(mine, chat) == SamplingParams(True, 0.7, 0.9, 20, 1.05, 3)
+    assert params_for(mine, chat) == SamplingParams(True, mine.temperature, 0.9, 20, 1.05, 3)
     assert params_for(GenerationConfig(), None).top_k == 20
 
 
