@@ -75,6 +75,8 @@ class EmbeddedConfig:
     )
     history: Literal["exchanges", "questions"] = "exchanges"
     turn_instruction: str = ""
+    language: str = ""  # the language every spoken turn is heard in ("en"); "" = Whisper detects it per turn
+    whisper_english: Literal["", "tiny.en"] = "tiny.en"  # hears the turns told they are English ("" = `whisper`)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ load changes on the shared machine hit them alike. Per run: latency (the call, a
 included), words, language, word errors against the text spoken. Per system: WER overall and per leading silence,
 the clips whose words changed with the silence, latency percentiles.
 
+`own-base-en` is the project's base model told the language (`[embedded] language = "en"`, or a client's
+transcription `language`): no detection.
 `own-base-previous` is the project's path before this benchmark (re-created here from the model's own calls): the
 clip plus 2 s encoded without trimming, redone on the full window when the mean token log-probability was under
 -0.5 or decoding looped. faster-whisper needs the assembled `model.bin`, which `prepare` does not keep: base is
@@ -32,6 +34,7 @@ from bench.results import Record
 
 SYSTEMS = (
     "own-base",
+    "own-base-en",
     "own-tiny.en",
     "faster-whisper-base-int8",
     "faster-whisper-base-float32",
@@ -74,14 +77,15 @@ def faster_whisper_transcriber(model_dir: Path, compute_type: str, threads: int)
     return run
 
 
-def own_transcriber(model_dir: Path) -> Callable[[np.ndarray], tuple]:
+def own_transcriber(model_dir: Path, language: str | None = None) -> Callable[[np.ndarray], tuple]:
+    """The project's recogniser; `language` given (the `-en` systems) is the language the user said they speak."""
     from assistant.backends.base import run_steps
     from assistant.models.whisper import WhisperTranscriber
 
     tr = WhisperTranscriber.load(model_dir)
 
     def run(audio: np.ndarray) -> tuple[str, str]:
-        [r] = run_steps(tr.transcribe_steps([audio]))
+        [r] = run_steps(tr.transcribe_steps([audio], languages=[language]))
         return r.text, r.language
 
     return run
@@ -139,8 +143,10 @@ def load_systems(names: list[str], threads: int, scratch: Path) -> dict[str, Cal
             model_dir = prepare_source(WHISPER_SOURCES[model], cache)
             if "-window" in name:
                 out[name] = window_transcriber(model_dir, int(name.rsplit("window", 1)[1]))
+            elif name.endswith("previous"):
+                out[name] = previous_transcriber(model_dir)
             else:
-                out[name] = (previous_transcriber if name.endswith("previous") else own_transcriber)(model_dir)
+                out[name] = own_transcriber(model_dir, "en" if name.endswith("-en") else None)
         else:
             out[name] = faster_whisper_transcriber(faster_whisper_dir(model, scratch), name.split("-")[-1], threads)
     return out

@@ -122,7 +122,7 @@ async def run(args, record: Record) -> None:
                     numbers["lm_dtype"] = str(backend.lm.dtype).removeprefix("torch.")
                     if with_whisper:
                         spoken_prompts, numbers["spoken_transcripts"] = await transcribe_set(engine)
-                        backend.transcriber = None  # free it: only the LLM is measured from here on
+                        backend.recognisers = None  # free it: only the LLM is measured from here on
                     if r == 0 and spoken_prompts is not None:
                         answers[f"engine {q}"] = await engine.call(
                             lambda b, p=spoken_prompts: [greedy_answer(b, x).text for x in p]

@@ -69,6 +69,33 @@ def test_batched_transcription_equals_one_at_a_time(embedded_backend, embedded_q
     assert [t.transcript for t in batch] == [t.transcript for t in solo]
 
 
+def test_a_told_language_is_the_one_whisper_hears_in(embedded_backend, embedded_questions):
+    """`Utterance.language` (a client's transcription language) reaches the recogniser: English goes to the
+    English-only model (`[embedded] whisper_english`, tiny.en by default), another language to base told it (no
+    detection); an unknown one is refused with the codes it knows; `[embedded] language` is the default of a turn
+    that names none."""
+    from assistant.backends.base import run_steps
+
+    rec, audio = embedded_backend.recognisers, embedded_questions[0][2]
+    assert rec.english is not None and not rec.english.multilingual and rec.main.multilingual
+    assert {"en", "de", "zh"} <= set(embedded_backend.languages)
+    en, de = embedded_backend.prepare(
+        [Utterance(key="en", audio=audio, language="en-US"), Utterance(key="de", audio=audio, language="de")], [1, 2]
+    )
+    [tiny] = run_steps(rec.english.transcribe_steps([audio]))
+    [base_de] = run_steps(rec.main.transcribe_steps([audio], languages=["de"]))
+    assert (en.language, en.transcript) == ("en", tiny.text) and correct(en.transcript, ("france",))
+    assert (de.language, de.transcript) == ("de", base_de.text) and de.transcript != en.transcript
+    with pytest.raises(ValueError, match="not one Whisper knows.*expected one of .*en"):
+        embedded_backend.prepare([Utterance(key="xx", audio=audio, language="xx")], [1])
+    rec.language = "de"
+    try:
+        [default] = embedded_backend.prepare([Utterance(key="d", audio=audio)], [1])
+    finally:
+        rec.language = ""
+    assert default.language == "de" and default.transcript == de.transcript
+
+
 def test_silence_and_a_click_give_empty_transcripts_not_hallucinations(embedded_backend, embedded_questions):
     import numpy as np
 

@@ -118,7 +118,7 @@ def test_an_unknown_key_gets_an_error_naming_it_and_changes_nothing(payload, par
         ({"reasoning": {"effort": "low"}}, "session.reasoning"),
         ({"truncation": "disabled"}, "session.truncation"),
         ({"type": "transcription"}, "session.type"),
-        ({"audio": {"input": {"transcription": {"model": "whisper-1", "language": "de"}}}}, None),
+        ({"audio": {"input": {"transcription": {"model": "whisper-1", "languages": ["de"]}}}}, None),
         ({"audio": {"input": {"turn_detection": {"type": "server_vad", "idle_timeout_ms": 5000}}}}, None),
     ],
 )
@@ -128,6 +128,45 @@ def test_a_setting_we_cannot_honour_is_refused_with_the_reason(payload, param):
     err = update(s, sim, payload)["error"]
     assert err["code"] == "unsupported_parameter" and "not supported by this server: " in err["message"]
     assert param is None or err["param"] == param
+    assert s.settings == before
+
+
+# ---- transcription language ----------------------------------------------------------------------------------
+def test_a_transcription_language_is_echoed_and_every_turn_is_heard_in_it():
+    s, sim, _ = session(languages=("en", "de", "zh"))
+    tr = {"model": "whisper-1", "language": "de-DE"}
+    got = update(s, sim, {"audio": {"input": {"transcription": tr}}})
+    assert got["session"]["audio"]["input"]["transcription"] == {"model": "whisper-1", "language": "de"}
+    sim.run(s.receive_audio(speech_pcm(800) + silence(900).tobytes(), 1.0))
+    run_until_quiet(s, sim, 1.5)
+    spoken = [c.utterance for c in sim.commands if isinstance(c, C.AddTurn | C.Speculate)]
+    assert spoken and all(u.language == "de" for u in spoken)  # the speculation too: it must match the commit
+    item = {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "AAAAAA=="}]}
+    sim.run(s.receive_event({"type": "conversation.item.create", "item": item}, 2.0))
+    run_until_quiet(s, sim, 2.5)
+    assert [c.utterance.language for c in sim.commands if isinstance(c, C.AddTurn)][-1] == "de"
+    off = update(s, sim, {"input_audio_transcription": None})  # null (a beta key, either works): the server's choice
+    assert off["session"]["audio"]["input"]["transcription"] is None
+    sim.run(s.receive_audio(speech_pcm(800) + silence(900).tobytes(), 3.0))
+    assert [c.utterance.language for c in sim.commands if isinstance(c, C.AddTurn)][-1] is None
+
+
+@pytest.mark.parametrize(
+    ("languages", "value", "code"),
+    [
+        (("en", "de"), "xx", "unknown_language"),
+        (("en",), "de", "unknown_language"),  # an English-only recogniser (tiny.en)
+        ((), "en", "unsupported_parameter"),  # a backend that hears audio as is (qwen-audio)
+        (("en",), 7, "invalid_event"),
+    ],
+)
+def test_a_language_the_recogniser_cannot_be_told_is_refused(languages, value, code):
+    s, sim, _ = session(languages=languages)
+    before = s.settings
+    err = update(s, sim, {"audio": {"input": {"transcription": {"model": "whisper-1", "language": value}}}})["error"]
+    assert err["code"] == code and err["param"] == "session.audio.input.transcription.language"
+    if code == "unknown_language":
+        assert "en" in err["message"] and "null to detect" in err["message"]
     assert s.settings == before
 
 

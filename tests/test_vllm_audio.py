@@ -128,7 +128,7 @@ async def test_spoken_turns_reach_qwen2_audio_as_wav_and_its_answer_streams_back
         }
     )
     backend = OpenAIBackend.from_config(cfg)
-    assert backend.transcriber is None  # audio goes to the model: no Whisper here
+    assert backend.recognisers is None  # audio goes to the model: no Whisper here
     pcm = wav_pcm16(question_wav)
     async with running_server(cfg, backend=backend) as srv:
         ws = await websockets.connect(srv.ws_url)

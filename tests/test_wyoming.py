@@ -164,6 +164,24 @@ async def test_a_spoken_question_is_transcribed(wyoming_server, question_wav):
 
 
 @pytest.mark.slow
+async def test_the_language_home_assistant_sends_is_the_one_heard(wyoming_server, question_wav):
+    """`transcribe {language}` is told to the recogniser: the same English audio told German comes out otherwise;
+    a language it does not know is reported (`unknown_language`) and the turn is still transcribed."""
+    port = wyoming_server.wyoming.port
+    with wave.open(str(question_wav)) as w:
+        rate, pcm = w.getframerate(), w.readframes(w.getnframes())
+
+    async def heard(language: str) -> tuple[str, list[str]]:
+        events = await ask(port, Transcribe(language=language).event(), *audio_events(pcm, rate), until="transcript")
+        return Transcript.from_event(events[-1]).text, [e.data["code"] for e in events if e.type == "error"]
+
+    (en, en_errors), (de, de_errors) = await heard("en-US"), await heard("de")
+    assert not en_errors and not de_errors and "france" in words(en) and de != en
+    unknown, errors = await heard("xx")
+    assert errors == ["unknown_language"] and "france" in words(unknown)
+
+
+@pytest.mark.slow
 async def test_a_conversation_remembers_its_earlier_turn(wyoming_server):
     port = wyoming_server.wyoming.port
 

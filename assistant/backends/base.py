@@ -31,6 +31,7 @@ class Utterance:
     audio: np.ndarray | None = None
     text: str | None = None
     output: ToolOutput | None = None  # a client's function result (no audio, no text): `PreparedTurn.outputs`
+    language: str | None = None  # the language the audio is spoken in, as the client said ("en"); None: detected
 
     @property
     def audio_s(self) -> float:
@@ -158,9 +159,11 @@ class Backend(Protocol):
         is k in "Audio k:" (audios counted across the conversation)."""
         ...
 
-    # Optional: `prepare_batch: int`, the most utterances the engine passes per call (default
-    # `assistant.engine.turns.PREPARE_BATCH`); `prepare_steps(utterances, audio_numbers) -> Steps`, `prepare` in
-    # bounded steps, looked up on the backend's class (a wrapper that overrides only `prepare` is used as it is).
+    # Optional: `languages: tuple[str, ...]`, the codes an utterance's `language` may name (a recogniser told the
+    # language skips detecting it; absent or empty: the backend takes no language); `prepare_batch: int`, the most
+    # utterances the engine passes per call (default `assistant.engine.turns.PREPARE_BATCH`);
+    # `prepare_steps(utterances, audio_numbers) -> Steps`, `prepare` in bounded steps, looked up on the backend's
+    # class (a wrapper that overrides only `prepare` is used as it is).
 
     def build_prompt(self, system: str, history: list[Exchange], turn: PreparedTurn, max_window_tokens: int) -> Prompt:
         """Chat prompt for `turn` after `history`, newest history first while it fits `max_window_tokens`."""

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 from assistant.backends.base import Exchange, PreparedTurn, Prompt, Steps, Utterance, run_steps
-from assistant.models.device import resolve_dtype
+from assistant.backends.recognition import Recognisers, load_recognisers, transcribed_turns
 from assistant.models.qwen2_lm import Qwen2LM
 from assistant.models.tokenizer import ENDOFTEXT, IM_END, IM_START, QwenTokenizer, load_ranks
-from assistant.models.whisper import WhisperTranscriber
 
 log = logging.getLogger("assistant.embedded")
 
@@ -34,36 +33,6 @@ def qwen2_tokenizer(llm_dir: Path) -> QwenTokenizer:
     return QwenTokenizer(ranks, cfg["specials"], stop_tokens=(IM_END, ENDOFTEXT, IM_START), name="qwen2.5")
 
 
-def load_transcriber(whisper_dir: Path, device) -> WhisperTranscriber:
-    """Whisper from the weights cache, in the dtype the device runs best (also the `openai` backend's recogniser)."""
-    return WhisperTranscriber.load(whisper_dir, resolve_dtype("auto", device, "whisper"), str(device))
-
-
-def transcribed_turns(transcriber: WhisperTranscriber | None, utterances: list[Utterance], backend: str) -> Steps:
-    """Whisper's transcript of every utterance with audio, in bounded steps; typed text alone is the user message
-    as-is, and with both the typed text follows the transcript on a new line (an instruction about what was said)."""
-    spoken = [u for u in utterances if u.audio is not None and len(u.audio) > 0]
-    if spoken and transcriber is None:
-        raise ValueError(f"this {backend} backend was built without Whisper and cannot take audio")
-    heard = {}
-    if spoken:
-        results = yield from transcriber.transcribe_steps([u.audio for u in spoken])
-        heard = {u.key: r for u, r in zip(spoken, results, strict=True)}
-    turns = []
-    for u in utterances:
-        r = heard.get(u.key)
-        if r is None:
-            turns.append(PreparedTurn(key=u.key, user_text=(u.text or "").strip()))
-            continue
-        user_text = "\n".join(s for s in (r.text, (u.text or "").strip()) if s)
-        turns.append(
-            PreparedTurn(
-                key=u.key, user_text=user_text, transcript=r.text, language=r.language or None, audio_s=u.audio_s
-            )
-        )
-    return turns
-
-
 class EmbeddedBackend:
     name = "embedded"
 
@@ -71,7 +40,7 @@ class EmbeddedBackend:
         self,
         lm: Qwen2LM,
         tokenizer: QwenTokenizer,
-        transcriber: WhisperTranscriber | None,
+        recognisers: Recognisers | None,
         system_prompt: str,
         max_window_tokens: int = DEFAULT_WINDOW_TOKENS,
         history: str = "exchanges",
@@ -79,12 +48,13 @@ class EmbeddedBackend:
     ):
         if lm.vocab_size < tokenizer.n_valid:
             raise ValueError(f"LM vocab {lm.vocab_size} is smaller than the tokenizer's {tokenizer.n_valid} ids")
-        self.lm, self.tokenizer, self.transcriber = lm, tokenizer, transcriber
+        self.lm, self.tokenizer, self.recognisers = lm, tokenizer, recognisers
         self.default_system_prompt = system_prompt
         self.max_window_tokens = max_window_tokens
         if history not in HISTORY_RENDERINGS:
             raise ValueError(f"history rendering must be one of {HISTORY_RENDERINGS}, got {history!r}")
         self.history, self.turn_instruction = history, turn_instruction.strip()
+        self.languages = recognisers.languages if recognisers is not None else ()  # what a turn may be told
         # Utterances per prepare call (the engine's chunk). On CPU the 30 s window's encoder is most of the work and
         # costs the same per utterance in a batch (one window per step), while a batch answers every utterance only
         # after all are encoded: one per call gives each turn its transcript soonest. A GPU batches them.
@@ -97,20 +67,20 @@ class EmbeddedBackend:
         paths = ensure_prepared(cfg)
         t0 = time.perf_counter()
         lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype, cfg.embedded.quantization)
-        transcriber = load_transcriber(paths.whisper_dir, lm.device)
+        recognisers = load_recognisers(paths.whisper_dir, paths.english_dir, lm.device, cfg.embedded.language)
         log.info(
             "embedded backend loaded in %.1f s (LM %s, quantization %s, on %s, Whisper %s)",
             time.perf_counter() - t0,
             str(lm.dtype).removeprefix("torch."),
             lm.quantization,
             lm.device,
-            cfg.embedded.whisper,
+            cfg.embedded.whisper + (f" and {cfg.embedded.whisper_english} for English" if paths.english_dir else ""),
         )
         e = cfg.embedded
         return cls(
             lm,
             qwen2_tokenizer(paths.llm_dir),
-            transcriber,
+            recognisers,
             e.system_prompt,
             DEFAULT_WINDOW_TOKENS,
             e.history,
@@ -127,7 +97,7 @@ class EmbeddedBackend:
     def prepare_steps(self, utterances: list[Utterance], audio_numbers: list[int]) -> Steps:
         """`prepare` in bounded steps (`WhisperTranscriber.transcribe_steps`): the engine's worker runs a decode step
         for the running answers between them."""
-        return (yield from transcribed_turns(self.transcriber, utterances, self.name))
+        return (yield from transcribed_turns(self.recognisers, utterances, self.name))
 
     def _message(self, role: str, text: str, close: bool = True) -> list[int]:
         t = self.tokenizer

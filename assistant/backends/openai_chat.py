@@ -36,11 +36,11 @@ import numpy as np
 
 from assistant.audio import MODEL_RATE_HZ
 from assistant.backends.base import ChatRequest, Exchange, PreparedTurn, SamplingParams, Steps, Utterance
-from assistant.backends.embedded import DEFAULT_WINDOW_TOKENS, load_transcriber, transcribed_turns
+from assistant.backends.embedded import DEFAULT_WINDOW_TOKENS
+from assistant.backends.recognition import Recognisers, load_recognisers, transcribed_turns
 from assistant.backends.tools import AUTO, ToolChoice, ToolSpec
 from assistant.backends.upstream import ChatSink, Timeouts, UpstreamPool
 from assistant.models.tokenizer import QwenTokenizer
-from assistant.models.whisper import WhisperTranscriber
 
 log = logging.getLogger("assistant.openai")
 
@@ -84,7 +84,7 @@ class OpenAIBackend:
         self,
         pool: UpstreamPool,
         tokenizer: QwenTokenizer,
-        transcriber: WhisperTranscriber | None,
+        recognisers: Recognisers | None,
         system_prompt: str,
         audio_input: str = "transcript",
         sampling_extensions: bool = True,
@@ -92,11 +92,12 @@ class OpenAIBackend:
     ):
         if audio_input not in ("transcript", "audio"):
             raise ValueError(f"openai.audio_input: expected 'transcript' or 'audio', got {audio_input!r}")
-        self.pool, self.tokenizer, self.transcriber = pool, tokenizer, transcriber
+        self.pool, self.tokenizer, self.recognisers = pool, tokenizer, recognisers
         self.default_system_prompt = system_prompt
         self.audio_input = audio_input
         self.sampling_extensions = sampling_extensions
         self.max_window_tokens = max_window_tokens
+        self.languages = recognisers.languages if recognisers is not None else ()  # what a turn may be told
         # transcript: Whisper's steps, one utterance per chunk as the embedded backend does on CPU; audio: WAV only
         self.prepare_batch = 1 if audio_input == "transcript" else 8
 
@@ -104,14 +105,15 @@ class OpenAIBackend:
     def from_config(cls, cfg) -> OpenAIBackend:
         o = cfg.openai
         t0 = time.perf_counter()
-        transcriber = None
+        recognisers = None
         if o.audio_input == "transcript":
             from assistant.models.device import resolve_device
-            from assistant.weights.cache import default_cache_dir, prepare_source
-            from assistant.weights.sources import WHISPER_SOURCES
+            from assistant.weights.cache import default_cache_dir, prepare_source, recogniser_sources
 
-            whisper_dir = prepare_source(WHISPER_SOURCES[cfg.embedded.whisper], default_cache_dir(cfg))
-            transcriber = load_transcriber(whisper_dir, resolve_device(cfg.model.device))
+            dirs = [prepare_source(s, default_cache_dir(cfg)) for s in recogniser_sources(cfg)]
+            english_dir = dirs[1] if len(dirs) > 1 else None
+            device = resolve_device(cfg.model.device)
+            recognisers = load_recognisers(dirs[0], english_dir, device, cfg.embedded.language)
         timeouts = Timeouts(o.connect_timeout_s, o.read_timeout_s, o.response_timeout_s, o.health_interval_s)
         pool = UpstreamPool(list(o.base_urls), o.model, o.api_key, timeouts)
         pool.start()
@@ -124,7 +126,7 @@ class OpenAIBackend:
         )
         system = cfg.model.system_prompt or cfg.embedded.system_prompt
         tokenizer = QwenTokenizer.for_qwen_audio()
-        return cls(pool, tokenizer, transcriber, system, o.audio_input, o.sampling_extensions)
+        return cls(pool, tokenizer, recognisers, system, o.audio_input, o.sampling_extensions)
 
     # ------------------------------------------------------------------ audio work (worker thread)
 
@@ -135,7 +137,7 @@ class OpenAIBackend:
 
     def prepare_steps(self, utterances: list[Utterance], audio_numbers: list[int]) -> Steps:
         if self.audio_input == "transcript":
-            return (yield from transcribed_turns(self.transcriber, utterances, self.name))
+            return (yield from transcribed_turns(self.recognisers, utterances, self.name))
         turns = []
         for u in utterances:
             spoken = u.audio is not None and len(u.audio) > 0

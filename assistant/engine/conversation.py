@@ -48,7 +48,9 @@ class Speculation:
 
     def matches(self, utt: Utterance) -> bool:
         mine = self.utterance
-        if mine.key != utt.key or mine.text != utt.text or (mine.audio is None) != (utt.audio is None):
+        if mine.key != utt.key or mine.text != utt.text or mine.language != utt.language:
+            return False
+        if (mine.audio is None) != (utt.audio is None):
             return False
         return mine.audio is None or (mine.audio.shape == utt.audio.shape and np.array_equal(mine.audio, utt.audio))
 

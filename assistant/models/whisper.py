@@ -242,11 +242,29 @@ class WhisperTranscriber:
         """What the model hears of `audio`: its speech with `trim.MARGIN_S` around it, at most one 30 s window."""
         return trim_silence(audio)[: N_FRAMES * HOP]
 
+    def languages(self) -> tuple[str, ...]:
+        """The language codes this model can be told to hear (`transcribe_steps(languages=...)`)."""
+        return tuple(self.lang_names.values())
+
+    def language_token(self, language: str) -> int:
+        """The language token of `language` (an ISO-639-1 code such as "en"; "en-US" reads as "en")."""
+        code = language.replace("_", "-").split("-")[0].lower()
+        for tok, name in self.lang_names.items():
+            if name == code:
+                return tok
+        which = "this English-only model" if not self.multilingual else "Whisper"
+        raise ValueError(
+            f"transcription language {language!r} is not one {which} knows; expected one of "
+            f"{', '.join(self.languages())}, or none to detect the language"
+        )
+
     def transcribe_steps(
-        self, audios: list[np.ndarray], max_tokens: int | None = None
+        self, audios: list[np.ndarray], max_tokens: int | None = None, languages: list[str | None] | None = None
     ) -> Generator[None, None, list[Transcript]]:
         """Greedy transcripts of `audios`, in bounded steps (the caller may do other work at each `yield`): one
-        30 s window encoded per step, then the batch decoded together."""
+        30 s window encoded per step, then the batch decoded together. `languages[i]`, when given, is the language
+        clip i is spoken in (no detection); None detects it."""
+        forced = [None if not lang else self.language_token(lang) for lang in (languages or [None] * len(audios))]
         # A clip under 30 ms holds no word (and gives the convolutions too few frames): an empty transcript.
         results: list[Transcript] = [Transcript("", "", [], no_speech=True) for _ in audios]
         runnable = [i for i, a in enumerate(audios) if len(a) >= MIN_SAMPLES]
@@ -258,16 +276,22 @@ class WhisperTranscriber:
             feats.append(self.model.encode(log_mel(clip)[None]))
         if runnable:
             yield
-            for i, r in zip(runnable, self.decode_features(torch.cat(feats), speech, max_tokens), strict=True):
+            told = [forced[i] for i in runnable]
+            for i, r in zip(runnable, self.decode_features(torch.cat(feats), speech, max_tokens, told), strict=True):
                 results[i] = r
         return results
 
     @torch.inference_mode()
     def decode_features(
-        self, feats: torch.Tensor, speech: list[np.ndarray], max_tokens: int | None = None
+        self,
+        feats: torch.Tensor,
+        speech: list[np.ndarray],
+        max_tokens: int | None = None,
+        language_tokens: list[int | None] | None = None,
     ) -> list[Transcript]:
         """feats [B, T, D] (the encoder output; T = 1500 for the 30 s window) of the clips `speech` (their length
         caps the tokens) -> greedy transcripts. Public for bench/asr_peers.py, which also decodes shorter windows.
+        `language_tokens[i]` (`language_token`), when given, is clip i's language: it is decoded in it alone.
 
         Language: Whisper's distribution over language tokens right after `<|startoftranscript|>`. When its top
         language is below `LANGUAGE_SURE_P`, the clip is transcribed in each of its `LANGUAGE_CANDIDATES` likeliest
@@ -282,7 +306,11 @@ class WhisperTranscriber:
         no_speech_p = logits[:, 0].softmax(-1)[:, self.no_speech]  # Whisper's voice-activity signal
         lang_probs = logits[:, 0, self.lang_ids].softmax(-1)
         rows: list[tuple[int, int, float]] = []  # (clip, language token, its probability) per decoded row
+        told = language_tokens or [None] * b
         for i in range(b):
+            if told[i] is not None:  # the caller knows the language: detection is skipped, not just overruled
+                rows.append((i, told[i], 1.0))
+                continue
             top = lang_probs[i].topk(min(self.LANGUAGE_CANDIDATES, len(self.lang_ids)))
             n = 1 if float(top.values[0]) >= self.LANGUAGE_SURE_P else len(top.values)
             rows += [(i, self.lang_ids[int(j)], float(p)) for p, j in zip(top.values[:n], top.indices[:n], strict=True)]

@@ -80,8 +80,9 @@ def check_placement(ev: ItemCreate, items: Items) -> None:
     raise ProtocolError("invalid_event", msg, "previous_item_id", ev.event_id)
 
 
-def created(ev: ItemCreate, items: Items, calls: Calls, input_rate_hz: int) -> Created:
-    """Validate `ev` and build the turn and the item; ProtocolError (nothing added) otherwise."""
+def created(ev: ItemCreate, items: Items, calls: Calls, input_rate_hz: int, language: str | None = None) -> Created:
+    """Validate `ev` and build the turn and the item; ProtocolError (nothing added) otherwise. `language`: the
+    session's transcription language, which its audio is heard in."""
     check_placement(ev, items)
     item_id = ev.item_id or new_id("item")
     if ev.call_id is not None:
@@ -104,7 +105,8 @@ def created(ev: ItemCreate, items: Items, calls: Calls, input_rate_hz: int) -> C
         parts.append({"type": "input_text", "text": ev.text})
     item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed"}
     item["content"] = parts
-    return Created(item_id, Utterance(key=item_id, audio=audio, text=ev.text), item, parts[0])
+    utt = Utterance(key=item_id, audio=audio, text=ev.text, language=language if audio is not None else None)
+    return Created(item_id, utt, item, parts[0])
 
 
 def _model_rate(pcm: bytes, input_rate_hz: int) -> np.ndarray:

@@ -67,7 +67,11 @@ class EventFactory:
             td = dataclasses.asdict(st.turn_detection)
             if td["type"] == "server_vad":
                 del td["eagerness"]  # semantic_vad's knob
-        tr = None if st.transcription is None else {"model": st.transcription.model}
+        tr = None
+        if st.transcription is not None:
+            tr = {"model": st.transcription.model}
+            if st.transcription.language:
+                tr["language"] = st.transcription.language
         nr = None if st.noise_reduction is None else {"type": st.noise_reduction}
         given = st.as_given
         tracing = {} if given.tracing is None else {"tracing": given.tracing}

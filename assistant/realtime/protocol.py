@@ -40,6 +40,10 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
         "a `session` setting of OpenAI's schema this server cannot honour (the message says why); nothing changed",
     ),
     "unknown_voice": ("invalid_request_error", "a voice that is not installed; the message lists the installed ones"),
+    "unknown_language": (
+        "invalid_request_error",
+        "a transcription language the recogniser does not know; the message lists the codes it knows",
+    ),
     "item_not_found": (
         "invalid_request_error",
         "conversation.item.truncate/retrieve/delete (or create's previous_item_id) names an item this session lacks",

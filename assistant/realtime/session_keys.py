@@ -6,7 +6,7 @@ OpenAI answers a key its schema lacks with `unknown_parameter` ("Unknown paramet
 nothing; so do we. The tables below are OpenAI's keys (the `openai` 3.57 SDK's GA `RealtimeSessionCreateRequest`
 and beta `session_update_event.Session`, tests/test_session_keys.py checks them against it) plus our extensions.
 Either dialect's keys are accepted on either connection. A key OpenAI has but we cannot honour with the value sent
-(a stored `prompt`, `reasoning`, transcription `language`, ...) gets `unsupported_parameter` naming it and saying
+(a stored `prompt`, `reasoning`, transcription `prompt`, ...) gets `unsupported_parameter` naming it and saying
 why; null (or the value that means "off") is always accepted, since SDKs send their defaults.
 
 `settings.apply_session_update` calls `check_keys` on every object of the payload before parsing any value.
@@ -81,9 +81,11 @@ def refuse_unless_off(s: dict[str, Any], eid: str | None) -> None:
 # ---- settings kept as given ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Transcription:
-    """Input transcription: our recogniser transcribes whatever `model` names (it is echoed as sent)."""
+    """Input transcription: our recogniser transcribes whatever `model` names (it is echoed as sent); `language`
+    (an ISO-639-1 code) is the language it hears every turn in instead of detecting it."""
 
     model: str = "whisper-1"
+    language: str | None = None
 
 
 NoiseReduction = Literal["near_field", "far_field"]
@@ -99,7 +101,10 @@ class AsGiven:
     truncation: str = "auto"
 
 
-def parse_transcription(value: Any, param: str, eid: str | None) -> Transcription | None:
+def parse_transcription(
+    value: Any, param: str, eid: str | None, languages: tuple[str, ...] = ()
+) -> Transcription | None:
+    """`languages`: the codes the server's recogniser can be told (`Backend.languages`); empty: it takes none."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -108,8 +113,7 @@ def parse_transcription(value: Any, param: str, eid: str | None) -> Transcriptio
         )
     check_keys(value, TRANSCRIPTION_KEYS, param, eid)
     why = {
-        "language": "the recogniser detects the language itself",
-        "languages": "the recogniser detects the language itself",
+        "languages": "the recogniser is told one language (`language`) or detects it",
         "prompt": "the recogniser takes no prompt",
         "keywords": "the recogniser takes no keyword list",
         "delay": "the recogniser transcribes each turn once it is committed",
@@ -120,7 +124,29 @@ def parse_transcription(value: Any, param: str, eid: str | None) -> Transcriptio
     model = value.get("model", "whisper-1")
     if not isinstance(model, str) or not model:
         raise ProtocolError("invalid_event", f"{param}.model must be a model name, got {shown(model)}", param, eid)
-    return Transcription(model)
+    return Transcription(model, parse_language(value.get("language"), f"{param}.language", eid, languages))
+
+
+def parse_language(value: Any, param: str, eid: str | None, languages: tuple[str, ...]) -> str | None:
+    """The ISO-639-1 code `value` names ("en"; "en-US" and "EN" read as "en"), or None for none / empty."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        msg = f"{param} must be an ISO-639-1 language code such as 'en', got {shown(value)}"
+        raise ProtocolError("invalid_event", msg, param, eid)
+    if not languages:
+        raise unsupported(
+            param, value, "its recogniser cannot be told the language (this backend hears audio as is)", eid
+        )
+    code = value.replace("_", "-").split("-")[0].lower()
+    if code not in languages:
+        shown_codes = ", ".join(languages[:20]) + (", ..." if len(languages) > 20 else "")
+        msg = (
+            f"{param}: the recogniser does not know the language {shown(value)}; expected an ISO-639-1 code it "
+            f"knows ({shown_codes}), or null to detect the language"
+        )
+        raise ProtocolError("unknown_language", msg, param, eid)
+    return code
 
 
 def parse_noise_reduction(value: Any, param: str, eid: str | None) -> NoiseReduction | None:

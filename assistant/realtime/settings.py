@@ -77,6 +77,7 @@ class SessionSettings:
     max_output_tokens: int | None = None  # None = "inf" (generation config)
     temperature: float | None = field(default=None, metadata=bounds(0.0, 2.0))
     transcription: Transcription | None = None  # asked-for input transcription (sent whenever the backend has one)
+    languages: tuple[str, ...] = ()  # the codes the server's recogniser can be told (`Transcription.language`)
     noise_reduction: NoiseReduction | None = None  # WebRTC noise suppression before the VAD (`audio.denoise`)
     as_given: AsGiven = field(default_factory=AsGiven)  # parallel_tool_calls, tracing, truncation: echoed as sent
     wake_word: WakeWordSettings | None = None  # None = every turn is heard; else only after the wake word
@@ -242,7 +243,7 @@ def _parse_input(
     ch: dict[str, Any] = {}
     parsers = {
         "turn_detection": lambda v, param: _parse_turn_detection(v, cur.turn_detection, default_td, param, eid),
-        "transcription": lambda v, param: K.parse_transcription(v, param, eid),
+        "transcription": lambda v, param: K.parse_transcription(v, param, eid, cur.languages),
         "noise_reduction": lambda v, param: K.parse_noise_reduction(v, param, eid),
         "wake_word": lambda v, param: _parse_wake_word(v, cur.wake_word, default_wake, param, eid),
     }

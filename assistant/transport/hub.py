@@ -88,6 +88,8 @@ class SessionHub:
         s = cfg.server
         self.limits = SessionLimits(s.max_message_bytes, s.max_queued_turns, s.max_turn_audio_ms)
         self.transports = transport_limits(cfg)
+        # What a session's transcription `language` may name: the loaded backend's recogniser's codes.
+        self.languages: tuple[str, ...] = tuple(getattr(engine.backend, "languages", ())) if engine else ()
         self._sweeper: asyncio.Task[None] | None = None
 
     def open(
@@ -104,7 +106,12 @@ class SessionHub:
         rate = {} if input_rate_hz is None else {"input_rate_hz": input_rate_hz}  # None: the dialect's default
         wake = transport_wake_word(self.cfg, transport)
         settings = SessionSettings(
-            model=self.model_name, turn_detection=self.cfg.vad, wake_word=wake, **rate, **self._voice()
+            model=self.model_name,
+            turn_detection=self.cfg.vad,
+            wake_word=wake,
+            languages=self.languages,
+            **rate,
+            **self._voice(),
         )
         cfg = self.cfg
         session = Session(

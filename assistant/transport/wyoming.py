@@ -148,6 +148,7 @@ class _Client:
         self._idle = asyncio.Event()
         self._idle.set()
         self._asr: Transcription | None = None
+        self._asr_language: str | None = None  # the last `transcribe`'s language: the next audio stream's
         self._asr_converter: AudioChunkConverter | None = None
         self._asr_rate_hz = 0
         self._audio_refused = False  # the audio-start was refused: its chunks are dropped without more errors
@@ -290,7 +291,7 @@ class _Client:
         return hub
 
     async def _transcribe(self, ev: Event) -> None:
-        field(ev, "language", str, required=False)  # checked, not used: Whisper detects the language itself
+        self._asr_language = field(ev, "language", str, required=False)  # told to Whisper (`Transcription`)
         self._wake_names = None  # this audio stream is for the recogniser
 
     # ---- wake ----------------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ class _Client:
             return
         self._one_at_a_time("asr")
         hub = self._require_model("asr")
-        asr = Transcription(hub, rate, self._report, self._end)
+        asr = Transcription(hub, rate, self._report, self._end, self._asr_language)
         await asr.open()
         self._asr, self._asr_rate_hz, self._audio_refused = asr, rate, False
         self._asr_converter = None if (width, channels) == (2, 1) else AudioChunkConverter(width=2, channels=1)

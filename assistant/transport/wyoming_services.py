@@ -211,7 +211,9 @@ _ASR_WARNINGS = frozenset({"input_audio_buffer_truncated", "invalid_audio"})
 class Transcription:
     """One `transcribe`: audio in, one transcript out, through a realtime session in push-to-talk (its buffer bound,
     resampling and checks). `report(error)` forwards the session's warnings; `close(code, reason)` ends the
-    Wyoming connection when the hub ends the session (idle, shutdown)."""
+    Wyoming connection when the hub ends the session (idle, shutdown). `language` (the `transcribe` event's, Home
+    Assistant's pipeline language) is the session's transcription language: Whisper is told it, not left to guess;
+    one the recogniser does not know is reported (`unknown_language`) and the language is detected."""
 
     def __init__(
         self,
@@ -219,8 +221,10 @@ class Transcription:
         rate_hz: int,
         report: Callable[[WyomingError], None],
         close: Callable[[int, str], Awaitable[None]],
+        language: str | None = None,
     ) -> None:
         self.hub, self.rate_hz, self._report, self._close = hub, rate_hz, report, close
+        self.language = language
         self._conn: Any = None
         self._result: asyncio.Future[str] | None = None
 
@@ -231,6 +235,9 @@ class Transcription:
             raise WyomingError("server_busy", str(e)) from None
         await self._conn.start()
         self._conn.receive_event(_ASR_SESSION)
+        if self.language and self.hub.languages:
+            told = {"transcription": {"model": "whisper-1", "language": self.language}}
+            self._conn.receive_event({"type": "session.update", "session": {"audio": {"input": told}}})
 
     def feed(self, pcm: bytes) -> None:
         self._conn.receive_audio(pcm)

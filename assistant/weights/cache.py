@@ -130,20 +130,33 @@ def prepare_source(source: Source, cache_dir: Path, force: bool = False, search_
 class PreparedPaths:
     llm_dir: Path
     whisper_dir: Path
+    english_dir: Path | None = None  # `[embedded] whisper_english`, when it is another model than `whisper`
+
+
+def english_whisper(cfg: Config) -> str | None:
+    """The English-only recogniser to load beside `[embedded] whisper` (None: none, or it is that model)."""
+    e = cfg.embedded
+    return e.whisper_english if e.whisper_english and e.whisper_english != e.whisper else None
+
+
+def recogniser_sources(cfg: Config) -> list[Source]:
+    """The Whisper models the config needs: `[embedded] whisper`, then `whisper_english` when it is another one."""
+    names = [cfg.embedded.whisper] + ([english] if (english := english_whisper(cfg)) else [])
+    return [WHISPER_SOURCES[n] for n in names]
 
 
 def ensure_prepared(cfg: Config, force: bool = False) -> PreparedPaths:
-    """Paths of the converted LLM and Whisper, preparing them first if needed (the backend calls this)."""
+    """Paths of the converted LLM and Whisper models, preparing them first if needed (the backend calls this)."""
     cache_dir = default_cache_dir(cfg)
-    whisper = WHISPER_SOURCES[cfg.embedded.whisper]
-    _refuse_unusable(whisper)  # before converting the LLM: the refusal costs nothing, the conversion a minute
-    for source in (QWEN_SOURCE, whisper):  # a missing package fails now, not after a long conversion of the other
+    whispers = recogniser_sources(cfg)
+    for w in whispers:
+        _refuse_unusable(w)  # before converting the LLM: the refusal costs nothing, the conversion a minute
+    for source in (QWEN_SOURCE, *whispers):  # a missing package fails now, not after a long conversion of another
         if force or _manifest_ok(cache_dir / source.name, source) is not None:
             for part in source.parts + source.extras:
                 locate(part)
-    return PreparedPaths(
-        llm_dir=prepare_source(QWEN_SOURCE, cache_dir, force), whisper_dir=prepare_source(whisper, cache_dir, force)
-    )
+    dirs = [prepare_source(w, cache_dir, force) for w in whispers]
+    return PreparedPaths(prepare_source(QWEN_SOURCE, cache_dir, force), dirs[0], dirs[1] if len(dirs) > 1 else None)
 
 
 def run_prepare(cfg: Config, force: bool = False) -> int:
@@ -152,5 +165,6 @@ def run_prepare(cfg: Config, force: bool = False) -> int:
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"embedded model ready: {paths.llm_dir} and {paths.whisper_dir}")
+    english = f" and {paths.english_dir}" if paths.english_dir else ""
+    print(f"embedded model ready: {paths.llm_dir} and {paths.whisper_dir}{english}")
     return 0
