@@ -23,7 +23,9 @@ another Whisper model has an engine of its own:
 - `no_spec_prefill`: `[engine] speculative_prefill = false`: the answer prefills its turn after the commit (the
   default prefills it as soon as the speculative transcript is ready; switched on the worker between turns);
 - `tiny_en`, `tiny_en_first_clause`: `[embedded] whisper = "tiny.en"` (English only), the second with
-  `first_clause_chars = 24`.
+  `first_clause_chars = 24`;
+- `told_en`: the client's session says its transcription `language` is "en" (as Home Assistant and many OpenAI
+  clients do): the turn goes to `[embedded] whisper_english` (tiny.en) with no language detection; the rest shipped.
 Three phases, each written to the result file when it ends (a long run killed midway keeps what it measured):
 `one` (`--variants`, one session at a time, every question), `budget` (`--budget-variants`, one session at a time,
 the first `--budget-questions` questions: the thread budget side by side), `four` (`--multi`, 4 sessions at once,
@@ -66,6 +68,7 @@ class Variant:
     first_clause_chars: int | None = None  # [voice] first_clause_chars; None = the shipped default
     speculative_prefill: bool = True  # [engine] speculative_prefill
     whisper: str = "base"  # [embedded] whisper (each model gets its own engine: one worker thread each)
+    language: str | None = None  # the client's transcription language (None: not sent, the language is detected)
 
 
 VARIANTS = {
@@ -77,6 +80,7 @@ VARIANTS = {
     "no_spec_prefill": Variant(speculative_prefill=False),
     "tiny_en": Variant(whisper="tiny.en"),
     "tiny_en_first_clause": Variant(whisper="tiny.en", first_clause_chars=24),
+    "told_en": Variant(language="en"),
 }
 SERVER_MS = ("encode", "prefill", "first_token", "first_clause", "synthesis", "first_audio")
 
@@ -85,12 +89,16 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
     return np.round(audio * 32768.0).clip(-32768, 32767).astype("<i2")
 
 
-async def one_turn(url: str, pcm: np.ndarray) -> dict:
-    """One fresh session asks one question; the client's marks in ms after its last speech frame."""
+async def one_turn(url: str, pcm: np.ndarray, language: str | None = None) -> dict:
+    """One fresh session asks one question (in `language`, when given); the client's marks in ms after its last
+    speech frame."""
     frame = 16000 * FRAME_MS // 1000
     async with websockets.connect(url, max_size=None) as ws:
         await ws.recv()
-        await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000}}))
+        session: dict = {"input_sample_rate": 16000}
+        if language:
+            session["input_audio_transcription"] = {"model": "whisper-1", "language": language}
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
         await ws.recv()
         for i in range(0, len(pcm), frame):
             await ws.send(pcm[i : i + frame].tobytes())
@@ -196,7 +204,9 @@ async def main(args: argparse.Namespace, save) -> dict:
 
                     await engine.call(setup)
                     picked = [questions[(i + k) % len(questions)] for k in range(sessions)]
-                    got = await asyncio.gather(*(one_turn(servers[name].ws_url, pcm) for _, _, pcm in picked))
+                    got = await asyncio.gather(
+                        *(one_turn(servers[name].ws_url, pcm, VARIANTS[name].language) for _, _, pcm in picked)
+                    )
                     for (q, kws, _), row in zip(picked, got, strict=True):
                         row.update(variant=name, sessions=sessions, question=q, correct=correct(row["answer"], kws))
                         rows.setdefault(f"{phase}:{name}@{sessions}", []).append(row)
@@ -207,8 +217,8 @@ async def main(args: argparse.Namespace, save) -> dict:
                     summary = {key: summarize(rs) for key, rs in rows.items()}
                     return {"engine_torch_threads": loaded_threads, "variants": used, "summary": summary, "turns": rows}
 
-                for whisper in engines:  # kernels, the system-prompt snapshot: not reported
-                    await run("warmup", next(n for n in every if VARIANTS[n].whisper == whisper), 1, 0)
+                for name in every:  # kernels, each recogniser, the system-prompt snapshot: not reported
+                    await run("warmup", name, 1, 0)
                 rows.clear()
                 for i in range(len(questions)):
                     for name in variants if i % 2 == 0 else variants[::-1]:  # alternate who goes first
