@@ -25,7 +25,10 @@ another Whisper model has an engine of its own:
 - `tiny_en`, `tiny_en_first_clause`: `[embedded] whisper = "tiny.en"` (English only), the second with
   `first_clause_chars = 24`;
 - `told_en`: the client's session says its transcription `language` is "en" (as Home Assistant and many OpenAI
-  clients do): the turn goes to `[embedded] whisper_english` (tiny.en) with no language detection; the rest shipped.
+  clients do): the turn goes to `[embedded] whisper_english` (tiny.en) with no language detection; the rest shipped;
+- `padded`, `told_en_padded`: the session's `turn_detection.early_prepare_ms` = 300 (the prefix padding): the turn's
+  audio work starts only once its trailing padding is complete, as every backend did before Whisper's trimmed
+  hearing let it start at 200 ms.
 Three phases, each written to the result file when it ends (a long run killed midway keeps what it measured):
 `one` (`--variants`, one session at a time, every question), `budget` (`--budget-variants`, one session at a time,
 the first `--budget-questions` questions: the thread budget side by side), `four` (`--multi`, 4 sessions at once,
@@ -69,6 +72,7 @@ class Variant:
     speculative_prefill: bool = True  # [engine] speculative_prefill
     whisper: str = "base"  # [embedded] whisper (each model gets its own engine: one worker thread each)
     language: str | None = None  # the client's transcription language (None: not sent, the language is detected)
+    early_prepare_ms: int | None = None  # the session's turn_detection.early_prepare_ms (None: the server's)
 
 
 VARIANTS = {
@@ -81,6 +85,8 @@ VARIANTS = {
     "tiny_en": Variant(whisper="tiny.en"),
     "tiny_en_first_clause": Variant(whisper="tiny.en", first_clause_chars=24),
     "told_en": Variant(language="en"),
+    "padded": Variant(early_prepare_ms=300),
+    "told_en_padded": Variant(language="en", early_prepare_ms=300),
 }
 SERVER_MS = ("encode", "prefill", "first_token", "first_clause", "synthesis", "first_audio")
 
@@ -89,15 +95,17 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
     return np.round(audio * 32768.0).clip(-32768, 32767).astype("<i2")
 
 
-async def one_turn(url: str, pcm: np.ndarray, language: str | None = None) -> dict:
-    """One fresh session asks one question (in `language`, when given); the client's marks in ms after its last
-    speech frame."""
+async def one_turn(url: str, pcm: np.ndarray, v: Variant = VARIANTS["default"]) -> dict:
+    """One fresh session asks one question (the client's side of variant `v`); the client's marks in ms after its
+    last speech frame."""
     frame = 16000 * FRAME_MS // 1000
     async with websockets.connect(url, max_size=None) as ws:
         await ws.recv()
         session: dict = {"input_sample_rate": 16000}
-        if language:
-            session["input_audio_transcription"] = {"model": "whisper-1", "language": language}
+        if v.language:
+            session["input_audio_transcription"] = {"model": "whisper-1", "language": v.language}
+        if v.early_prepare_ms is not None:
+            session["turn_detection"] = {"type": "server_vad", "early_prepare_ms": v.early_prepare_ms}
         await ws.send(json.dumps({"type": "session.update", "session": session}))
         await ws.recv()
         for i in range(0, len(pcm), frame):
@@ -205,7 +213,7 @@ async def main(args: argparse.Namespace, save) -> dict:
                     await engine.call(setup)
                     picked = [questions[(i + k) % len(questions)] for k in range(sessions)]
                     got = await asyncio.gather(
-                        *(one_turn(servers[name].ws_url, pcm, VARIANTS[name].language) for _, _, pcm in picked)
+                        *(one_turn(servers[name].ws_url, pcm, VARIANTS[name]) for _, _, pcm in picked)
                     )
                     for (q, kws, _), row in zip(picked, got, strict=True):
                         row.update(variant=name, sessions=sessions, question=q, correct=correct(row["answer"], kws))

@@ -172,3 +172,38 @@ async def test_discard_reset_and_close_leave_no_trace(rec_engine, clips):
     await engine.add_user_turn("sync", Utterance("t2", text="sync"))
     assert conv.closed and not conv.speculative and not conv.pending and not conv.history
     engine.discard_user_turn("s", "a2")  # a closed session: ignored
+
+
+def _padded(clip: np.ndarray, ms: int) -> np.ndarray:
+    return np.concatenate([clip, np.zeros(16 * ms, np.float32)])
+
+
+@pytest.mark.slow
+async def test_a_speculation_short_of_trailing_silence_is_reused_when_whisper_hears_it_alike(embedded_backend, clips):
+    """The VAD without whole padding speculates on a clip lacking some trailing silence (`VadSegmenter`): Whisper
+    trims it away, so the commit reuses the work; a clip that differs in what Whisper hears is prepared again."""
+    rec = RecordingBackend(embedded_backend)
+    engine = Engine(rec, EngineConfig(), GEN)
+    await engine.start()
+    try:
+        engine.open_session("s")
+        await _speculated(rec, engine, "s", Utterance("a1", audio=_padded(clips[0], 100)))
+        info = await engine.confirm_user_turn("s", Utterance("a1", audio=_padded(clips[0], 300)))
+        assert info.speculative and rec.runs("a1") == [len(clips[0]) + 1600]  # one prepare: the speculation's
+        assert info.audio_s == pytest.approx(len(clips[0]) / 16000 + 0.3)  # the committed clip's length
+        await _answer(engine, "s")
+        louder = _padded(clips[1], 300)
+        await _speculated(rec, engine, "s", Utterance("a2", audio=_padded(clips[1], 100)))
+        louder[-1600:] = 0.2  # a sound in the padding: heard, so not the same clip
+        info = await engine.confirm_user_turn("s", Utterance("a2", audio=louder))
+        assert not info.speculative and rec.runs("a2") == [len(clips[1]) + 1600, len(louder)]
+    finally:
+        await engine.stop()
+
+
+async def test_an_exact_backend_never_reuses_a_speculation_short_of_trailing_silence(rec_engine, clips):
+    rec, engine = rec_engine  # the qwen-audio backend: its encoder hears the whole clip
+    engine.open_session("s")
+    await _speculated(rec, engine, "s", Utterance("a1", audio=_padded(clips[0], 100)))
+    info = await engine.confirm_user_turn("s", Utterance("a1", audio=_padded(clips[0], 300)))
+    assert not info.speculative and len(rec.runs("a1")) == 2

@@ -167,3 +167,25 @@ async def test_close_during_speculation_forgets_it(server_tiny_backend):
         srv.engine.open_session("probe")
         await srv.engine.add_user_turn("probe", Utterance("p", text="x"))
     assert conv.closed and not conv.speculative and not conv.pending and not conv.history
+
+
+@pytest.mark.slow
+async def test_whisper_reuses_a_speculation_made_before_the_trailing_padding_was_complete(
+    embedded_backend, embedded_questions
+):
+    """The embedded backend hears speech trimmed (`hears_trimmed`): its speculation starts at `early_prepare_ms`
+    (200) of silence, before the 300 ms padding is complete, and the commit, longer by that silence, reuses it: one
+    transcription, the same transcript as without speculation."""
+    speech = np.round(embedded_questions[0][2] * 32768).astype(np.int16)
+    # 330 ms: past the tentative end (200 ms + webrtcvad's hangover), short of the whole padding (300 ms + hangover)
+    steps = [("pcm", np.concatenate([speech, silence(330)])), ("speculated",), ("pcm", silence(800))]
+    base_done, base_log, base_rec, _ = await run_script(embedded_backend, 0, steps)
+    done, log, rec, state = await run_script(embedded_backend, 200, steps)
+    [committed_len] = base_rec.runs(committed_item(base_log))
+    [speculated_len] = rec.runs(committed_item(log))
+    assert speculated_len < committed_len and len(rec.calls) == 1  # prepared once, on the shorter clip
+    heard = [
+        next(e["transcript"] for e in lg if e["type"].endswith("transcription.completed")) for lg in (base_log, log)
+    ]
+    assert heard[0] == heard[1] and "capital" in heard[0].lower()
+    assert summary(done) == summary(base_done) and state["history"] == 1

@@ -3,7 +3,7 @@
 OpenAI's `semantic_vad` ends a turn sooner when the user sounds done and waits longer when they trail off
 mid-phrase; `eagerness` `high` answers soonest, `low` waits longest (`auto` = `medium`), with OpenAI's longest waits
 of 2, 4 and 8 s. Here the words come from the turn's own speculative transcription: when the trailing silence
-reaches `VadParams.tentative_ms`, the session core starts the turn's audio work (`Speculate`), the engine reports
+reaches `VadParams.tentative_ms()`, the session core starts the turn's audio work (`Speculate`), the engine reports
 the transcript of exactly the audio the turn would commit, and `end_silence_ms(transcript, eagerness)` sets how much
 silence ends this turn (the segmenter waits `max_silence_ms` until then). A backend without a transcript (the
 Qwen-Audio and vLLM audio backends hear audio, not words) gets the `unclear` wait.

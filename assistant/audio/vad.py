@@ -16,10 +16,13 @@ States: idle -> pending -> speech -> idle.
 - semantic VAD (`TurnDetection.type == "semantic_vad"`): the silence that ends a turn is `max_silence_ms` (the
   eagerness's longest wait) until the caller, having the words of the tentative audio, calls `end_turn_after(ms)`
   (`assistant.audio.semantic_vad`); speech resuming restores the longest wait.
-- tentative end (speculation): once the trailing silence of a spoken turn reaches `max(early_prepare_ms,
-  prefix_padding_ms)` (still below `silence_duration_ms`), `TentativeEnd` carries exactly the audio the commit will
-  carry if the silence goes on (the padding must be complete for that, hence the max). A voiced frame before the
-  commit voids it (`TentativeVoid`); the silence that follows may produce a new `TentativeEnd` for the same turn.
+- tentative end (speculation): once the trailing silence of a spoken turn reaches `tentative_ms(whole_padding)`
+  (still below `silence_duration_ms`), `TentativeEnd` carries the audio the commit will carry if the silence goes
+  on. `whole_padding` (the default): at `max(early_prepare_ms, prefix_padding_ms)`, exactly the commit's samples;
+  without it, at `early_prepare_ms`, their start, short of the rest of the trailing padding (unvoiced audio), for a
+  recogniser that hears the speech trimmed to a margin anyway (Whisper; the engine reuses the work when both clips
+  trim alike: `Speculation.matches`). A voiced frame before the commit voids it (`TentativeVoid`); the silence
+  that follows may produce a new `TentativeEnd` for the same turn.
   `early_prepare_ms = 0` turns this off. Callers use it to start the turn's audio work during the silence.
 """
 
@@ -60,13 +63,12 @@ class VadParams:
         """The trailing silence that ends a turn unless `VadSegmenter.end_turn_after` shortens it (semantic VAD)."""
         return self.silence_duration_ms
 
-    @property
-    def tentative_ms(self) -> int | None:
+    def tentative_ms(self, whole_padding: bool = True) -> int | None:
         """Trailing silence after which `TentativeEnd` fires, or None when it never does (off, or not earlier than
-        the commit itself)."""
+        the commit itself). `whole_padding`: not before the trailing padding is complete (see the module docstring)."""
         if self.early_prepare_ms <= 0:
             return None
-        ms = max(self.early_prepare_ms, self.prefix_padding_ms)
+        ms = max(self.early_prepare_ms, self.prefix_padding_ms) if whole_padding else self.early_prepare_ms
         return ms if ms < self.max_silence_ms else None
 
     def __post_init__(self) -> None:
@@ -94,12 +96,11 @@ class TurnDetection(VadParams):
         """semantic_vad waits up to OpenAI's longest wait for its eagerness, until the words say how long."""
         return max_silence_ms(self.eagerness) if self.type == "semantic_vad" else self.silence_duration_ms
 
-    @property
-    def tentative_ms(self) -> int | None:
+    def tentative_ms(self, whole_padding: bool = True) -> int | None:
         """semantic_vad needs the words, so its turns are always prepared during the silence."""
         if self.type != "semantic_vad" or self.early_prepare_ms > 0:
-            return super().tentative_ms
-        return max(SEMANTIC_EARLY_PREPARE_MS, self.prefix_padding_ms)
+            return super().tentative_ms(whole_padding)
+        return max(SEMANTIC_EARLY_PREPARE_MS, self.prefix_padding_ms) if whole_padding else SEMANTIC_EARLY_PREPARE_MS
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,11 @@ class Committed:
 
 @dataclass(frozen=True)
 class TentativeEnd:
-    """The open turn's trailing silence reached `VadParams.tentative_ms`: `audio` is what `Committed` will carry
-    unless speech resumes first (then `TentativeVoid` follows). `turn` numbers the segmenter's turns."""
+    """The open turn's trailing silence reached `VadParams.tentative_ms()`: `audio` is what `Committed` will carry
+    unless speech resumes first (then `TentativeVoid` follows), or its start when the trailing padding is not yet
+    complete. `turn` numbers the segmenter's turns."""
 
-    audio: np.ndarray  # int16 at 16 kHz, exactly the samples of the coming Committed
+    audio: np.ndarray  # int16 at 16 kHz: the coming Committed's samples, or their start (see the module docstring)
     audio_start_ms: int
     audio_end_ms: int
     turn: int
@@ -146,8 +148,9 @@ _IDLE, _PENDING, _SPEECH = "idle", "pending", "speech"
 class VadSegmenter:
     """Turns a 16 kHz int16 stream into speech turns. See the module docstring for the state machine."""
 
-    def __init__(self, params: VadParams | None = None, stream_offset_ms: int = 0) -> None:
+    def __init__(self, params: VadParams | None = None, stream_offset_ms: int = 0, whole_padding: bool = True) -> None:
         self.params = params or VadParams()
+        self.whole_padding = whole_padding  # a TentativeEnd waits for the trailing padding (see `tentative_ms`)
         self._vad = webrtcvad.Vad(self.params.aggressiveness)
         self._frame_len = MODEL_RATE_HZ * self.params.frame_ms // 1000
         self._offset_samples = stream_offset_ms * MODEL_RATE_HZ // 1000
@@ -284,7 +287,7 @@ class VadSegmenter:
         # speech
         if self._unvoiced_run_ms >= self._end_ms:
             return self._end_turn()
-        tentative_ms = p.tentative_ms
+        tentative_ms = p.tentative_ms(self.whole_padding)
         if tentative_ms is not None and not self._tentative and self._unvoiced_run_ms >= tentative_ms:
             self._tentative = True
             return [self._tentative_end()]
@@ -297,7 +300,8 @@ class VadSegmenter:
         return [stopped, self._commit(end, forced=False)]
 
     def _tentative_end(self) -> TentativeEnd:
-        """The audio `_commit` would cut if the silence lasts: the trailing padding is complete by now."""
+        """The audio `_commit` would cut if the silence lasts, as far as it has come (its trailing padding may be
+        incomplete: `early_prepare_ms < prefix_padding_ms`)."""
         pad = self.params.prefix_padding_ms * MODEL_RATE_HZ // 1000
         end = min(self._pos, self._last_voiced_end + pad)
         audio = np.concatenate(self._frames)[: end - self._seg_start]

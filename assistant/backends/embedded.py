@@ -13,6 +13,8 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from assistant.backends.base import Exchange, PreparedTurn, Prompt, Steps, Utterance, run_steps
 from assistant.backends.recognition import Recognisers, load_recognisers, transcribed_turns
 from assistant.models.qwen2_lm import Qwen2LM
@@ -93,6 +95,11 @@ class EmbeddedBackend:
         """Transcribe every utterance that has audio in one batch; typed text alone is the user message as-is.
         With both, the typed text follows the transcript on a new line (an instruction about what was said)."""
         return run_steps(self.prepare_steps(utterances, audio_numbers))
+
+    def heard_audio(self, audio: np.ndarray) -> np.ndarray:
+        """What the recogniser takes of a clip: two clips it takes alike share one transcript (the engine reuses a
+        speculation made before the trailing silence was complete)."""
+        return Recognisers.heard_audio(audio)
 
     def prepare_steps(self, utterances: list[Utterance], audio_numbers: list[int]) -> Steps:
         """`prepare` in bounded steps (`WhisperTranscriber.transcribe_steps`): the engine's worker runs a decode step

@@ -98,6 +98,8 @@ class OpenAIBackend:
         self.sampling_extensions = sampling_extensions
         self.max_window_tokens = max_window_tokens
         self.languages = recognisers.languages if recognisers is not None else ()  # what a turn may be told
+        if audio_input == "transcript":  # Whisper hears the speech trimmed: the engine compares clips as it hears them
+            self.heard_audio = Recognisers.heard_audio
         # transcript: Whisper's steps, one utterance per chunk as the embedded backend does on CPU; audio: WAV only
         self.prepare_batch = 1 if audio_input == "transcript" else 8
 

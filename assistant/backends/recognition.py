@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from assistant.backends.base import PreparedTurn, Steps, Utterance
 from assistant.models.device import resolve_dtype
 from assistant.models.whisper import WhisperTranscriber
@@ -53,6 +55,11 @@ class Recognisers:
             return code
         self.main.language_token(code)  # raises, naming the codes it knows
         return code
+
+    @staticmethod
+    def heard_audio(audio: np.ndarray) -> np.ndarray:
+        """What every model here takes of `audio` (`WhisperTranscriber.speech`: the speech with a fixed margin)."""
+        return WhisperTranscriber.speech(audio)
 
     def for_language(self, language: str | None) -> WhisperTranscriber:
         return self.english if language == ENGLISH and self.english is not None else self.main

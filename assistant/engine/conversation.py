@@ -26,6 +26,7 @@ Decisions written down here because callers rely on them:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,13 +47,21 @@ class Speculation:
     turn: PreparedTurn
     encode_ms: float
 
-    def matches(self, utt: Utterance) -> bool:
+    def matches(self, utt: Utterance, heard: Callable[[np.ndarray], np.ndarray] | None = None) -> bool:
+        """`utt` is the turn this speculation prepared: same key, text and language, and the same audio, or audio
+        the backend hears alike (`heard`: the backend's `heard_audio`, what its recogniser takes of a clip; a
+        speculation started before the trailing padding was complete lacks some silence the recogniser trims)."""
         mine = self.utterance
         if mine.key != utt.key or mine.text != utt.text or mine.language != utt.language:
             return False
         if (mine.audio is None) != (utt.audio is None):
             return False
-        return mine.audio is None or (mine.audio.shape == utt.audio.shape and np.array_equal(mine.audio, utt.audio))
+        if mine.audio is None or (mine.audio.shape == utt.audio.shape and np.array_equal(mine.audio, utt.audio)):
+            return True
+        if heard is None:
+            return False
+        a, b = heard(mine.audio), heard(utt.audio)
+        return a.shape == b.shape and np.array_equal(a, b)
 
 
 def merge_turns(turns: list[PreparedTurn]) -> PreparedTurn:

@@ -104,12 +104,13 @@ class Chunk:
         return [w for w, _, _ in self.plan]
 
 
-def _take_speculation(w: TurnWork, number: int) -> Speculation | None:
-    """The confirmed turn's speculation if it is still valid: same utterance, same "Audio k" number."""
+def _take_speculation(w: TurnWork, number: int, backend: Backend) -> Speculation | None:
+    """The confirmed turn's speculation if it is still valid: the same utterance (as the backend hears it), the
+    same "Audio k" number."""
     spec = w.conv.speculative.pop(w.key, None)
     if spec is None:
         return None
-    if spec.matches(w.cmd.utterance) and spec.audio_number == number:
+    if spec.matches(w.cmd.utterance, getattr(backend, "heard_audio", None)) and spec.audio_number == number:
         metrics.SPECULATIONS.labels(outcome="confirmed").inc()
         return spec
     metrics.SPECULATIONS.labels(outcome="missed").inc()
@@ -274,7 +275,7 @@ class TurnQueue:
                 plan.append((w, w.conv.audio_count + 1 if audio else w.conv.audio_count, None))
                 continue
             number = w.conv.next_audio_number() if audio else w.conv.audio_count
-            plan.append((w, number, _take_speculation(w, number) if w.cmd.confirm else None))
+            plan.append((w, number, _take_speculation(w, number, self.backend) if w.cmd.confirm else None))
         todo = [(w, n) for w, n, hit in plan if hit is None]
         steps = None
         if todo:
@@ -338,6 +339,8 @@ class TurnQueue:
                     self.on_speculation(w.conv, turn)
                 continue
             turn, turn_encode_ms = (hit.turn, hit.encode_ms) if hit else (turns[id(w)], encode_ms)
+            if hit is not None and turn.audio_s != w.cmd.utterance.audio_s:  # heard alike, not as long: the commit's
+                turn = dataclasses.replace(turn, audio_s=w.cmd.utterance.audio_s)
             if turn.transcript and (err := self._too_long(turn.transcript, w.cmd.utterance.text or "")):
                 if w.cmd.utterance.audio is not None and number == w.conv.audio_count:
                     w.conv.audio_count -= 1  # its number is given back (a later one was rendered: it stays taken)

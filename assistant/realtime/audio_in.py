@@ -26,9 +26,15 @@ from assistant.realtime.wake import GateEvent, WakeGate, WakeWordDetected
 
 class AudioIn:
     def __init__(
-        self, input_rate_hz: int, vad: VadParams | None, max_buffer_ms: int, wake: WakeWordSettings | None = None
+        self,
+        input_rate_hz: int,
+        vad: VadParams | None,
+        max_buffer_ms: int,
+        wake: WakeWordSettings | None = None,
+        whole_padding: bool = True,
     ) -> None:
         self.max_buffer_ms = max_buffer_ms
+        self.whole_padding = whole_padding  # the VAD's tentative end waits for the trailing padding (`VadSegmenter`)
         self._samples = 0  # 16 kHz samples received: the stream clock
         self._resampler = StreamResampler(input_rate_hz)
         self._ptt: list[np.ndarray] = []
@@ -74,9 +80,9 @@ class AudioIn:
         if vad is None:
             self._vad = None
         elif wake is None:
-            self._vad = VadSegmenter(vad, stream_offset_ms=at_ms)
+            self._vad = VadSegmenter(vad, at_ms, self.whole_padding)
         else:
-            self._vad = WakeGate(wake, vad, stream_offset_ms=at_ms)
+            self._vad = WakeGate(wake, vad, at_ms, self.whole_padding)
 
     def answer_finished(self) -> None:
         """An answer ended: behind a wake word, this opens the follow-up window."""

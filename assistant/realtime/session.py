@@ -137,7 +137,9 @@ class Session:
         self._cancel_on_start = False  # barge-in arrived before the requested answer started
         self._committed_at_s: float | None = None  # when the turn now being answered ended (latency)
         td = settings.turn_detection
-        self._audio = AudioIn(settings.input_rate_hz, td, self.limits.max_buffer_ms, settings.wake_word)
+        self._audio = AudioIn(
+            settings.input_rate_hz, td, self.limits.max_buffer_ms, settings.wake_word, not settings.hears_trimmed
+        )
         self._audio.set_noise_reduction(settings.noise_reduction)
         self._spec: tuple[str, np.ndarray] | None = None  # (item id, int16 audio) handed to Speculate
         self._item_id = new_id("item")  # the user item the audio being received will become
@@ -342,7 +344,11 @@ class Session:
     def _commit_audio(self, audio: np.ndarray, respond: bool) -> None:
         item_id = self._new_user_item({"type": "input_audio", "transcript": None})
         spec, self._spec = self._spec, None
-        speculated = spec is not None and spec[0] == item_id and np.array_equal(spec[1], audio)
+        # The speculation may lack the end of the trailing padding (`hears_trimmed`): the engine reuses its work only
+        # when the backend hears both clips alike, else redoes it; with whole padding they must be the same.
+        speculated = spec is not None and spec[0] == item_id
+        if speculated and not self.settings.hears_trimmed:
+            speculated = np.array_equal(spec[1], audio)
         if spec is not None and not speculated:
             self._out.append(C.Discard(spec[0]))
         utt = Utterance(key=item_id, audio=audio.astype(np.float32) / 32768.0, language=self._language)

@@ -78,6 +78,9 @@ class SessionSettings:
     temperature: float | None = field(default=None, metadata=bounds(0.0, 2.0))
     transcription: Transcription | None = None  # asked-for input transcription (sent whenever the backend has one)
     languages: tuple[str, ...] = ()  # the codes the server's recogniser can be told (`Transcription.language`)
+    # The server's recogniser hears a turn's speech trimmed to a margin (Whisper): its work may start during the
+    # end-of-turn silence before the trailing padding is complete (`VadSegmenter.whole_padding` off).
+    hears_trimmed: bool = False
     noise_reduction: NoiseReduction | None = None  # WebRTC noise suppression before the VAD (`audio.denoise`)
     as_given: AsGiven = field(default_factory=AsGiven)  # parallel_tool_calls, tracing, truncation: echoed as sent
     wake_word: WakeWordSettings | None = None  # None = every turn is heard; else only after the wake word

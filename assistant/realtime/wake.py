@@ -45,9 +45,12 @@ GateEvent = VadEvent | WakeWordDetected
 class WakeGate:
     """A `VadSegmenter` behind a wake word. See the module docstring for the states."""
 
-    def __init__(self, wake: WakeWordSettings, vad: VadParams, stream_offset_ms: int = 0) -> None:
+    def __init__(
+        self, wake: WakeWordSettings, vad: VadParams, stream_offset_ms: int = 0, whole_padding: bool = True
+    ) -> None:
         self.settings = wake
         self.vad_params = vad
+        self.whole_padding = whole_padding  # `VadSegmenter`'s
         self._detector = WakeWordDetector(wake.name, stream_offset_ms)
         self._offset_ms = stream_offset_ms
         self._samples = 0  # samples fed to the gate
@@ -105,7 +108,7 @@ class WakeGate:
         if follow_up_ms <= 0:
             return
         if self._vad is None:
-            self._vad = VadSegmenter(self.vad_params, stream_offset_ms=self.position_ms)
+            self._vad = VadSegmenter(self.vad_params, self.position_ms, self.whole_padding)
             self._deadline_ms = self.position_ms + follow_up_ms
         elif self._vad.idle:
             self._deadline_ms = max(self._deadline_ms, self.position_ms + follow_up_ms)
@@ -131,6 +134,6 @@ class WakeGate:
     def _detected(self, det: Detection) -> list[GateEvent]:
         if self._vad is not None and self._vad.in_speech:
             return []  # said inside a turn already under way: part of it
-        self._vad = VadSegmenter(self.vad_params, stream_offset_ms=self.position_ms)
+        self._vad = VadSegmenter(self.vad_params, self.position_ms, self.whole_padding)
         self._deadline_ms = self.position_ms + LISTEN_AFTER_WAKE_MS
         return [WakeWordDetected(det.name, self.position_ms)]

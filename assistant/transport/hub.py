@@ -89,7 +89,9 @@ class SessionHub:
         self.limits = SessionLimits(s.max_message_bytes, s.max_queued_turns, s.max_turn_audio_ms)
         self.transports = transport_limits(cfg)
         # What a session's transcription `language` may name: the loaded backend's recogniser's codes.
-        self.languages: tuple[str, ...] = tuple(getattr(engine.backend, "languages", ())) if engine else ()
+        backend = engine.backend if engine else None
+        self.languages: tuple[str, ...] = tuple(getattr(backend, "languages", ()))
+        self.hears_trimmed = getattr(backend, "heard_audio", None) is not None  # `SessionSettings.hears_trimmed`
         self._sweeper: asyncio.Task[None] | None = None
 
     def open(
@@ -110,6 +112,7 @@ class SessionHub:
             turn_detection=self.cfg.vad,
             wake_word=wake,
             languages=self.languages,
+            hears_trimmed=self.hears_trimmed,
             **rate,
             **self._voice(),
         )
