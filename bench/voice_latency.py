@@ -5,7 +5,9 @@ The end of the user's speech -> the first answer audio at the client, for the sh
 (Whisper base, then Qwen2.5-Coder-0.5B-Instruct, greedy, `ANSWER_TOKENS` at most) on the engine's worker thread and
 the real voice (Piper, joe) in the shared pool. Each session streams its question as binary 16 kHz frames and then
 silence paced in real time (20 ms every 20 ms), as a microphone would; server VAD ends the turn; the answer is
-spoken by default. Measured on the client's clock from the moment the last speech frame was sent:
+spoken by default. Each clip is cut where its speech ends (`assistant.audio.trim.speech_span`: espeak-ng leaves
+0.38 s of silence after the words; runs before 2026-12-03 21:30 sent that too, so they measured from 0.38 s after
+the end of speech). Measured on the client's clock from the moment the last speech frame was sent:
 - `vad_ms`: `input_audio_buffer.committed` (the VAD hang-over: `silence_duration_ms` minus webrtcvad's own),
 - `asr_wait_ms`: the transcript after the commit (the recogniser's work not already done during the silence),
 - `first_audio_ms`: the first `response.output_audio.delta` (the headline number),
@@ -52,6 +54,7 @@ import numpy as np
 import torch
 import websockets
 
+from assistant.audio.trim import speech_span
 from assistant.audio.voice import SpeechPool, VoiceParams
 from assistant.config import load_config
 from assistant.engine.engine import Engine
@@ -89,6 +92,12 @@ VARIANTS = {
     "told_en_padded": Variant(language="en", early_prepare_ms=300),
 }
 SERVER_MS = ("encode", "prefill", "first_token", "first_clause", "synthesis", "first_audio")
+
+
+def speech_only(audio: np.ndarray) -> np.ndarray:
+    """`audio` up to the end of its speech: the silence after it is the client's to stream, paced in real time."""
+    span = speech_span(audio)
+    return audio if span is None else audio[: span[1]]
 
 
 def pcm16(audio: np.ndarray) -> np.ndarray:
@@ -183,7 +192,7 @@ async def main(args: argparse.Namespace, save) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             questions = [
-                (q, kws, pcm16(synthesize(q, Path(tmp) / f"q{i}.wav")))
+                (q, kws, pcm16(speech_only(synthesize(q, Path(tmp) / f"q{i}.wav"))))
                 for i, (q, kws) in enumerate(QUESTIONS[: args.questions])
             ]
             async with contextlib.AsyncExitStack() as stack:

@@ -60,6 +60,12 @@ def add_audio_arguments(p: argparse.ArgumentParser, device_flag: str) -> None:
     )
     p.add_argument("--push-to-talk", action="store_true", help="no server VAD: Enter starts and ends each turn")
     p.add_argument(
+        "--language",
+        metavar="CODE",
+        help="the language you speak, as an ISO-639-1 code (en, de, zh, ...): the recogniser is told it instead of "
+        "detecting it each turn (English goes to the faster English-only model); default: detected",
+    )
+    p.add_argument(
         "--wake-word",
         metavar="NAME",
         help="hands-free: only speech after this wake word is heard (alexa, hey_mycroft, okay_nabu, hey_jarvis; "
@@ -142,6 +148,7 @@ class ClientAudio:
             args.follow_up_ms,
             text_only=self.spoken is None,
             output_rate_hz=output_rate_hz,
+            language=args.language,
         )
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ def session_update(
     follow_up_ms: int | None = None,
     text_only: bool = False,
     output_rate_hz: int | None = None,
+    language: str | None = None,
 ) -> dict[str, Any]:
     """The first event our clients send: raw PCM16 at `input_rate_hz` (extension) and the turn-taking mode.
 
@@ -44,7 +45,8 @@ def session_update(
     `wake_word` (extension): only speech after it is heard (`WAKE_WORD_OFF` turns the server's default off; None
     leaves the server's default); `follow_up_ms` is how long after an answer speech needs no wake word.
     Answers are spoken when the server has a voice (its default, as OpenAI's); `text_only` asks for text, and
-    `output_rate_hz` (extension) for the answer audio at that rate instead of the server's 24 kHz."""
+    `output_rate_hz` (extension) for the answer audio at that rate instead of the server's 24 kHz. `language` (an
+    ISO-639-1 code, OpenAI's transcription language): the language the user speaks, told to the recogniser."""
     session: dict[str, Any] = {"type": "realtime", "input_sample_rate": input_rate_hz}
     if text_only:
         session["output_modalities"] = ["text"]
@@ -53,6 +55,8 @@ def session_update(
     audio_input: dict[str, Any] = {}
     if push_to_talk:
         audio_input["turn_detection"] = None
+    if language:
+        audio_input["transcription"] = {"model": "whisper-1", "language": language}
     if wake_word == WAKE_WORD_OFF:
         audio_input["wake_word"] = None
     elif wake_word is not None:

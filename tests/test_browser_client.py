@@ -84,13 +84,16 @@ async def chromium(mic_wav: Path) -> AsyncIterator[object]:
             await browser.close()
 
 
-async def converse_in_browser(browser, http_url: str, screenshot: str) -> dict:
-    """Open the page, press Start, wait for the first finished answer; returns what the page shows."""
+async def converse_in_browser(browser, http_url: str, screenshot: str, language: str = "") -> dict:
+    """Open the page, pick `language` (the empty one: any), press Start, wait for the first finished answer; returns
+    what the page shows."""
     page = await browser.new_page()
     page_errors: list[str] = []
     page.on("pageerror", lambda e: page_errors.append(str(e)))
     await page.goto(http_url + "/")
+    await page.select_option("#language", language)
     await page.click("#start")
+    await page.wait_for_selector(f'#language[data-server="{language}"]', timeout=TIMEOUT_MS)  # the server's echo
     await page.wait_for_selector(".assistant[data-status]", timeout=TIMEOUT_MS)
     shown = await page.evaluate(
         """() => ({
@@ -200,11 +203,12 @@ async def test_page_streams_turns_downsamples_and_explains_insecure_origins(
 
 @pytest.mark.slow
 async def test_spoken_question_answered_on_the_page_with_the_embedded_model(embedded_backend, mic_wav) -> None:
-    """The real thing: the embedded model hears 'What is the capital of France?' and the page shows 'Paris'."""
+    """The real thing: the embedded model hears 'What is the capital of France?' and the page shows 'Paris'; the
+    language menu says English, which the server echoes and hears the turn in (its English-only model)."""
     cfg = make_cfg(**{"generation.max_new_tokens": 48})
     async with running_server(cfg, backend=embedded_backend) as server, chromium(mic_wav) as browser:
         shown = await asyncio.wait_for(
-            converse_in_browser(browser, server.http_url, "browser_embedded_paris.png"), CLIENT_TIMEOUT_S
+            converse_in_browser(browser, server.http_url, "browser_embedded_paris.png", "en"), CLIENT_TIMEOUT_S
         )
     assert shown["page_errors"] == [] and shown["error"] == ""
     assert "france" in " ".join(shown["users"]).lower(), shown

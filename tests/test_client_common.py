@@ -71,6 +71,8 @@ def test_session_update_selects_rate_and_push_to_talk() -> None:
     ptt = session_update(44100, push_to_talk=True)
     assert ptt["session"]["audio"]["input"]["turn_detection"] is None
     assert ptt["session"]["input_sample_rate"] == 44100
+    told = session_update(16000, language="de")["session"]["audio"]["input"]  # `--language de`
+    assert told == {"transcription": {"model": "whisper-1", "language": "de"}}
 
 
 def test_session_update_and_the_view_carry_the_wake_word() -> None:

@@ -15,7 +15,7 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   start: $("start"), stop: $("stop"), interrupt: $("interrupt"), vad: $("vad"), level: $("level"),
   connection: $("connection"), audioStats: $("audio-stats"), timings: $("timings"), error: $("error"), log: $("log"),
-  wake: $("wake"), wakeName: $("wake-name"), speak: $("speak"), speakNote: $("speak-note"),
+  wake: $("wake"), wakeName: $("wake-name"), speak: $("speak"), speakNote: $("speak-note"), language: $("language"),
 };
 const AUDIO_DELTAS = ["response.output_audio.delta", "response.audio.delta"];
 const TEXT_DELTAS = [
@@ -50,6 +50,17 @@ function addTurn(cls, text) {
   ui.log.append(el);
   el.scrollIntoView({ block: "end" });
   return el;
+}
+
+// The language the user speaks (OpenAI's transcription language): the recogniser is told it, not left to detect it.
+function transcriptionSetting() {
+  return ui.language.value ? { model: "whisper-1", language: ui.language.value } : null;
+}
+
+function showLanguage(sessionObj) {
+  const input = sessionObj && sessionObj.audio && sessionObj.audio.input;
+  const tr = input ? input.transcription : sessionObj && sessionObj.input_audio_transcription;
+  ui.language.dataset.server = (tr && tr.language) || ""; // what the server has now
 }
 
 function wakeWordSetting() {
@@ -124,6 +135,7 @@ class Conversation {
       case "session.created":
       case "session.updated":
         showWakeWord(ev.session);
+        showLanguage(ev.session);
         this.showVoice(ev.session);
         this.listenUnlessBusy();
         break;
@@ -342,7 +354,10 @@ async function start() {
   ws.onopen = () => {
     ui.connection.textContent = connectionNote(null);
     const update = { type: "realtime", input_sample_rate: MODEL_RATE_HZ };
-    if (wakeTouched) update.audio = { input: { wake_word: wakeWordSetting() } }; // else: the server's default
+    const input = {};
+    if (wakeTouched) input.wake_word = wakeWordSetting(); // else: the server's default
+    if (ui.language.value) input.transcription = transcriptionSetting(); // else: detected per turn
+    if (Object.keys(input).length) update.audio = { input };
     if (!ui.speak.checked) update.output_modalities = ["text"]; // else: spoken when the server has a voice
     ws.send(JSON.stringify({ type: "session.update", session: update }));
     capture.port.onmessage = (e) => {
@@ -425,6 +440,9 @@ ui.wakeName.addEventListener("change", () => {
   if (!ui.wake.checked) return;
   wakeTouched = true;
   sendUpdate({ audio: { input: { wake_word: wakeWordSetting() } } });
+});
+ui.language.addEventListener("change", () => {
+  sendUpdate({ audio: { input: { transcription: transcriptionSetting() } } });
 });
 ui.speak.addEventListener("change", () => {
   sendUpdate({ output_modalities: [ui.speak.checked ? "audio" : "text"] });
