@@ -57,6 +57,11 @@ def text_language(text: str) -> str:
     return "zh" if _CJK.search(text) else "en"
 
 
+def language_code(tag: str) -> str:
+    """The ISO-639-1 code of a language tag as clients send it: "en-US", "en_US" and "EN" are all "en"."""
+    return tag.replace("_", "-").split("-")[0].lower()
+
+
 def voice_language(name: str) -> str:
     return VOICE_PACKAGES[name][1]
 

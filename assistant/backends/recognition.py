@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from assistant.audio.speech_text import language_code
 from assistant.backends.base import PreparedTurn, Steps, Utterance
 from assistant.models.device import resolve_dtype
 from assistant.models.whisper import WhisperTranscriber
@@ -50,7 +51,7 @@ class Recognisers:
         told = utt.language or self.language or None
         if told is None:
             return None
-        code = told.replace("_", "-").split("-")[0].lower()
+        code = language_code(told)
         if code == ENGLISH and self.english is not None:
             return code
         self.main.language_token(code)  # raises, naming the codes it knows

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from assistant.audio import MODEL_RATE_HZ
 from assistant.audio.frontend import HOP, MIN_SAMPLES, N_FRAMES, log_mel
+from assistant.audio.speech_text import language_code
 from assistant.audio.trim import trim_silence
 from assistant.models.layers import multi_head_attention
 
@@ -248,7 +249,7 @@ class WhisperTranscriber:
 
     def language_token(self, language: str) -> int:
         """The language token of `language` (an ISO-639-1 code such as "en"; "en-US" reads as "en")."""
-        code = language.replace("_", "-").split("-")[0].lower()
+        code = language_code(language)
         for tok, name in self.lang_names.items():
             if name == code:
                 return tok

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from assistant.audio.speech_text import language_code
 from assistant.realtime.protocol import ProtocolError
 from assistant.schema import shown
 
@@ -138,7 +139,7 @@ def parse_language(value: Any, param: str, eid: str | None, languages: tuple[str
         raise unsupported(
             param, value, "its recogniser cannot be told the language (this backend hears audio as is)", eid
         )
-    code = value.replace("_", "-").split("-")[0].lower()
+    code = language_code(value)
     if code not in languages:
         shown_codes = ", ".join(languages[:20]) + (", ..." if len(languages) > 20 else "")
         msg = (

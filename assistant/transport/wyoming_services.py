@@ -43,6 +43,7 @@ from wyoming.info import (
 
 import assistant
 from assistant.audio.resample import StreamResampler
+from assistant.audio.speech_text import language_code
 from assistant.audio.voice import (
     ClauseSplitter,
     Speech,
@@ -283,7 +284,7 @@ def language_instruction(base: str, language: str | None) -> str:
     """The system text of a conversation asked in `language` (None: the backend's default)."""
     if not language:
         return ""
-    code = language.replace("_", "-").split("-")[0].lower()
+    code = language_code(language)
     name = LANGUAGE_NAMES.get(code, f"the language with code '{code}'")
     return f"{base} Answer in {name}."
 
