@@ -4,8 +4,9 @@ Owns which Whisper hears a turn and in which language:
 - `[embedded] whisper` hears every turn; told no language it detects one per turn (a multilingual model);
 - a turn told it is English (its `Utterance.language`, a client's transcription language, else `[embedded]
   language`) is heard by `[embedded] whisper_english` when that is set and another model: an English-only Whisper
-  needs no language detection and, measured on the English set, gave fewer word errors in less time than base
-  (bench/results/asr_peers-20261203-language.json: WER 0.090 against 0.146, 0.64 s against 1.41 s p50);
+  needs no language detection and runs twice as fast as base (bench/results/asr_peers-20261203-language.json:
+  0.64 s against 1.41 s p50, WER 0.090 against 0.146 there; on the answer-quality set WER 0.186 against 0.192 and
+  29 of 48 single questions right against 31, bench/results/quality-20261203-told-en.json);
 - a turn told another language is heard in it by `whisper`; one the models do not know is refused with the codes.
 Worker thread only (the transcribers hold torch state).
 """
