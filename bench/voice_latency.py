@@ -6,8 +6,9 @@ The end of the user's speech -> the first answer audio at the client, for the sh
 the real voice (Piper, joe) in the shared pool. Each session streams its question as binary 16 kHz frames and then
 silence paced in real time (20 ms every 20 ms), as a microphone would; server VAD ends the turn; the answer is
 spoken by default. Each clip is cut where its speech ends (`assistant.audio.trim.speech_span`: espeak-ng leaves
-0.38 s of silence after the words; runs before 2026-12-03 21:30 sent that too, so they measured from 0.38 s after
-the end of speech). Measured on the client's clock from the moment the last speech frame was sent:
+0.38 s of silence after the words; the result files before `voice_latency-20261203-early.json` sent that too, so
+they measured from 0.38 s after the end of speech). Measured on the client's clock from the moment the last speech
+frame was sent:
 - `vad_ms`: `input_audio_buffer.committed` (the VAD hang-over: `silence_duration_ms` minus webrtcvad's own),
 - `asr_wait_ms`: the transcript after the commit (the recogniser's work not already done during the silence),
 - `first_audio_ms`: the first `response.output_audio.delta` (the headline number),

@@ -110,12 +110,10 @@ class OpenAIBackend:
         recognisers = None
         if o.audio_input == "transcript":
             from assistant.models.device import resolve_device
-            from assistant.weights.cache import default_cache_dir, prepare_source, recogniser_sources
+            from assistant.weights.cache import prepare_recognisers
 
-            dirs = [prepare_source(s, default_cache_dir(cfg)) for s in recogniser_sources(cfg)]
-            english_dir = dirs[1] if len(dirs) > 1 else None
             device = resolve_device(cfg.model.device)
-            recognisers = load_recognisers(dirs[0], english_dir, device, cfg.embedded.language)
+            recognisers = load_recognisers(*prepare_recognisers(cfg), device, cfg.embedded.language)
         timeouts = Timeouts(o.connect_timeout_s, o.read_timeout_s, o.response_timeout_s, o.health_interval_s)
         pool = UpstreamPool(list(o.base_urls), o.model, o.api_key, timeouts)
         pool.start()

@@ -236,7 +236,7 @@ class Transcription:
             raise WyomingError("server_busy", str(e)) from None
         await self._conn.start()
         self._conn.receive_event(_ASR_SESSION)
-        if self.language and self.hub.languages:
+        if self.language and self.hub.languages:  # an update of its own: a language refused leaves push-to-talk on
             told = {"transcription": {"model": "whisper-1", "language": self.language}}
             self._conn.receive_event({"type": "session.update", "session": {"audio": {"input": told}}})
 

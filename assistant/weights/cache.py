@@ -133,16 +133,18 @@ class PreparedPaths:
     english_dir: Path | None = None  # `[embedded] whisper_english`, when it is another model than `whisper`
 
 
-def english_whisper(cfg: Config) -> str | None:
-    """The English-only recogniser to load beside `[embedded] whisper` (None: none, or it is that model)."""
-    e = cfg.embedded
-    return e.whisper_english if e.whisper_english and e.whisper_english != e.whisper else None
-
-
 def recogniser_sources(cfg: Config) -> list[Source]:
     """The Whisper models the config needs: `[embedded] whisper`, then `whisper_english` when it is another one."""
-    names = [cfg.embedded.whisper] + ([english] if (english := english_whisper(cfg)) else [])
+    e = cfg.embedded
+    names = [e.whisper] + ([e.whisper_english] if e.whisper_english and e.whisper_english != e.whisper else [])
     return [WHISPER_SOURCES[n] for n in names]
+
+
+def prepare_recognisers(cfg: Config, force: bool = False) -> tuple[Path, Path | None]:
+    """The cache directories of `[embedded] whisper` and of `whisper_english` (None when not another model), built
+    if needed."""
+    dirs = [prepare_source(w, default_cache_dir(cfg), force) for w in recogniser_sources(cfg)]
+    return dirs[0], dirs[1] if len(dirs) > 1 else None
 
 
 def ensure_prepared(cfg: Config, force: bool = False) -> PreparedPaths:
@@ -155,8 +157,7 @@ def ensure_prepared(cfg: Config, force: bool = False) -> PreparedPaths:
         if force or _manifest_ok(cache_dir / source.name, source) is not None:
             for part in source.parts + source.extras:
                 locate(part)
-    dirs = [prepare_source(w, cache_dir, force) for w in whispers]
-    return PreparedPaths(prepare_source(QWEN_SOURCE, cache_dir, force), dirs[0], dirs[1] if len(dirs) > 1 else None)
+    return PreparedPaths(prepare_source(QWEN_SOURCE, cache_dir, force), *prepare_recognisers(cfg, force))
 
 
 def run_prepare(cfg: Config, force: bool = False) -> int:
