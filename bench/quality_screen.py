@@ -5,8 +5,9 @@ One process, one loaded embedded backend: every turn of every item is transcribe
 does: no server, no VAD; the recogniser does not depend on the candidates), then each candidate of `CANDIDATES`
 (config overrides of `[generation]`, `[embedded]` and `[engine] max_window_tokens`) answers every item from those
 transcripts, a dialogue's earlier turns entering the history with the candidate's own earlier answers, exactly as
-the engine renders them (`backend.build_prompt`, `generate_stream`). Scored like `bench/quality.py`. This is the
-screen only: the winner is confirmed through the server with `python -m bench.quality` on both halves.
+the engine renders them (`backend.build_prompt`, `generate_stream`). Scored like `bench/quality.py`.
+`--transcripts spoken` answers the words said instead (the LLM's share of the misses, without the recogniser's).
+This is the screen only: the winner is confirmed through the server with `python -m bench.quality` on both halves.
 Result: `bench/results/quality_screen-YYYYMMDD<tag>.json` (per candidate: totals and every item's answers).
 """
 
@@ -30,6 +31,7 @@ BRIEF_PROMPT = (
     "continues the conversation: answer it about the person, place or thing of the earlier turns. "
     "No lists, no markdown."
 )
+SPOKEN = "spoken"  # --transcripts: the words said instead of Whisper's
 # name -> config overrides on top of the defaults (the first is the current default, the reference)
 CANDIDATES: dict[str, dict] = {
     "default": {},
@@ -85,17 +87,20 @@ def transcribe_all(backend, items, cache_dir) -> dict[str, list]:
 
 def transcripts_from(path: str, items) -> dict[str, list]:
     """`transcribe_all`'s answer taken from an earlier screen result (its first candidate's turns): the recogniser
-    does not depend on the candidates, so a second screen process need not run it again."""
+    does not depend on the candidates, so a second screen process need not run it again. `path` "spoken": the words
+    said, as if heard without an error (what the LLM alone gets right: the hearing's share of the misses)."""
     import json
 
     from assistant.backends.base import PreparedTurn
 
-    first = next(iter(json.loads(Path(path).read_text())["results"]["candidates"].values()))
-    rows = {r["id"]: r for r in first["items"]}
+    rows = {}
+    if path != SPOKEN:
+        first = next(iter(json.loads(Path(path).read_text())["results"]["candidates"].values()))
+        rows = {r["id"]: r for r in first["items"]}
     out = {}
     for item in items:
         clips = [clip_for(item.id, k, text) for k, text in enumerate(item.say)]
-        texts = [t["transcript"] for t in rows[item.id]["turns"]]
+        texts = list(item.say) if path == SPOKEN else [t["transcript"] for t in rows[item.id]["turns"]]
         out[item.id] = [
             (c, PreparedTurn(key=f"{item.id}.{k}", user_text=t, transcript=t))
             for k, (c, t) in enumerate(zip(clips, texts, strict=True))
@@ -186,7 +191,10 @@ if __name__ == "__main__":
     ap.add_argument("--split", choices=[*SPLITS, "all"], default="tune")
     ap.add_argument("--only", type=lambda s: s.split(","), help=f"candidates, of {list(CANDIDATES)}")
     ap.add_argument("--ids", type=lambda s: s.split(","), metavar="s01,d02", help="exactly these items (a check)")
-    ap.add_argument("--transcripts", help="an earlier quality_screen result: its transcripts, Whisper not run again")
+    ap.add_argument(
+        "--transcripts",
+        help=f"an earlier quality_screen result: its transcripts, Whisper not run again; {SPOKEN!r}: the words said",
+    )
     ap.add_argument("--whisper", default="base", help="[embedded] whisper of the transcripts: base or tiny.en")
     ap.add_argument("--max-new-tokens", type=int, help="cap every candidate's answers (a faster screen)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
