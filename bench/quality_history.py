@@ -34,12 +34,11 @@ def prompt_for(backend, history, text: str, window: int):
     return backend.build_prompt("", history, PreparedTurn(key="q", user_text=text, transcript=text), window)
 
 
-def answer(backend, cfg, history, text: str, window: int) -> dict:
-    """The default settings' answer to `text` after `history` within `window` tokens, with its prompt's size."""
+def answer(backend, cfg, prompt) -> dict:
+    """The default settings' answer to `prompt` (`prompt_for`), with its size and time to first token."""
     from assistant.engine.decoding import generate_stream, response_text
     from assistant.engine.sampling import params_for
 
-    prompt = prompt_for(backend, history, text, window)
     t0 = time.perf_counter()
     first_s, ids = None, []
     for step in generate_stream(backend, prompt, params_for(cfg.generation), cfg.generation.max_new_tokens):
@@ -51,7 +50,6 @@ def answer(backend, cfg, history, text: str, window: int) -> dict:
         "answer": response_text(backend.tokenizer, ids).strip(),
         "prompt_tokens": len(prompt.ids),
         "history_kept": prompt.history_kept,
-        "history_given": len(history),
         "first_token_s": round(first_s or 0.0, 3),
     }
 
@@ -69,7 +67,7 @@ def run(backend, cfg, items, fillers: list[int], budgets: list[int], placements:
 
     def filler(text: str):
         if text not in replies:
-            replies[text] = answer(backend, cfg, [], text, full)["answer"]
+            replies[text] = answer(backend, cfg, prompt_for(backend, [], text, full))["answer"]
         return exchange(text, replies[text])
 
     dialogues = [i for i in items if i.kind == "followup"]
@@ -77,7 +75,8 @@ def run(backend, cfg, items, fillers: list[int], budgets: list[int], placements:
     for item in dialogues:
         history = []
         for text in item.say[:-1]:
-            history.append(exchange(text, answer(backend, cfg, history, text, full)["answer"]))
+            reply = answer(backend, cfg, prompt_for(backend, history, text, full))["answer"]
+            history.append(exchange(text, reply))
         earlier[item.id] = history
     seen: dict[tuple, dict] = {}
     rows = []
@@ -91,12 +90,13 @@ def run(backend, cfg, items, fillers: list[int], budgets: list[int], placements:
                 past = earlier[item.id]
                 history = past + pool if placement == "between" else pool + past
                 for budget in budgets:
-                    key = tuple(prompt_for(backend, history, item.say[-1], budget).ids)
+                    prompt = prompt_for(backend, history, item.say[-1], budget)
+                    key = tuple(prompt.ids)
                     if key not in seen:
-                        seen[key] = answer(backend, cfg, history, item.say[-1], budget)
+                        seen[key] = answer(backend, cfg, prompt)
                     got = seen[key]
                     row = {"id": item.id, "split": item.split, "needs": item.needs, "placement": placement}
-                    row |= {"fillers": n_fill, "budget": budget, **got}
+                    row |= {"fillers": n_fill, "budget": budget, "history_given": len(history), **got}
                     row["correct"] = answer_correct(got["answer"], item.accept)
                     # between: the dialogue's earlier turns are the oldest history; before: the newest
                     row["fact_in_prompt"] = got["history_kept"] >= len(past) + len(pool) * (placement == "between")
