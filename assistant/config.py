@@ -77,6 +77,7 @@ class EmbeddedConfig:
     turn_instruction: str = ""
     language: str = ""  # the language every spoken turn is heard in ("en"); "" = Whisper detects it per turn
     whisper_english: Literal["", "tiny.en"] = "tiny.en"  # hears the turns told they are English ("" = `whisper`)
+    whisper_beam_size: int = field(default=1, metadata=bounds(1, 16))  # 1 = greedy decoding, more = beam search
 
 
 @dataclass(frozen=True)

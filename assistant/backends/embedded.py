@@ -69,7 +69,7 @@ class EmbeddedBackend:
         paths = ensure_prepared(cfg)
         t0 = time.perf_counter()
         lm = Qwen2LM.load(paths.llm_dir, cfg.model.device, cfg.model.dtype, cfg.embedded.quantization)
-        recognisers = load_recognisers(paths.whisper_dir, paths.english_dir, lm.device, cfg.embedded.language)
+        recognisers = load_recognisers(paths.whisper_dir, paths.english_dir, lm.device, cfg.embedded)
         log.info(
             "embedded backend loaded in %.1f s (LM %s, quantization %s, on %s, Whisper %s)",
             time.perf_counter() - t0,

@@ -113,7 +113,7 @@ class OpenAIBackend:
             from assistant.weights.cache import prepare_recognisers
 
             device = resolve_device(cfg.model.device)
-            recognisers = load_recognisers(*prepare_recognisers(cfg), device, cfg.embedded.language)
+            recognisers = load_recognisers(*prepare_recognisers(cfg), device, cfg.embedded)
         timeouts = Timeouts(o.connect_timeout_s, o.read_timeout_s, o.response_timeout_s, o.health_interval_s)
         pool = UpstreamPool(list(o.base_urls), o.model, o.api_key, timeouts)
         pool.start()

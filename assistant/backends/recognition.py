@@ -20,6 +20,7 @@ import numpy as np
 
 from assistant.audio.speech_text import language_code
 from assistant.backends.base import PreparedTurn, Steps, Utterance
+from assistant.config import EmbeddedConfig
 from assistant.models.device import resolve_dtype
 from assistant.models.whisper import WhisperTranscriber
 
@@ -67,15 +68,17 @@ class Recognisers:
         return self.english if language == ENGLISH and self.english is not None else self.main
 
 
-def load_transcriber(whisper_dir: Path, device) -> WhisperTranscriber:
+def load_transcriber(whisper_dir: Path, device, beam_size: int = 1) -> WhisperTranscriber:
     """Whisper from the weights cache, in the dtype the device runs best."""
-    return WhisperTranscriber.load(whisper_dir, resolve_dtype("auto", device, "whisper"), str(device))
+    return WhisperTranscriber.load(whisper_dir, resolve_dtype("auto", device, "whisper"), str(device), beam_size)
 
 
-def load_recognisers(whisper_dir: Path, english_dir: Path | None, device, language: str = "") -> Recognisers:
-    """The configured recognisers (`assistant.weights.cache.PreparedPaths`); a wrong `language` stops the start."""
-    english = load_transcriber(english_dir, device) if english_dir is not None else None
-    return Recognisers(load_transcriber(whisper_dir, device), english, language)
+def load_recognisers(whisper_dir: Path, english_dir: Path | None, device, embedded: EmbeddedConfig) -> Recognisers:
+    """The recognisers `[embedded]` configures (the directories: `assistant.weights.cache.PreparedPaths`), each
+    decoding with `whisper_beam_size`; a wrong `language` stops the start."""
+    beam = embedded.whisper_beam_size
+    english = load_transcriber(english_dir, device, beam) if english_dir is not None else None
+    return Recognisers(load_transcriber(whisper_dir, device, beam), english, embedded.language)
 
 
 def transcribed_turns(recognisers: Recognisers | None, utterances: list[Utterance], backend: str) -> Steps:

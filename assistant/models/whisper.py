@@ -199,10 +199,12 @@ class WhisperTranscriber:
     # among the top candidates decides (decode_features).
     LANGUAGE_SURE_P, LANGUAGE_CANDIDATES = 0.5, 3
 
-    def __init__(self, model: Whisper, tokenizer_json: Path, config_json: Path):
+    def __init__(self, model: Whisper, tokenizer_json: Path, config_json: Path, beam_size: int = 1):
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.model = model
+        if beam_size < 1:
+            raise ValueError(f"Whisper beam size {beam_size}: expected 1 (greedy) or more (beam search)")
+        self.model, self.beam_size = model, beam_size
         self.tok = HFTokenizer.from_file(str(tokenizer_json))
         cfg = json.loads(Path(config_json).read_text(encoding="utf-8"))
 
@@ -233,10 +235,13 @@ class WhisperTranscriber:
         self.suppress_begin[[i for i in cfg["suppress_ids_begin"] if i < vocab]] = True  # no blank/eot first
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> WhisperTranscriber:
-        """The transcriber of a prepared Whisper directory (`assistant.weights.cache`)."""
+    def load(
+        cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", beam_size: int = 1
+    ) -> WhisperTranscriber:
+        """The transcriber of a prepared Whisper directory (`assistant.weights.cache`); beam size 1 is greedy."""
         model_dir = Path(model_dir)
-        return cls(Whisper.load(model_dir, dtype, device), model_dir / "tokenizer.json", model_dir / "config.json")
+        model = Whisper.load(model_dir, dtype, device)
+        return cls(model, model_dir / "tokenizer.json", model_dir / "config.json", beam_size)
 
     @staticmethod
     def speech(audio: np.ndarray) -> np.ndarray:
@@ -326,7 +331,10 @@ class WhisperTranscriber:
         limits = [min(m.dims.max_target_positions - 8, 16 + int(6 * len(speech[i]) / MODEL_RATE_HZ)) for i in clip_of]
         if max_tokens is not None:
             limits = [min(x, max_tokens) for x in limits]
-        out, logprob, looped = self._greedy(prompt, row_cross, limits)
+        if self.beam_size > 1:
+            out, logprob, looped = self._beam(prompt, row_cross, limits, self.beam_size)
+        else:
+            out, logprob, looped = self._greedy(prompt, row_cross, limits)
         score = [math.log(max(p, 1e-30)) + logprob[r] for r, (_, _, p) in enumerate(rows)]
         best: dict[int, int] = {}  # clip -> its likeliest row
         for r, (i, _, _) in enumerate(rows):
@@ -377,6 +385,87 @@ class WhisperTranscriber:
                 break
             logits, kv = self.model.decode(nxt[:, None], cross, kv)
         return out, logprob, looped
+
+    def _beam(
+        self, prompt: torch.Tensor, cross: list[tuple[torch.Tensor, torch.Tensor]], limits: list[int], beam: int
+    ) -> tuple[list[list[int]], list[float], list[bool]]:
+        """Beam search over every prompt row, `_greedy`'s returns. openai/whisper's BeamSearchDecoder with patience 1:
+        each row keeps its `beam` likeliest unfinished hypotheses (summed token log-probabilities); one that emits
+        `<|endoftext|>`, ends in a repetition loop (cut) or reaches the row's token limit is finished, and the row
+        stops when `beam` are. The winner has the highest log-probability per token (its `<|endoftext|>` counted, as
+        openai/whisper's ranker does), so a short hypothesis does not win by being short. The returned sum leaves
+        `<|endoftext|>` out, like `_greedy`'s."""
+        n_rows, ninf = prompt.shape[0], float("-inf")
+        src = torch.arange(n_rows, device=self.model.device).repeat_interleave(beam)  # `beam` rows per prompt row
+        cross = [(k[src], v[src]) for k, v in cross]
+        logits, kv = self.model.decode(prompt[src.cpu()], cross, None)
+        alive: list[list[tuple[list[int], list[float]]]] = [[([], [])] for _ in range(n_rows)]  # (ids, logprobs)
+        finished: list[list[tuple[float, list[int], list[float], bool]]] = [[] for _ in range(n_rows)]
+        for step in range(max(limits) + 1):
+            mask = self.suppress_begin if step == 0 else self.suppress
+            lp = logits[:, -1].masked_fill(mask, ninf).log_softmax(-1).view(n_rows, beam, -1)
+            keep, feed = [], []  # per decoder row of the next step: the row it continues, the token it is fed
+            for r in range(n_rows):
+                grown = self._beam_row(alive[r], lp[r], finished[r], beam, step >= limits[r])
+                alive[r] = [(ids, lps) for _, ids, lps in grown]
+                for h, ids, _ in grown:
+                    keep.append(r * beam + h)
+                    feed.append(ids[-1])
+                keep += [r * beam] * (beam - len(grown))  # idle rows: decoded, never read
+                feed += [self.eot] * (beam - len(grown))
+            if not any(alive):
+                break
+            sel = torch.tensor(keep, device=self.model.device)
+            kv = [(k[sel], v[sel]) for k, v in kv]
+            logits, kv = self.model.decode(torch.tensor(feed)[:, None], cross, kv)
+        out, logprob, looped = [], [], []
+        for r in range(n_rows):
+            pool = finished[r] or [(sum(lps), ids, lps, True) for ids, lps in alive[r]]
+            _, ids, lps, loop = max(pool, key=lambda f: f[0] / max(1, len(f[1])))
+            out.append(ids)
+            logprob.append(sum(lps))
+            looped.append(loop)
+        return out, logprob, looped
+
+    def _beam_row(
+        self,
+        alive: list[tuple[list[int], list[float]]],
+        lp: torch.Tensor,
+        finished: list[tuple[float, list[int], list[float], bool]],
+        beam: int,
+        at_limit: bool,
+    ) -> list[tuple[int, list[int], list[float]]]:
+        """One beam step of one row: `lp` [beam, V] the next-token log-probabilities of its `alive` hypotheses.
+        Appends to `finished` (ranking score, ids, logprobs, looped) up to `beam` of them; returns the hypotheses
+        that go on as (the hypothesis they grew from, ids, logprobs), at most `beam`, none once the row is done."""
+        if not alive or len(finished) >= beam:
+            return []
+        total = lp.new_tensor([sum(lps) for _, lps in alive])[:, None] + lp[: len(alive)]
+        vals, idx = total.flatten().topk(min(2 * beam, total.numel()))
+        grown: list[tuple[int, list[int], list[float]]] = []
+        capped: set[int] = set()
+        for score, j in zip(vals.tolist(), idx.tolist(), strict=True):
+            if score == float("-inf") or len(grown) == beam:
+                break
+            h, tok = divmod(j, lp.shape[-1])
+            ids, lps = alive[h]
+            if tok == self.eot:
+                done = (score, ids, lps, False)
+            elif at_limit:  # the token cap: finished as it stands, like `_greedy`'s cap
+                if h in capped:
+                    continue
+                capped.add(h)
+                done = (sum(lps), ids, lps, True)
+            else:
+                ids, lps = ids + [tok], lps + [float(lp[h, tok])]
+                cut = _repeat_start(ids)
+                if cut is None:
+                    grown.append((h, ids, lps))
+                    continue
+                done = (sum(lps[:cut]), ids[:cut], lps[:cut], True)
+            if len(finished) < beam:
+                finished.append(done)
+        return [] if len(finished) >= beam else grown
 
 
 def _repeat_start(ids: list[int], min_block: int = 4) -> int | None:
