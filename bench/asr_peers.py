@@ -1,5 +1,6 @@
 """Speech recognition side by side, one interleaved run: the project's Whisper (base and tiny.en) against
-faster-whisper (int8 and float32, beam 1, its defaults otherwise) on the very same CTranslate2 weights.
+faster-whisper (int8 and float32, its defaults otherwise) on the very same CTranslate2 weights; greedy, and beam
+search over 5 hypotheses where a system's name ends in `-beam5` (`[embedded] whisper_beam_size`).
 
 Run: `python -m bench.asr_peers [--questions N] [--threads N] [--systems a,b,..]`. The set is `bench/asr_set.py`:
 the spoken set's questions in four espeak-ng voices/speeds, each clip with 0, 0.3, 0.5 and 1.0 s of leading and
@@ -43,6 +44,12 @@ SYSTEMS = (
     "own-base-previous",
     "own-base-window10",
     "own-base-window15",
+    "own-base-beam5",
+    "own-base-en-beam5",
+    "own-tiny.en-beam5",
+    "faster-whisper-base-int8-beam5",
+    "faster-whisper-base-float32-beam5",
+    "faster-whisper-tiny.en-float32-beam5",
 )
 
 
@@ -65,24 +72,26 @@ def faster_whisper_dir(name: str, scratch: Path) -> Path:
     return out
 
 
-def faster_whisper_transcriber(model_dir: Path, compute_type: str, threads: int) -> Callable[[np.ndarray], tuple]:
+def faster_whisper_transcriber(
+    model_dir: Path, compute_type: str, threads: int, beam_size: int = 1
+) -> Callable[[np.ndarray], tuple]:
     from faster_whisper import WhisperModel
 
     model = WhisperModel(str(model_dir), device="cpu", compute_type=compute_type, cpu_threads=threads)
 
     def run(audio: np.ndarray) -> tuple[str, str]:
-        segments, info = model.transcribe(audio, beam_size=1)
+        segments, info = model.transcribe(audio, beam_size=beam_size)
         return " ".join(s.text.strip() for s in segments).strip(), info.language
 
     return run
 
 
-def own_transcriber(model_dir: Path, language: str | None = None) -> Callable[[np.ndarray], tuple]:
+def own_transcriber(model_dir: Path, language: str | None = None, beam_size: int = 1) -> Callable[[np.ndarray], tuple]:
     """The project's recogniser; `language` given (the `-en` systems) is the language the user said they speak."""
     from assistant.backends.base import run_steps
     from assistant.models.whisper import WhisperTranscriber
 
-    tr = WhisperTranscriber.load(model_dir)
+    tr = WhisperTranscriber.load(model_dir, beam_size=beam_size)
 
     def run(audio: np.ndarray) -> tuple[str, str]:
         [r] = run_steps(tr.transcribe_steps([audio], languages=[language]))
@@ -139,6 +148,8 @@ def load_systems(names: list[str], threads: int, scratch: Path) -> dict[str, Cal
     out = {}
     for name in names:
         model = "tiny.en" if "tiny.en" in name else "base"
+        stem, _, beam = name.partition("-beam")  # "-beamN": beam search over N hypotheses, else greedy
+        beam_size = int(beam or 1)
         if name.startswith("own"):
             model_dir = prepare_source(WHISPER_SOURCES[model], cache)
             if "-window" in name:
@@ -146,9 +157,10 @@ def load_systems(names: list[str], threads: int, scratch: Path) -> dict[str, Cal
             elif name.endswith("previous"):
                 out[name] = previous_transcriber(model_dir)
             else:
-                out[name] = own_transcriber(model_dir, "en" if name.endswith("-en") else None)
+                out[name] = own_transcriber(model_dir, "en" if stem.endswith("-en") else None, beam_size)
         else:
-            out[name] = faster_whisper_transcriber(faster_whisper_dir(model, scratch), name.split("-")[-1], threads)
+            compute_type = stem.split("-")[-1]
+            out[name] = faster_whisper_transcriber(faster_whisper_dir(model, scratch), compute_type, threads, beam_size)
     return out
 
 

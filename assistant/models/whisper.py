@@ -393,8 +393,8 @@ class WhisperTranscriber:
         each row keeps its `beam` likeliest unfinished hypotheses (summed token log-probabilities); one that emits
         `<|endoftext|>`, ends in a repetition loop (cut) or reaches the row's token limit is finished, and the row
         stops when `beam` are. The winner has the highest log-probability per token (its `<|endoftext|>` counted, as
-        openai/whisper's ranker does), so a short hypothesis does not win by being short. The returned sum leaves
-        `<|endoftext|>` out, like `_greedy`'s."""
+        openai/whisper's ranker does), so a short hypothesis does not win by being short. The returned sum is
+        `_greedy`'s: `<|endoftext|>` left out, a cut loop's tokens counted (a looped transcript stays unlikely)."""
         n_rows, ninf = prompt.shape[0], float("-inf")
         src = torch.arange(n_rows, device=self.model.device).repeat_interleave(beam)  # `beam` rows per prompt row
         cross = [(k[src], v[src]) for k, v in cross]
@@ -462,7 +462,7 @@ class WhisperTranscriber:
                 if cut is None:
                     grown.append((h, ids, lps))
                     continue
-                done = (sum(lps[:cut]), ids[:cut], lps[:cut], True)
+                done = (sum(lps), ids[:cut], lps, True)  # the loop's tokens cut, their log-probability kept
             if len(finished) < beam:
                 finished.append(done)
         return [] if len(finished) >= beam else grown
