@@ -78,6 +78,7 @@ class EmbeddedConfig:
     language: str = ""  # the language every spoken turn is heard in ("en"); "" = Whisper detects it per turn
     whisper_english: Literal["", "tiny.en"] = "tiny.en"  # hears the turns told they are English ("" = `whisper`)
     whisper_beam_size: int = field(default=1, metadata=bounds(1, 16))  # 1 = greedy decoding, more = beam search
+    whisper_previous_text: bool = False  # Whisper is told the user's earlier turns (its previous-text prompt)
 
 
 @dataclass(frozen=True)

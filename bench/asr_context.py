@@ -1,12 +1,12 @@
-"""Exploration: does Whisper hear a follow-up turn better when it is given the conversation's earlier words?
+"""Does Whisper hear a follow-up turn better when it is told the conversation's earlier words?
 
-Run: `python -m bench.asr_context [--model whisper-base|whisper-tiny.en] [--threads N] [--tag T]`. For every later
-turn of the answer-quality set's dialogues (`bench/quality_set.py`, the same cached espeak-ng clips as
-`bench/quality.py`), the turn is transcribed twice with greedy decoding, told English: as the server does today
-(no context), and with Whisper's previous-text prompt (`<|startofprev|>` and the earlier turns' transcripts as heard,
-as openai/whisper's `condition_on_previous_text` does across 30 s windows). Word errors against the words spoken,
-per turn, into `bench/results/asr_context-YYYYMMDD[-T].json`. Not a product path: the server does not prompt
-Whisper (this measures whether it should).
+Run: `python -m bench.asr_context [--model whisper-base|whisper-tiny.en] [--language en|""] [--beam-size N]
+[--threads N] [--tag T]`. For every later turn of the answer-quality set's dialogues (`bench/quality_set.py`, the
+same cached espeak-ng clips as `bench/quality.py`), the turn is transcribed twice by the product's recogniser
+(`WhisperTranscriber.transcribe_steps`, told English unless `--language ""`, which detects it as the default server
+does): with no context, and after Whisper's previous-text prompt holding the earlier turns' transcripts as that
+run heard them (`[embedded] whisper_previous_text`: what the engine tells it, `Conversation.said_before`). Word
+errors against the words spoken, per turn, into `bench/results/asr_context-YYYYMMDD[-T].json`.
 """
 
 from __future__ import annotations
@@ -16,60 +16,51 @@ from pathlib import Path
 
 import torch
 
-from assistant.audio.frontend import log_mel
+from assistant.backends.base import run_steps
 from assistant.models.whisper import WhisperTranscriber
 from bench.quality import DEFAULT_CACHE
 from bench.quality_set import clip_audio, clip_for, load_set, word_errors
 from bench.results import Record
 
-PROMPT_TOKENS = 223  # openai/whisper keeps the last n_text_ctx // 2 - 1 tokens of the previous text
 
-
-def transcribe(t: WhisperTranscriber, audio, previous: str) -> str:
-    """Greedy, told English, optionally after `<|startofprev|>` + `previous` (the model's own prompt format)."""
-    speech = t.speech(audio)
-    with torch.inference_mode():
-        cross = t.model.cross_kv(t.model.encode(log_mel(speech)[None]))
-        head = (
-            [t.sot, t.language_token("en"), t.transcribe, t.no_timestamps]
-            if t.multilingual
-            else [t.sot, t.no_timestamps]
-        )
-        ids = head
-        if previous:
-            prev = t.tok.encode(" " + previous.strip(), add_special_tokens=False).ids[-PROMPT_TOKENS:]
-            ids = [t.tok.token_to_id("<|startofprev|>"), *prev, *head]
-        out, _, _ = t._greedy(torch.tensor([ids]), cross, [16 + int(6 * len(speech) / 16000)])
-    return t.tok.decode(out[0], skip_special_tokens=True).strip()
+def transcribe(t: WhisperTranscriber, audio, language: str | None, previous: str) -> str:
+    [heard] = run_steps(t.transcribe_steps([audio], languages=[language], previous=[previous]))
+    return heard.text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="whisper-base", help="a prepared Whisper directory in the weights cache")
+    ap.add_argument("--language", default="en", help='the language each turn is told ("" = detected)')
+    ap.add_argument("--beam-size", type=int, default=1, help="[embedded] whisper_beam_size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="")
     ap.add_argument("--notes", default="")
     args = ap.parse_args()
     record = Record("asr_context", vars(args), tag=args.tag)
     torch.set_num_threads(args.threads)
-    t = WhisperTranscriber.load(Path.home() / ".cache" / "qwen-voice-assistant" / args.model)
+    t = WhisperTranscriber.load(Path.home() / ".cache" / "qwen-voice-assistant" / args.model, beam_size=args.beam_size)
+    language = args.language or None
     rows, totals = [], {"no_context": [0, 0], "previous_turns": [0, 0]}
     for item in (i for i in load_set() if i.kind == "followup"):
-        heard: list[str] = []
+        heard: dict[str, list[str]] = {"no_context": [], "previous_turns": []}
         for k, say in enumerate(item.say):
             audio = clip_audio(clip_for(item.id, k, say), DEFAULT_CACHE)
-            plain = transcribe(t, audio, "")
+            plain = transcribe(t, audio, language, "")
+            # a first turn has nothing before it: the two runs hear it alike
+            told = transcribe(t, audio, language, " ".join(heard["previous_turns"])) if k else plain
+            got = {"no_context": plain, "previous_turns": told}
             if k:
-                with_context = transcribe(t, audio, " ".join(heard))
                 row = {"item": item.id, "turn": k, "split": item.split, "say": say}
-                for key, hyp in (("no_context", plain), ("previous_turns", with_context)):
+                for key, hyp in got.items():
                     errors, words = word_errors(say, hyp)
                     totals[key][0] += errors
                     totals[key][1] += words
                     row[key] = {"heard": hyp, "word_errors": errors}
                 rows.append(row)
-                print(f"{item.id}.{k} {say!r}: {plain!r} | {with_context!r}", flush=True)
-            heard.append(plain)
+                print(f"{item.id}.{k} {say!r}: {got['no_context']!r} | {got['previous_turns']!r}", flush=True)
+            for key, hyp in got.items():
+                heard[key].append(hyp)
     summary = {k: {"word_errors": e, "words": n, "wer": round(e / n, 3)} for k, (e, n) in totals.items()}
     print(summary)
     record.write({"summary": summary, "turns": rows}, torch_threads=args.threads, notes=args.notes)

@@ -105,7 +105,7 @@ async def send_json(ws: Any, obj: dict[str, Any]) -> None:
 
 
 class RecordingBackend:
-    """The real backend, with every `prepare` call recorded (keys and audio lengths), so tests can count the audio
+    """The real backend, with every `prepare` call recorded (keys, audio lengths, utterances), so tests can count the audio
     work done per turn and wait (without sleeping) until a given turn's audio work has run."""
 
     def __init__(self, backend: Any) -> None:
@@ -113,6 +113,7 @@ class RecordingBackend:
 
         self._backend = backend
         self.calls: list[list[tuple[str, int]]] = []  # per prepare call: (key, audio samples or -1 for text)
+        self.utterances: list[Any] = []  # every utterance prepared, as the backend got it, in order
         self._cond = threading.Condition()
 
     def __getattr__(self, name: str) -> Any:
@@ -122,6 +123,7 @@ class RecordingBackend:
         turns = self._backend.prepare(utterances, audio_numbers)
         with self._cond:
             self.calls.append([(u.key, -1 if u.audio is None else len(u.audio)) for u in utterances])
+            self.utterances += utterances
             self._cond.notify_all()
         return turns
 

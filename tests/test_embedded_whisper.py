@@ -68,15 +68,25 @@ def test_encoder_and_incremental_decoder_match_transformers(tiny_pair):
 
 
 # The tiny model's tokens: 100 words, then Whisper's special tokens in their order (an English-only model's).
-EOT, SOT, EN, NO_TIMESTAMPS = 100, 101, 102, 104
-SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>", "<|nocaptions|>"]
+EOT, SOT, EN, NO_TIMESTAMPS, START_OF_PREV = 100, 101, 102, 104, 106
+SPECIALS = [
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+    "<|transcribe|>",
+    "<|notimestamps|>",
+    "<|nocaptions|>",
+    "<|startofprev|>",
+]
 
 
 def _tiny_transcriber(model: Whisper, tmp_path, beam_size: int) -> WhisperTranscriber:
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(EOT)} | {tok: EOT + i for i, tok in enumerate(SPECIALS)}
-    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
     config = {"lang_ids": [EN], "suppress_ids": [7], "suppress_ids_begin": [EOT, 3]}
     (tmp_path / "config.json").write_text(json.dumps(config))
     return WhisperTranscriber(model, tmp_path / "tokenizer.json", tmp_path / "config.json", beam_size)
@@ -168,6 +178,29 @@ def test_the_transcriber_decodes_with_its_beam_size(tiny_pair, tmp_path):
         ids, _, _ = _reference_beam(tr, [SOT, NO_TIMESTAMPS], ours.cross_kv(feats), 34, beam)
         assert not heard.no_speech and heard.language == "en"
         assert heard.token_ids == ids, beam
+
+
+def test_the_text_said_before_is_the_previous_text_prompt(tiny_pair, tmp_path):
+    """Clips told other texts said before (prompts of other lengths) decode in one call as each does alone, after
+    `<|startofprev|>` and the text's last tokens (31 of this decoder's 64 positions)."""
+    ours, _ = tiny_pair
+    tr = _tiny_transcriber(ours, tmp_path, beam_size=2)
+    long_text = " ".join(f"w{i % 100}" for i in range(300))
+    assert tr.previous_ids("") == [] and tr.previous_ids(" w5  w6 ") == [START_OF_PREV, 5, 6]
+    assert tr.previous_tokens == 31
+    assert tr.previous_ids(long_text) == [START_OF_PREV] + [i % 100 for i in range(300)][-tr.previous_tokens :]
+    torch.manual_seed(3)
+    feats = ours.encode(torch.randn(3, 80, 3000))
+    speech = [np.zeros(2 * 16000, dtype=np.float32)] * 3  # a cap of 28 tokens
+    before = ["", "w5 w6", long_text]
+    together = tr.decode_features(feats, speech, previous=before)
+    for i, text in enumerate(before):
+        [alone] = tr.decode_features(feats[i : i + 1], speech[:1], previous=[text])
+        prompt = [*tr.previous_ids(text), SOT, NO_TIMESTAMPS]
+        cap = min(28, DIMS.max_target_positions - 1 - len(prompt))  # the long prompt leaves 29 positions
+        one_cross = [(k[i : i + 1], v[i : i + 1]) for k, v in ours.cross_kv(feats)]
+        ids, _, _ = _reference_beam(tr, prompt, one_cross, cap, 2)
+        assert together[i].token_ids == alone.token_ids == ids, i
 
 
 def test_repeat_detector_finds_a_loop_and_leaves_normal_text():

@@ -7,7 +7,9 @@ Owns which Whisper hears a turn and in which language:
   needs no language detection and runs twice as fast as base (bench/results/asr_peers-20261203-language.json:
   0.64 s against 1.41 s p50, WER 0.090 against 0.146 there; on the answer-quality set WER 0.186 against 0.192 and
   29 of 48 single questions right against 31, bench/results/quality-20261203-told-en.json);
-- a turn told another language is heard in it by `whisper`; one the models do not know is refused with the codes.
+- a turn told another language is heard in it by `whisper`; one the models do not know is refused with the codes;
+- with `[embedded] whisper_previous_text` a turn is heard after what the user said before it (`Utterance.previous_text`,
+  which the engine fills from the conversation), and `whisper_beam_size` sets the decoding.
 Worker thread only (the transcribers hold torch state).
 """
 
@@ -34,6 +36,7 @@ class Recognisers:
     main: WhisperTranscriber
     english: WhisperTranscriber | None = None
     language: str = ""  # `[embedded] language`: what a turn that names none is told ("" = detected)
+    previous_text: bool = False  # `[embedded] whisper_previous_text`: Whisper is told what was said before a turn
 
     def __post_init__(self) -> None:
         if self.language:
@@ -75,10 +78,12 @@ def load_transcriber(whisper_dir: Path, device, beam_size: int = 1) -> WhisperTr
 
 def load_recognisers(whisper_dir: Path, english_dir: Path | None, device, embedded: EmbeddedConfig) -> Recognisers:
     """The recognisers `[embedded]` configures (the directories: `assistant.weights.cache.PreparedPaths`), each
-    decoding with `whisper_beam_size`; a wrong `language` stops the start."""
+    decoding with `whisper_beam_size`, told the text said before when `whisper_previous_text`; a wrong `language`
+    stops the start."""
     beam = embedded.whisper_beam_size
     english = load_transcriber(english_dir, device, beam) if english_dir is not None else None
-    return Recognisers(load_transcriber(whisper_dir, device, beam), english, embedded.language)
+    main = load_transcriber(whisper_dir, device, beam)
+    return Recognisers(main, english, embedded.language, embedded.whisper_previous_text)
 
 
 def transcribed_turns(recognisers: Recognisers | None, utterances: list[Utterance], backend: str) -> Steps:
@@ -94,7 +99,9 @@ def transcribed_turns(recognisers: Recognisers | None, utterances: list[Utteranc
             if k:
                 yield  # each model's work is its own steps
             group = [(u, lang) for u, lang in zip(spoken, told, strict=True) if recognisers.for_language(lang) is model]
-            results = yield from model.transcribe_steps([u.audio for u, _ in group], languages=[x for _, x in group])
+            before = [u.previous_text for u, _ in group] if recognisers.previous_text else None
+            audios, languages = [u.audio for u, _ in group], [x for _, x in group]
+            results = yield from model.transcribe_steps(audios, languages=languages, previous=before)
             heard |= {u.key: r for (u, _), r in zip(group, results, strict=True)}
     turns = []
     for u in utterances:

@@ -48,11 +48,17 @@ class Speculation:
     encode_ms: float
 
     def matches(self, utt: Utterance, heard: Callable[[np.ndarray], np.ndarray] | None = None) -> bool:
-        """`utt` is the turn this speculation prepared: same key, text and language, and the same audio, or audio
-        the backend hears alike (`heard`: the backend's `heard_audio`, what its recogniser takes of a clip; a
-        speculation started before the trailing padding was complete lacks some silence the recogniser trims)."""
+        """`utt` is the turn this speculation prepared: same key, text, language and text said before, and the same
+        audio, or audio the backend hears alike (`heard`: the backend's `heard_audio`, what its recogniser takes of
+        a clip; a speculation started before the trailing padding was complete lacks some silence the recogniser
+        trims)."""
         mine = self.utterance
-        if mine.key != utt.key or mine.text != utt.text or mine.language != utt.language:
+        if (mine.key, mine.text, mine.language, mine.previous_text) != (
+            utt.key,
+            utt.text,
+            utt.language,
+            utt.previous_text,
+        ):
             return False
         if (mine.audio is None) != (utt.audio is None):
             return False
@@ -162,6 +168,12 @@ class Conversation:
         while len(self.speculative) >= MAX_SPECULATIONS:
             del self.speculative[next(iter(self.speculative))]
         self.speculative[spec.utterance.key] = spec
+
+    def said_before(self) -> str:
+        """What the user said so far, as heard: the transcripts of the turns in the history, then of the pending ones
+        (`Utterance.previous_text` of the next spoken turn)."""
+        turns = [t for ex in self.history for t in ex.turns] + self.pending
+        return " ".join(t.transcript.strip() for t in turns if t.transcript and t.transcript.strip())
 
     def next_audio_number(self) -> int:
         self.audio_count += 1

@@ -50,6 +50,7 @@ class TurnWork:
     seq: int  # position in command order (`TurnQueue.blocks`)
     alone: bool = False  # its chunk failed: retried in a chunk of its own
     dropped: bool = False  # a speculation discarded while its chunk ran: its result is thrown away
+    utterance: Utterance | None = None  # as prepared: the command's, told what was said before (when its chunk starts)
 
     @property
     def speculative(self) -> bool:
@@ -110,7 +111,7 @@ def _take_speculation(w: TurnWork, number: int, backend: Backend) -> Speculation
     spec = w.conv.speculative.pop(w.key, None)
     if spec is None:
         return None
-    if spec.matches(w.cmd.utterance, getattr(backend, "heard_audio", None)) and spec.audio_number == number:
+    if spec.matches(w.utterance, getattr(backend, "heard_audio", None)) and spec.audio_number == number:
         metrics.SPECULATIONS.labels(outcome="confirmed").inc()
         return spec
     metrics.SPECULATIONS.labels(outcome="missed").inc()
@@ -271,6 +272,8 @@ class TurnQueue:
         plan: list[tuple[TurnWork, int, Speculation | None]] = []
         for w in works:
             audio = w.cmd.utterance.audio is not None
+            said = w.conv.said_before() if audio else ""
+            w.utterance = dataclasses.replace(w.cmd.utterance, previous_text=said)
             if w.speculative:
                 plan.append((w, w.conv.audio_count + 1 if audio else w.conv.audio_count, None))
                 continue
@@ -279,7 +282,7 @@ class TurnQueue:
         todo = [(w, n) for w, n, hit in plan if hit is None]
         steps = None
         if todo:
-            utterances, numbers = [w.cmd.utterance for w, _ in todo], [n for _, n in todo]
+            utterances, numbers = [w.utterance for w, _ in todo], [n for _, n in todo]
             prepare_steps = getattr(type(self.backend), "prepare_steps", None)  # a wrapper's own prepare wins
             if prepare_steps is not None:
                 steps = prepare_steps(self.backend, utterances, numbers)
@@ -332,7 +335,7 @@ class TurnQueue:
                 continue
             if w.speculative:
                 turn = turns[id(w)]
-                w.conv.add_speculation(Speculation(w.cmd.utterance, number, turn, encode_ms))
+                w.conv.add_speculation(Speculation(w.utterance, number, turn, encode_ms))
                 w.heard(TurnInfo(turn.key, turn.transcript, turn.language, turn.audio_s, {"encode": encode_ms}))
                 metrics.SPECULATIONS.labels(outcome="prepared").inc()
                 if self.on_speculation is not None:

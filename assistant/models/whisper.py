@@ -1,4 +1,4 @@
-"""Whisper (encoder-decoder ASR) for the embedded backend: the network, batched greedy transcription, language ID.
+"""Whisper (encoder-decoder ASR) for the embedded backend: the network, batched transcription, language ID.
 
 Owns the model read top to bottom: dimensions, attention, residual blocks, encoder (two convolutions + sinusoid-free
 learned positions + blocks), decoder (token + position embeddings, self- and cross-attention blocks, logits tied to
@@ -205,6 +205,9 @@ class WhisperTranscriber:
         if beam_size < 1:
             raise ValueError(f"Whisper beam size {beam_size}: expected 1 (greedy) or more (beam search)")
         self.model, self.beam_size = model, beam_size
+        # Of a previous text, its last n_text_ctx // 2 - 1 tokens (openai/whisper's; 223 of 448): half the decoder's
+        # positions stay for the transcript.
+        self.previous_tokens = model.dims.max_target_positions // 2 - 1
         self.tok = HFTokenizer.from_file(str(tokenizer_json))
         cfg = json.loads(Path(config_json).read_text(encoding="utf-8"))
 
@@ -214,7 +217,11 @@ class WhisperTranscriber:
                 raise ValueError(f"{tokenizer_json}: special token {text} is missing; not a Whisper tokenizer")
             return i
 
-        self.sot, self.eot = tid("<|startoftranscript|>"), tid("<|endoftext|>")
+        self.sot, self.eot, self.start_of_prev = (
+            tid("<|startoftranscript|>"),
+            tid("<|endoftext|>"),
+            tid("<|startofprev|>"),
+        )
         self.transcribe, self.no_timestamps = tid("<|transcribe|>"), tid("<|notimestamps|>")
         self.multilingual = model.dims.multilingual
         if self.multilingual:
@@ -265,11 +272,16 @@ class WhisperTranscriber:
         )
 
     def transcribe_steps(
-        self, audios: list[np.ndarray], max_tokens: int | None = None, languages: list[str | None] | None = None
+        self,
+        audios: list[np.ndarray],
+        max_tokens: int | None = None,
+        languages: list[str | None] | None = None,
+        previous: list[str] | None = None,
     ) -> Generator[None, None, list[Transcript]]:
-        """Greedy transcripts of `audios`, in bounded steps (the caller may do other work at each `yield`): one
-        30 s window encoded per step, then the batch decoded together. `languages[i]`, when given, is the language
-        clip i is spoken in (no detection); None detects it."""
+        """Transcripts of `audios`, in bounded steps (the caller may do other work at each `yield`): one 30 s window
+        encoded per step, then the batch decoded together. `languages[i]`, when given, is the language clip i is
+        spoken in (no detection); None detects it. `previous[i]`, when given, is the text said before clip i
+        (`decode_features`)."""
         forced = [None if not lang else self.language_token(lang) for lang in (languages or [None] * len(audios))]
         # A clip under 30 ms holds no word (and gives the convolutions too few frames): an empty transcript.
         results: list[Transcript] = [Transcript("", "", [], no_speech=True) for _ in audios]
@@ -283,7 +295,9 @@ class WhisperTranscriber:
         if runnable:
             yield
             told = [forced[i] for i in runnable]
-            for i, r in zip(runnable, self.decode_features(torch.cat(feats), speech, max_tokens, told), strict=True):
+            before = [previous[i] for i in runnable] if previous else None
+            decoded = self.decode_features(torch.cat(feats), speech, max_tokens, told, before)
+            for i, r in zip(runnable, decoded, strict=True):
                 results[i] = r
         return results
 
@@ -294,10 +308,15 @@ class WhisperTranscriber:
         speech: list[np.ndarray],
         max_tokens: int | None = None,
         language_tokens: list[int | None] | None = None,
+        previous: list[str] | None = None,
     ) -> list[Transcript]:
         """feats [B, T, D] (the encoder output; T = 1500 for the 30 s window) of the clips `speech` (their length
-        caps the tokens) -> greedy transcripts. Public for bench/asr_peers.py, which also decodes shorter windows.
-        `language_tokens[i]` (`language_token`), when given, is clip i's language: it is decoded in it alone.
+        caps the tokens) -> transcripts, greedy or by beam search (`beam_size`). Public for bench/asr_peers.py,
+        which also decodes shorter windows. `language_tokens[i]` (`language_token`), when given, is clip i's
+        language: it is decoded in it alone. `previous[i]`, when given, is what was said before clip i (the
+        conversation's earlier turns): Whisper's previous-text prompt, `<|startofprev|>` and the text's last
+        `previous_tokens` tokens before `<|startoftranscript|>`, as openai/whisper conditions each 30 s window on
+        the text of the last (language and no-speech are still judged without it, as there).
 
         Language: Whisper's distribution over language tokens right after `<|startoftranscript|>`. When its top
         language is below `LANGUAGE_SURE_P`, the clip is transcribed in each of its `LANGUAGE_CANDIDATES` likeliest
@@ -320,10 +339,11 @@ class WhisperTranscriber:
             top = lang_probs[i].topk(min(self.LANGUAGE_CANDIDATES, len(self.lang_ids)))
             n = 1 if float(top.values[0]) >= self.LANGUAGE_SURE_P else len(top.values)
             rows += [(i, self.lang_ids[int(j)], float(p)) for p, j in zip(top.values[:n], top.indices[:n], strict=True)]
+        before = [self.previous_ids(t) for t in previous] if previous else [[] for _ in range(b)]
         if self.multilingual:
-            prompt = torch.tensor([[self.sot, lang, self.transcribe, self.no_timestamps] for _, lang, _ in rows])
+            prompts = [[*before[i], self.sot, lang, self.transcribe, self.no_timestamps] for i, lang, _ in rows]
         else:
-            prompt = torch.tensor([[self.sot, self.no_timestamps]] * len(rows))
+            prompts = [[*before[i], self.sot, self.no_timestamps] for i, _, _ in rows]
         clip_of = [i for i, _, _ in rows]
         # Rows beyond one per clip (unsure languages) need their clip's cross K/V repeated; otherwise it is as is.
         row_cross = cross if len(rows) == b else [(k[clip_of], v[clip_of]) for k, v in cross]
@@ -331,10 +351,7 @@ class WhisperTranscriber:
         limits = [min(m.dims.max_target_positions - 8, 16 + int(6 * len(speech[i]) / MODEL_RATE_HZ)) for i in clip_of]
         if max_tokens is not None:
             limits = [min(x, max_tokens) for x in limits]
-        if self.beam_size > 1:
-            out, logprob, looped = self._beam(prompt, row_cross, limits, self.beam_size)
-        else:
-            out, logprob, looped = self._greedy(prompt, row_cross, limits)
+        out, logprob, looped = self._decode_rows(prompts, row_cross, limits)
         score = [math.log(max(p, 1e-30)) + logprob[r] for r, (_, _, p) in enumerate(rows)]
         best: dict[int, int] = {}  # clip -> its likeliest row
         for r, (i, _, _) in enumerate(rows):
@@ -351,6 +368,34 @@ class WhisperTranscriber:
             lang, lang_p = rows[r][1], rows[r][2]
             results.append(Transcript(text, self.lang_names[lang], ids, avg_lp, lang_p, looped[r], silent))
         return results
+
+    def previous_ids(self, text: str) -> list[int]:
+        """Whisper's previous-text prompt: `<|startofprev|>` and the last `previous_tokens` tokens of `text`."""
+        text = text.strip()
+        if not text:
+            return []
+        return [self.start_of_prev, *self.tok.encode(" " + text, add_special_tokens=False).ids[-self.previous_tokens :]]
+
+    def _decode_rows(
+        self, prompts: list[list[int]], cross: list[tuple[torch.Tensor, torch.Tensor]], limits: list[int]
+    ) -> tuple[list[list[int]], list[float], list[bool]]:
+        """Every prompt decoded (`_greedy`, or `_beam` over `beam_size` hypotheses): rows whose prompts are as long
+        decode together (the decoder has no padding mask), each within the decoder's positions."""
+        n = len(prompts)
+        out: list[list[int]] = [[] for _ in range(n)]
+        logprob, looped = [0.0] * n, [False] * n
+        room = self.model.dims.max_target_positions - 1
+        for length in sorted({len(p) for p in prompts}):
+            rows = [r for r in range(n) if len(prompts[r]) == length]
+            sub = cross if len(rows) == n else [(k[rows], v[rows]) for k, v in cross]
+            prompt, caps = torch.tensor([prompts[r] for r in rows]), [min(limits[r], room - length) for r in rows]
+            if self.beam_size > 1:
+                got = self._beam(prompt, sub, caps, self.beam_size)
+            else:
+                got = self._greedy(prompt, sub, caps)
+            for k, r in enumerate(rows):
+                out[r], logprob[r], looped[r] = got[0][k], got[1][k], got[2][k]
+        return out, logprob, looped
 
     def _greedy(
         self, prompt: torch.Tensor, cross: list[tuple[torch.Tensor, torch.Tensor]], limits: list[int]
