@@ -31,7 +31,9 @@ another Whisper model has an engine of its own:
   clients do): the turn goes to `[embedded] whisper_english` (tiny.en) with no language detection; the rest shipped;
 - `padded`, `told_en_padded`: the session's `turn_detection.early_prepare_ms` = 300 (the prefix padding): the turn's
   audio work starts only once its trailing padding is complete, as every backend did before Whisper's trimmed
-  hearing let it start at 200 ms.
+  hearing let it start at 200 ms;
+- `greedy`, `beam5`, `told_en_greedy`, `told_en_beam5`: `[embedded] whisper_beam_size` 1 or 5 (set on the worker
+  between turns), detected or told English.
 Three phases, each written to the result file when it ends (a long run killed midway keeps what it measured):
 `one` (`--variants`, one session at a time, every question), `budget` (`--budget-variants`, one session at a time,
 the first `--budget-questions` questions: the thread budget side by side), `four` (`--multi`, 4 sessions at once,
@@ -77,6 +79,7 @@ class Variant:
     whisper: str = "base"  # [embedded] whisper (each model gets its own engine: one worker thread each)
     language: str | None = None  # the client's transcription language (None: not sent, the language is detected)
     early_prepare_ms: int | None = None  # the session's turn_detection.early_prepare_ms (None: the server's)
+    whisper_beam_size: int | None = None  # [embedded] whisper_beam_size (None: the shipped default)
 
 
 VARIANTS = {
@@ -91,6 +94,10 @@ VARIANTS = {
     "told_en": Variant(language="en"),
     "padded": Variant(early_prepare_ms=300),
     "told_en_padded": Variant(language="en", early_prepare_ms=300),
+    "greedy": Variant(whisper_beam_size=1),
+    "beam5": Variant(whisper_beam_size=5),
+    "told_en_greedy": Variant(language="en", whisper_beam_size=1),
+    "told_en_beam5": Variant(language="en", whisper_beam_size=5),
 }
 SERVER_MS = ("encode", "prefill", "first_token", "first_clause", "synthesis", "first_audio")
 
@@ -214,11 +221,15 @@ async def main(args: argparse.Namespace, save) -> dict:
 
                 async def run(phase: str, name: str, sessions: int, i: int) -> None:
                     threads, spec_prefill = torch_threads[name], VARIANTS[name].speculative_prefill
+                    beam = VARIANTS[name].whisper_beam_size or cfg.embedded.whisper_beam_size
                     engine = engines[VARIANTS[name].whisper]
 
                     def setup(b) -> None:  # on the worker thread, between turns: one engine serves several variants
                         torch.set_num_threads(threads)
                         engine._worker.speculative_prefill = spec_prefill
+                        for transcriber in (b.recognisers.main, b.recognisers.english):
+                            if transcriber is not None:
+                                transcriber.beam_size = beam
 
                     await engine.call(setup)
                     picked = [questions[(i + k) % len(questions)] for k in range(sessions)]

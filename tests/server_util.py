@@ -105,8 +105,8 @@ async def send_json(ws: Any, obj: dict[str, Any]) -> None:
 
 
 class RecordingBackend:
-    """The real backend, with every `prepare` call recorded (keys, audio lengths, utterances), so tests can count the audio
-    work done per turn and wait (without sleeping) until a given turn's audio work has run."""
+    """The real backend, with every `prepare` call recorded (keys, audio lengths, utterances), so tests can count
+    the audio work done per turn and wait (without sleeping) until a given turn's audio work has run."""
 
     def __init__(self, backend: Any) -> None:
         import threading

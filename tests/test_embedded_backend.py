@@ -172,3 +172,38 @@ def test_ask_cli_answers_a_wav_without_model_flag(embedded_paths, embedded_quest
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["backend"] == "embedded" and "france" in result["transcript"].lower()
     assert "paris" in result["text"].lower() and result["output_token_ids"]
+
+
+async def test_the_engine_tells_whisper_what_the_user_said_before(embedded_backend, tmp_path):
+    """`[embedded] whisper_previous_text`: a spoken turn is prepared with the transcripts of the user's earlier turns
+    (Whisper's previous-text prompt), its speculation is reused at the commit, and the words follow the context:
+    the set's d06 ("What is the capital of Japan?", then "What about Italy?"), whose second turn Whisper base hears
+    as "What about it, Ali?" alone (bench/results/asr_context-20261204-base-detect.json)."""
+    import asyncio
+
+    from assistant.config import EngineConfig, GenerationConfig
+    from assistant.engine.api import ResponseOptions
+    from assistant.engine.engine import Engine
+    from bench.quality_set import clip_audio, clip_for, load_set
+    from tests.server_util import TIMEOUT_S, RecordingBackend
+
+    [item] = [i for i in load_set() if i.id == "d06"]
+    first_audio, second_audio = (clip_audio(clip_for(item.id, k, say), tmp_path) for k, say in enumerate(item.say))
+    [alone] = embedded_backend.prepare([Utterance("alone", audio=second_audio)], [1])
+    rec, recognisers = RecordingBackend(embedded_backend), embedded_backend.recognisers
+    engine = Engine(rec, EngineConfig(), GenerationConfig(greedy=True, max_new_tokens=4))
+    was, recognisers.previous_text = recognisers.previous_text, True
+    await engine.start()
+    try:
+        engine.open_session("s")
+        first = await engine.add_user_turn("s", Utterance("t0", audio=first_audio))
+        await asyncio.wait_for(engine.respond("s", ResponseOptions(greedy=True)).wait_done(), TIMEOUT_S)
+        engine.speculate_user_turn("s", Utterance("t1", audio=second_audio))
+        await asyncio.to_thread(rec.wait_for_runs, 2)
+        second = await engine.confirm_user_turn("s", Utterance("t1", audio=second_audio.copy()))
+    finally:
+        recognisers.previous_text = was
+        await engine.stop()
+    assert [u.previous_text for u in rec.utterances] == ["", first.transcript]
+    assert first.transcript == "What is the capital of Japan?" and second.speculative
+    assert (alone.transcript, second.transcript) == ("What about it, Ali?", "What about Italy?")
