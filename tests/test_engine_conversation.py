@@ -1,5 +1,5 @@
-"""Pure engine parts without a model: prefix reuse, cache plans, pending-turn merging, windowing, LRU eviction,
-the bounded response stream and the UTF-8-safe text stream."""
+"""Pure engine parts without a model: prefix reuse, cache plans, pending-turn merging, windowing, what was said
+before (Whisper's previous text), LRU eviction, the bounded response stream and the UTF-8-safe text stream."""
 
 from __future__ import annotations
 
@@ -162,3 +162,23 @@ def test_a_reply_cut_to_what_was_heard_replaces_it_and_nothing_heard_reopens_the
     # an older answer heard not at all stays, empty (later turns already built on it)
     conv.record(q2, "Rome.", "resp_3")
     assert conv.truncate_reply("resp_1", "") and conv.history[0].reply == ""
+
+
+def test_said_before_is_every_transcript_so_far_and_a_speculation_needs_the_same():
+    """Whisper's previous text (`Utterance.previous_text`): the transcripts of the answered turns (merged ones one by
+    one), then of the pending ones; typed turns have none. A speculation told another text is not the commit's."""
+    import numpy as np
+
+    from assistant.backends.base import Utterance
+    from assistant.engine.conversation import Speculation
+
+    conv = Conversation("s", "sys", _cache([]))
+    assert conv.said_before() == ""
+    conv.record([_turn("i1", "Audio 1", transcript="My sister is Emma."), _turn("i2", "x", transcript=" ")], "OK.")
+    conv.record(_turn("t1", "typed only"), "Sure.")
+    conv.add_pending(_turn("i3", "Audio 2", transcript="She lives in Paris."), 1.0)
+    assert conv.said_before() == "My sister is Emma. She lives in Paris."
+    audio = np.zeros(1600, dtype=np.float32)
+    spec = Speculation(Utterance("i4", audio=audio, previous_text=conv.said_before()), 3, _turn("i4", "q"), 1.0)
+    assert spec.matches(Utterance("i4", audio=audio.copy(), previous_text="My sister is Emma. She lives in Paris."))
+    assert not spec.matches(Utterance("i4", audio=audio, previous_text="My sister is Emma."))

@@ -53,12 +53,7 @@ class Speculation:
         a clip; a speculation started before the trailing padding was complete lacks some silence the recogniser
         trims)."""
         mine = self.utterance
-        if (mine.key, mine.text, mine.language, mine.previous_text) != (
-            utt.key,
-            utt.text,
-            utt.language,
-            utt.previous_text,
-        ):
+        if any(getattr(mine, f) != getattr(utt, f) for f in ("key", "text", "language", "previous_text")):
             return False
         if (mine.audio is None) != (utt.audio is None):
             return False

@@ -181,8 +181,9 @@ class Transcript:
 
 
 class WhisperTranscriber:
-    """Batched greedy transcription with language detection (Whisper's `<|lang|><|transcribe|><|notimestamps|>`;
-    English-only models: `<|notimestamps|>` alone, language "en").
+    """Batched transcription with language detection (Whisper's `<|lang|><|transcribe|><|notimestamps|>`;
+    English-only models: `<|notimestamps|>` alone, language "en"), greedy or by beam search (`beam_size`), optionally
+    after the text said before (`previous_ids`).
 
     Every clip is cut to its speech plus a fixed margin (`assistant.audio.trim`) and encoded in the full 30 s window
     the model was trained on. Both are needed for the words not to depend on the silence around them (measured by
