@@ -178,7 +178,8 @@ async def test_the_engine_tells_whisper_what_the_user_said_before(embedded_backe
     """`[embedded] whisper_previous_text`: a spoken turn is prepared with the transcripts of the user's earlier turns
     (Whisper's previous-text prompt), its speculation is reused at the commit, and the words follow the context:
     the set's d06 ("What is the capital of Japan?", then "What about Italy?"), whose second turn Whisper base hears
-    as "What about it, Ali?" alone (bench/results/asr_context-20261204-base-detect.json)."""
+    as "What about it, Ali?" alone (bench/results/asr_context-20261204-base-detect.json); a client's prompt does
+    the same."""
     import asyncio
 
     from assistant.config import EngineConfig, GenerationConfig
@@ -207,3 +208,6 @@ async def test_the_engine_tells_whisper_what_the_user_said_before(embedded_backe
     assert [u.previous_text for u in rec.utterances] == ["", first.transcript]
     assert first.transcript == "What is the capital of Japan?" and second.speculative
     assert (alone.transcript, second.transcript) == ("What about it, Ali?", "What about Italy?")
+    # A client's prompt (OpenAI `transcription.prompt`) is heard before the turn with the conversation's text off too
+    [prompted] = embedded_backend.prepare([Utterance("p", audio=second_audio, prompt=first.transcript)], [1])
+    assert not recognisers.previous_text and prompted.transcript == "What about Italy?"

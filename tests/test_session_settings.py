@@ -151,6 +151,28 @@ def test_a_transcription_language_is_echoed_and_every_turn_is_heard_in_it():
     assert [c.utterance.language for c in sim.commands if isinstance(c, C.AddTurn)][-1] is None
 
 
+def test_a_transcription_prompt_is_echoed_and_every_turn_is_heard_after_it():
+    """`transcription.prompt` (names, spellings, the topic) goes with every spoken turn, speculations included, and
+    with audio items; a non-string or a backend with no recogniser to prompt is refused."""
+    s, sim, _ = session(languages=("en", "de"))
+    tr = {"model": "whisper-1", "prompt": "Xavier, Kubernetes."}
+    got = update(s, sim, {"audio": {"input": {"transcription": tr}}})
+    assert got["session"]["audio"]["input"]["transcription"] == tr
+    sim.run(s.receive_audio(speech_pcm(800) + silence(900).tobytes(), 1.0))
+    run_until_quiet(s, sim, 1.5)
+    spoken = [c.utterance for c in sim.commands if isinstance(c, C.AddTurn | C.Speculate)]
+    assert spoken and all(u.prompt == "Xavier, Kubernetes." and u.language is None for u in spoken)
+    item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
+    sim.run(s.receive_event({"type": "conversation.item.create", "item": item}, 2.0))
+    run_until_quiet(s, sim, 2.5)
+    assert [c.utterance.prompt for c in sim.commands if isinstance(c, C.AddTurn)][-1] == ""  # typed: nothing to hear
+    err = update(s, sim, {"audio": {"input": {"transcription": {"model": "whisper-1", "prompt": ["x"]}}}})["error"]
+    assert err["code"] == "invalid_event" and err["param"] == "session.audio.input.transcription.prompt"
+    s, sim, _ = session(languages=())
+    err = update(s, sim, {"audio": {"input": {"transcription": tr}}})["error"]
+    assert err["code"] == "unsupported_parameter" and err["param"] == "session.audio.input.transcription.prompt"
+
+
 @pytest.mark.parametrize(
     ("languages", "value", "code"),
     [

@@ -32,8 +32,9 @@ class Utterance:
     text: str | None = None
     output: ToolOutput | None = None  # a client's function result (no audio, no text): `PreparedTurn.outputs`
     language: str | None = None  # the language the audio is spoken in, as the client said ("en"); None: detected
+    prompt: str = ""  # the client's words for the recogniser (OpenAI `transcription.prompt`): heard before the turn
     # What the user said before this turn, as heard (the engine's `Conversation.said_before`): Whisper's
-    # previous-text prompt when `[embedded] whisper_previous_text` is on.
+    # previous-text prompt (after `prompt`) when `[embedded] whisper_previous_text` is on.
     previous_text: str = ""
 
     @property

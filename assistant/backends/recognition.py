@@ -8,8 +8,9 @@ Owns which Whisper hears a turn and in which language:
   0.64 s against 1.41 s p50, WER 0.090 against 0.146 there; on the answer-quality set WER 0.186 against 0.192 and
   29 of 48 single questions right against 31, bench/results/quality-20261203-told-en.json);
 - a turn told another language is heard in it by `whisper`; one the models do not know is refused with the codes;
-- with `[embedded] whisper_previous_text` a turn is heard after what the user said before it (`Utterance.previous_text`,
-  which the engine fills from the conversation), and `whisper_beam_size` sets the decoding.
+- a turn is heard after the client's prompt (`Utterance.prompt`, OpenAI's `transcription.prompt`) and, with
+  `[embedded] whisper_previous_text`, after what the user said before it (`Utterance.previous_text`, which the engine
+  fills from the conversation): Whisper's previous-text prompt; `whisper_beam_size` sets the decoding.
 Worker thread only (the transcribers hold torch state).
 """
 
@@ -67,6 +68,12 @@ class Recognisers:
         """What every model here takes of `audio` (`WhisperTranscriber.speech`: the speech with a fixed margin)."""
         return WhisperTranscriber.speech(audio)
 
+    def previous_text_of(self, utt: Utterance) -> str:
+        """What Whisper is told came before `utt`: the client's prompt, then (when `previous_text`) what the user
+        said before it."""
+        said = utt.previous_text if self.previous_text else ""
+        return " ".join(s.strip() for s in (utt.prompt, said) if s.strip())
+
     def for_language(self, language: str | None) -> WhisperTranscriber:
         return self.english if language == ENGLISH and self.english is not None else self.main
 
@@ -99,7 +106,7 @@ def transcribed_turns(recognisers: Recognisers | None, utterances: list[Utteranc
             if k:
                 yield  # each model's work is its own steps
             group = [(u, lang) for u, lang in zip(spoken, told, strict=True) if recognisers.for_language(lang) is model]
-            before = [u.previous_text for u, _ in group] if recognisers.previous_text else None
+            before = [recognisers.previous_text_of(u) for u, _ in group]
             audios, languages = [u.audio for u, _ in group], [x for _, x in group]
             results = yield from model.transcribe_steps(audios, languages=languages, previous=before)
             heard |= {u.key: r for (u, _), r in zip(group, results, strict=True)}

@@ -48,12 +48,12 @@ class Speculation:
     encode_ms: float
 
     def matches(self, utt: Utterance, heard: Callable[[np.ndarray], np.ndarray] | None = None) -> bool:
-        """`utt` is the turn this speculation prepared: same key, text, language and text said before, and the same
+        """`utt` is the turn this speculation prepared: same key, text, language, prompts, and the same
         audio, or audio the backend hears alike (`heard`: the backend's `heard_audio`, what its recogniser takes of
         a clip; a speculation started before the trailing padding was complete lacks some silence the recogniser
         trims)."""
         mine = self.utterance
-        if any(getattr(mine, f) != getattr(utt, f) for f in ("key", "text", "language", "previous_text")):
+        if any(getattr(mine, f) != getattr(utt, f) for f in ("key", "text", "language", "prompt", "previous_text")):
             return False
         if (mine.audio is None) != (utt.audio is None):
             return False

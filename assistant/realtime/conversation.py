@@ -24,6 +24,7 @@ from assistant.backends.tools import ToolOutput
 from assistant.engine.api import new_id
 from assistant.realtime.items import Items
 from assistant.realtime.protocol import ItemCreate, ProtocolError
+from assistant.realtime.session_keys import Transcription
 
 
 @dataclass
@@ -80,9 +81,17 @@ def check_placement(ev: ItemCreate, items: Items) -> None:
     raise ProtocolError("invalid_event", msg, "previous_item_id", ev.event_id)
 
 
-def created(ev: ItemCreate, items: Items, calls: Calls, input_rate_hz: int, language: str | None = None) -> Created:
-    """Validate `ev` and build the turn and the item; ProtocolError (nothing added) otherwise. `language`: the
-    session's transcription language, which its audio is heard in."""
+def spoken(key: str, audio: np.ndarray | None, text: str | None, tr: Transcription | None) -> Utterance:
+    """A user turn; its audio (if any) is heard as the session's transcription settings `tr` say (language,
+    prompt)."""
+    if audio is None or tr is None:
+        return Utterance(key=key, audio=audio, text=text)
+    return Utterance(key=key, audio=audio, text=text, language=tr.language, prompt=tr.prompt)
+
+
+def created(ev: ItemCreate, items: Items, calls: Calls, input_rate_hz: int, tr: Transcription | None = None) -> Created:
+    """Validate `ev` and build the turn and the item; ProtocolError (nothing added) otherwise. `tr`: the session's
+    transcription settings, which its audio is heard with."""
     check_placement(ev, items)
     item_id = ev.item_id or new_id("item")
     if ev.call_id is not None:
@@ -105,8 +114,7 @@ def created(ev: ItemCreate, items: Items, calls: Calls, input_rate_hz: int, lang
         parts.append({"type": "input_text", "text": ev.text})
     item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed"}
     item["content"] = parts
-    utt = Utterance(key=item_id, audio=audio, text=ev.text, language=language if audio is not None else None)
-    return Created(item_id, utt, item, parts[0])
+    return Created(item_id, spoken(item_id, audio, ev.text, tr), item, parts[0])
 
 
 def _model_rate(pcm: bytes, input_rate_hz: int) -> np.ndarray:

@@ -72,6 +72,8 @@ class EventFactory:
             tr = {"model": st.transcription.model}
             if st.transcription.language:
                 tr["language"] = st.transcription.language
+            if st.transcription.prompt:
+                tr["prompt"] = st.transcription.prompt
         nr = None if st.noise_reduction is None else {"type": st.noise_reduction}
         given = st.as_given
         tracing = {} if given.tracing is None else {"tracing": given.tracing}

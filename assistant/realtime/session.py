@@ -351,24 +351,18 @@ class Session:
             speculated = np.array_equal(spec[1], audio)
         if spec is not None and not speculated:
             self._out.append(C.Discard(spec[0]))
-        utt = Utterance(key=item_id, audio=audio.astype(np.float32) / 32768.0, language=self._language)
+        utt = conv.spoken(item_id, audio.astype(np.float32) / 32768.0, None, self.settings.transcription)
         audio_ms = len(audio) * 1000 // MODEL_RATE_HZ
         extra = ", prepared during the silence" if speculated else ""
         log.info("session %s: utterance %s committed (%d ms of audio%s)", self.id, item_id, audio_ms, extra)
         self._enqueue(_Job(utt, respond, speculated))
-
-    @property
-    def _language(self) -> str | None:
-        """The language the client said its turns are in (`transcription.language`); None: the server's choice."""
-        tr = self.settings.transcription
-        return None if tr is None else tr.language
 
     def _speculate(self, audio: np.ndarray) -> None:
         """Start the open turn's audio work now (the silence may still be broken by speech)."""
         self._discard_speculation()
         td = self.settings.turn_detection
         semantic = td is not None and td.type == "semantic_vad"  # its words decide when the turn ends: `_heard`
-        utt = Utterance(key=self._item_id, audio=audio.astype(np.float32) / 32768.0, language=self._language)
+        utt = conv.spoken(self._item_id, audio.astype(np.float32) / 32768.0, None, self.settings.transcription)
         self._out.append(C.Speculate(utt, heard=semantic))
         self._spec = (self._item_id, audio.copy())
 
@@ -641,7 +635,7 @@ class Session:
         """`conversation.item.create`: a user message or a function result enters the conversation as a turn (the
         engine prepares it in order with the others; `response.create` answers it)."""
         try:
-            new = conv.created(ev, self._items, self._calls, self.settings.input_rate_hz, self._language)
+            new = conv.created(ev, self._items, self._calls, self.settings.input_rate_hz, self.settings.transcription)
         except P.ProtocolError as e:
             self._error(e)
             return

@@ -83,10 +83,12 @@ def refuse_unless_off(s: dict[str, Any], eid: str | None) -> None:
 @dataclass(frozen=True)
 class Transcription:
     """Input transcription: our recogniser transcribes whatever `model` names (it is echoed as sent); `language`
-    (an ISO-639-1 code) is the language it hears every turn in instead of detecting it."""
+    (an ISO-639-1 code) is the language it hears every turn in instead of detecting it; `prompt`, text it is told
+    comes before each turn (Whisper's previous-text prompt: names, spellings, the topic)."""
 
     model: str = "whisper-1"
     language: str | None = None
+    prompt: str = ""
 
 
 NoiseReduction = Literal["near_field", "far_field"]
@@ -115,7 +117,6 @@ def parse_transcription(
     check_keys(value, TRANSCRIPTION_KEYS, param, eid)
     why = {
         "languages": "the recogniser is told one language (`language`) or detects it",
-        "prompt": "the recogniser takes no prompt",
         "keywords": "the recogniser takes no keyword list",
         "delay": "the recogniser transcribes each turn once it is committed",
     }
@@ -125,7 +126,20 @@ def parse_transcription(
     model = value.get("model", "whisper-1")
     if not isinstance(model, str) or not model:
         raise ProtocolError("invalid_event", f"{param}.model must be a model name, got {shown(model)}", param, eid)
-    return Transcription(model, parse_language(value.get("language"), f"{param}.language", eid, languages))
+    language = parse_language(value.get("language"), f"{param}.language", eid, languages)
+    return Transcription(model, language, parse_prompt(value.get("prompt"), f"{param}.prompt", eid, languages))
+
+
+def parse_prompt(value: Any, param: str, eid: str | None, languages: tuple[str, ...]) -> str:
+    """The recogniser's prompt: a string ("" or null for none); refused where the backend has no Whisper (it is
+    the recogniser that can be told a language, `languages`, that takes a prompt)."""
+    if value in (None, ""):
+        return ""
+    if not isinstance(value, str):
+        raise ProtocolError("invalid_event", f"{param} must be a string, got {shown(value)}", param, eid)
+    if not languages:
+        raise unsupported(param, value, "this backend hears audio as is, with no recogniser to prompt", eid)
+    return value
 
 
 def parse_language(value: Any, param: str, eid: str | None, languages: tuple[str, ...]) -> str | None:
