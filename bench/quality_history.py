@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
+from bench.quality_screen import answer_prompt
 from bench.quality_set import SPLITS, answer_correct, load_set, select
 
 RECALL_NEEDS = ("name", "place", "number")  # what a `between` filler leaves intact
@@ -36,21 +36,12 @@ def prompt_for(backend, history, text: str, window: int):
 
 def answer(backend, cfg, prompt) -> dict:
     """The default settings' answer to `prompt` (`prompt_for`), with its size and time to first token."""
-    from assistant.engine.decoding import generate_stream, response_text
-    from assistant.engine.sampling import params_for
-
-    t0 = time.perf_counter()
-    first_s, ids = None, []
-    for step in generate_stream(backend, prompt, params_for(cfg.generation), cfg.generation.max_new_tokens):
-        if first_s is None:
-            first_s = time.perf_counter() - t0
-        if step.token_id is not None:
-            ids.append(step.token_id)
+    text, first_s = answer_prompt(backend, cfg, prompt)
     return {
-        "answer": response_text(backend.tokenizer, ids).strip(),
+        "answer": text,
         "prompt_tokens": len(prompt.ids),
         "history_kept": prompt.history_kept,
-        "first_token_s": round(first_s or 0.0, 3),
+        "first_token_s": round(first_s, 3),
     }
 
 

@@ -108,15 +108,28 @@ def transcripts_from(path: str, items) -> dict[str, list]:
     return out
 
 
-def run_candidate(backend, cfg, items, heard) -> list[dict]:
-    from assistant.backends.base import Exchange
+def answer_prompt(backend, cfg, prompt) -> tuple[str, float]:
+    """The answer `cfg.generation` gives to `prompt` (`generate_stream`, the engine's reference decoder), and the
+    seconds to its first token."""
     from assistant.engine.decoding import generate_stream, response_text
     from assistant.engine.sampling import params_for
+
+    t0 = time.perf_counter()
+    first_s, ids = None, []
+    for step in generate_stream(backend, prompt, params_for(cfg.generation), cfg.generation.max_new_tokens):
+        if first_s is None:
+            first_s = time.perf_counter() - t0
+        if step.token_id is not None:
+            ids.append(step.token_id)
+    return response_text(backend.tokenizer, ids).strip(), first_s or 0.0
+
+
+def run_candidate(backend, cfg, items, heard) -> list[dict]:
+    from assistant.backends.base import Exchange
 
     backend.default_system_prompt = cfg.embedded.system_prompt
     backend.history, backend.turn_instruction = cfg.embedded.history, cfg.embedded.turn_instruction.strip()
     window = cfg.engine.max_window_tokens or backend.max_window_tokens
-    params = params_for(cfg.generation)
     rows = []
     for item in items:
         history: list[Exchange] = []
@@ -124,8 +137,7 @@ def run_candidate(backend, cfg, items, heard) -> list[dict]:
         for _, turn in heard[item.id]:
             t0 = time.perf_counter()
             prompt = backend.build_prompt("", history, turn, window)
-            ids = [s.token_id for s in generate_stream(backend, prompt, params, cfg.generation.max_new_tokens)]
-            answer = response_text(backend.tokenizer, [i for i in ids if i is not None]).strip()
+            answer, _ = answer_prompt(backend, cfg, prompt)
             turns.append(
                 {
                     "transcript": turn.transcript or "",
