@@ -202,12 +202,19 @@ async def test_the_engine_tells_whisper_what_the_user_said_before(embedded_backe
         engine.speculate_user_turn("s", Utterance("t1", audio=second_audio))
         await asyncio.to_thread(rec.wait_for_runs, 2)
         second = await engine.confirm_user_turn("s", Utterance("t1", audio=second_audio.copy()))
+        recognisers.previous_text = False  # off (the default): the engine neither computes nor sends the text
+        third = await engine.add_user_turn("s", Utterance("t2", audio=second_audio))
     finally:
         recognisers.previous_text = was
         await engine.stop()
-    assert [u.previous_text for u in rec.utterances] == ["", first.transcript]
+    assert [u.previous_text for u in rec.utterances] == ["", first.transcript, ""]
     assert first.transcript == "What is the capital of Japan?" and second.speculative
-    assert (alone.transcript, second.transcript) == ("What about it, Ali?", "What about Italy?")
+    assert (alone.transcript, second.transcript, third.transcript) == (
+        alone.transcript,
+        "What about Italy?",
+        alone.transcript,
+    )
+    assert alone.transcript == "What about it, Ali?"
     # A client's prompt (OpenAI `transcription.prompt`) is heard before the turn with the conversation's text off too
     [prompted] = embedded_backend.prepare([Utterance("p", audio=second_audio, prompt=first.transcript)], [1])
     assert not recognisers.previous_text and prompted.transcript == "What about Italy?"

@@ -33,8 +33,9 @@ class Utterance:
     output: ToolOutput | None = None  # a client's function result (no audio, no text): `PreparedTurn.outputs`
     language: str | None = None  # the language the audio is spoken in, as the client said ("en"); None: detected
     prompt: str = ""  # the client's words for the recogniser (OpenAI `transcription.prompt`): heard before the turn
-    # What the user said before this turn, as heard (the engine's `Conversation.said_before`): Whisper's
-    # previous-text prompt (after `prompt`) when `[embedded] whisper_previous_text` is on.
+    # What the user said before this turn, as heard (the engine's `Conversation.said_before`), filled when the
+    # backend `hears_previous_text` (`[embedded] whisper_previous_text`): Whisper's previous-text prompt (after
+    # `prompt`).
     previous_text: str = ""
 
     @property
@@ -167,7 +168,8 @@ class Backend(Protocol):
     # language skips detecting it; absent or empty: the backend takes no language); `prepare_batch: int`, the most
     # utterances the engine passes per call (default `assistant.engine.turns.PREPARE_BATCH`);
     # `prepare_steps(utterances, audio_numbers) -> Steps`, `prepare` in bounded steps, looked up on the backend's
-    # class (a wrapper that overrides only `prepare` is used as it is).
+    # class (a wrapper that overrides only `prepare` is used as it is); `hears_previous_text: bool`, the engine fills
+    # each spoken utterance's `previous_text` (absent or false: it stays empty, and nothing is computed).
 
     def build_prompt(self, system: str, history: list[Exchange], turn: PreparedTurn, max_window_tokens: int) -> Prompt:
         """Chat prompt for `turn` after `history`, newest history first while it fits `max_window_tokens`."""

@@ -96,6 +96,11 @@ class EmbeddedBackend:
         With both, the typed text follows the transcript on a new line (an instruction about what was said)."""
         return run_steps(self.prepare_steps(utterances, audio_numbers))
 
+    @property
+    def hears_previous_text(self) -> bool:
+        """`[embedded] whisper_previous_text`: the engine gives each spoken turn what the user said before it."""
+        return self.recognisers.previous_text
+
     def heard_audio(self, audio: np.ndarray) -> np.ndarray:
         """What the recogniser takes of a clip: two clips it takes alike share one transcript (the engine reuses a
         speculation made before the trailing silence was complete)."""

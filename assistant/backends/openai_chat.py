@@ -103,6 +103,11 @@ class OpenAIBackend:
         # transcript: Whisper's steps, one utterance per chunk as the embedded backend does on CPU; audio: WAV only
         self.prepare_batch = 1 if audio_input == "transcript" else 8
 
+    @property
+    def hears_previous_text(self) -> bool:
+        """`[embedded] whisper_previous_text`, when Whisper hears the turns here (`audio_input` "transcript")."""
+        return self.recognisers is not None and self.recognisers.previous_text
+
     @classmethod
     def from_config(cls, cfg) -> OpenAIBackend:
         o = cfg.openai

@@ -37,7 +37,7 @@ class Recognisers:
     main: WhisperTranscriber
     english: WhisperTranscriber | None = None
     language: str = ""  # `[embedded] language`: what a turn that names none is told ("" = detected)
-    previous_text: bool = False  # `[embedded] whisper_previous_text`: Whisper is told what was said before a turn
+    previous_text: bool = False  # `[embedded] whisper_previous_text`: the engine tells each turn what was said before
 
     def __post_init__(self) -> None:
         if self.language:
@@ -68,11 +68,11 @@ class Recognisers:
         """What every model here takes of `audio` (`WhisperTranscriber.speech`: the speech with a fixed margin)."""
         return WhisperTranscriber.speech(audio)
 
-    def previous_text_of(self, utt: Utterance) -> str:
-        """What Whisper is told came before `utt`: the client's prompt, then (when `previous_text`) what the user
-        said before it."""
-        said = utt.previous_text if self.previous_text else ""
-        return " ".join(s.strip() for s in (utt.prompt, said) if s.strip())
+    @staticmethod
+    def previous_text_of(utt: Utterance) -> str:
+        """What Whisper is told came before `utt`: the client's prompt, then what the user said before it (which the
+        engine fills only when `previous_text` is on: the backends' `hears_previous_text`)."""
+        return " ".join(s.strip() for s in (utt.prompt, utt.previous_text) if s.strip())
 
     def for_language(self, language: str | None) -> WhisperTranscriber:
         return self.english if language == ENGLISH and self.english is not None else self.main

@@ -270,9 +270,10 @@ class TurnQueue:
         self.chunks += 1
         counts = {id(w.conv): (w.conv, w.conv.audio_count) for w in works}
         plan: list[tuple[TurnWork, int, Speculation | None]] = []
+        hears_previous = getattr(self.backend, "hears_previous_text", False)
         for w in works:
             audio = w.cmd.utterance.audio is not None
-            said = w.conv.said_before() if audio else ""
+            said = w.conv.said_before() if audio and hears_previous else ""
             w.utterance = dataclasses.replace(w.cmd.utterance, previous_text=said)
             if w.speculative:
                 plan.append((w, w.conv.audio_count + 1 if audio else w.conv.audio_count, None))
